@@ -1,0 +1,135 @@
+//! The `kiln` command line.
+
+use crate::config;
+use crate::error::KilnError;
+use crate::launch;
+use crate::train::RunOptions;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, about = "ZeRO/DDP data-parallel training on burn")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model (one rank per process under mpirun/srun, or N threads with --simulate N).
+    Train {
+        /// TOML recipe (see configs/).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a key: --set section.key=value (repeatable; the value is read as TOML).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Run N ranks as threads of this process (local backend).
+        #[arg(long, value_name = "N")]
+        simulate: Option<usize>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Check that this machine's collectives are correct (run under mpirun for MPI).
+    Check {
+        #[command(subcommand)]
+        what: CheckCommand,
+    },
+    /// Benchmarks that print ratios against the strongest reference on this machine.
+    Bench {
+        #[command(subcommand)]
+        what: crate::bench::BenchCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CheckCommand {
+    /// Runs the collective conformance suite against a float64 reference.
+    Comm {
+        /// Run N ranks as threads (local backend) instead of this process's launch.
+        #[arg(long, value_name = "N")]
+        simulate: Option<usize>,
+        /// Include 64 MiB messages.
+        #[arg(long)]
+        large: bool,
+        /// Instead, issue a mismatched collective with comm.verify on and show the error it gives.
+        #[arg(long)]
+        mismatch: bool,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).try_init();
+}
+
+/// Runs the CLI and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Train { config, sets, simulate, quiet } => train(config, &sets, simulate, quiet),
+        Command::Check { what: CheckCommand::Comm { simulate, large, mismatch } } => check_comm(simulate, large, mismatch),
+        Command::Bench { what } => crate::bench::run(what),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            let code = e.exit_code();
+            eprintln!("kiln: error: {e}");
+            code
+        }
+    }
+}
+
+fn train(path: Option<PathBuf>, sets: &[String], simulate: Option<usize>, quiet: bool) -> Result<(), KilnError> {
+    let cfg = config::load(path.as_deref(), sets)?;
+    let opts = RunOptions { quiet, no_outputs: false };
+    match simulate {
+        Some(n) => launch::simulate(&cfg, n, &opts).map(|_| ()),
+        None => launch::run_process(&cfg, &opts).map(|_| ()),
+    }
+}
+
+fn check_comm(simulate: Option<usize>, large: bool, mismatch: bool) -> Result<(), KilnError> {
+    use crate::comm::{conformance, Communicator};
+    use std::sync::Arc;
+    let verify = mismatch;
+    let comms: Vec<Arc<dyn Communicator>> = match simulate {
+        Some(0) => return Err(KilnError::config("--simulate: the number of ranks must be at least 1")),
+        Some(n) => crate::comm::simulate_group(n, verify),
+        None => vec![crate::comm::open("auto", verify)?],
+    };
+    let results: Vec<Result<Vec<String>, KilnError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .iter()
+            .map(|c| {
+                s.spawn(move || {
+                    if mismatch {
+                        conformance::provoke_mismatch(c.as_ref()).map(|e| vec![format!("comm.verify caught it: {e}")])
+                    } else {
+                        let r = conformance::run_suite(c.as_ref(), large);
+                        if let Err(e) = &r {
+                            c.abort(&e.to_string());
+                        }
+                        r
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(KilnError::Comm("a rank thread panicked".into())))).collect()
+    });
+    let (rank, world, backend) = (comms[0].rank(), comms[0].world(), comms[0].backend());
+    drop(comms);
+    let lines = launch::collect(results)?.swap_remove(0);
+    if rank == 0 {
+        for l in lines {
+            println!("ok  {l}");
+        }
+        if !mismatch {
+            println!("comm conformance: every check agreed with the float64 reference (world {world}, backend {backend})");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! The per-rank communication thread shared by every backend. A backend only provides a
+//! [`Transport`] (blocking primitives, created on the thread itself so that e.g. MPI is
+//! initialised and called from one thread); the worker queues collectives in issue order,
+//! checks them across ranks when `comm.verify` is on, and hands buffers back through [`Pending`].
+
+use super::{padded_len, Communicator, ReduceOp};
+use crate::error::{KilnError, Result};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// A collective with the buffer it owns while in flight.
+#[derive(Debug)]
+pub enum Collective {
+    /// All-reduce of the whole buffer.
+    AllReduce {
+        /// Data in, result out.
+        buf: Vec<f32>,
+        /// Sum or average.
+        op: ReduceOp,
+    },
+    /// Reduce-scatter; length a multiple of the world size.
+    ReduceScatter {
+        /// Data in; this rank's shard of the result out.
+        buf: Vec<f32>,
+        /// Sum or average.
+        op: ReduceOp,
+    },
+    /// All-gather in place; length a multiple of the world size.
+    AllGather {
+        /// This rank's shard in, every shard out.
+        buf: Vec<f32>,
+    },
+    /// Broadcast from `root`.
+    Broadcast {
+        /// Root's data in (root), root's data out (everyone).
+        buf: Vec<f32>,
+        /// Sending rank.
+        root: usize,
+    },
+}
+
+impl Collective {
+    /// Operation name for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Collective::AllReduce { .. } => "all_reduce",
+            Collective::ReduceScatter { .. } => "reduce_scatter",
+            Collective::AllGather { .. } => "all_gather",
+            Collective::Broadcast { .. } => "broadcast",
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Collective::AllReduce { buf, .. }
+            | Collective::ReduceScatter { buf, .. }
+            | Collective::AllGather { buf }
+            | Collective::Broadcast { buf, .. } => buf.len(),
+        }
+    }
+
+    /// What `comm.verify` compares across ranks: operation, reduction, root and length.
+    fn descriptor(&self) -> String {
+        match self {
+            Collective::AllReduce { op, .. } | Collective::ReduceScatter { op, .. } => {
+                format!("{}({:?}, len {})", self.name(), op, self.len())
+            }
+            Collective::AllGather { .. } => format!("all_gather(len {})", self.len()),
+            Collective::Broadcast { root, .. } => format!("broadcast(root {root}, len {})", self.len()),
+        }
+    }
+}
+
+/// Blocking collective primitives of one backend, owned by the communication thread.
+pub trait Transport {
+    /// This rank.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world(&self) -> usize;
+    /// Reduce-scatter in place; `buf.len()` is a multiple of the world size.
+    fn reduce_scatter(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()>;
+    /// All-gather in place; `buf.len()` is a multiple of the world size.
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<()>;
+    /// Broadcast in place from `root`.
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
+    /// Every rank's byte string, in rank order.
+    fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>>;
+    /// Barrier.
+    fn barrier(&mut self) -> Result<()>;
+}
+
+enum Job {
+    Collective(Collective, Sender<Result<Vec<f32>>>),
+    Bytes(Vec<u8>, Sender<Result<Vec<Vec<u8>>>>),
+    Barrier(Sender<Result<()>>),
+}
+
+/// The handle of a collective in flight. Its buffer comes back only from [`Pending::wait`].
+#[must_use = "a collective's buffer comes back only from wait()"]
+pub struct Pending {
+    rx: Receiver<Result<Vec<f32>>>,
+}
+
+impl Pending {
+    /// Blocks until the collective has finished and returns its buffer.
+    pub fn wait(self) -> Result<Vec<f32>> {
+        self.rx.recv().unwrap_or_else(|_| Err(KilnError::Comm("the communication thread stopped".into())))
+    }
+}
+
+/// A [`Communicator`] made of a communication thread running a [`Transport`].
+pub struct WorkerComm {
+    rank: usize,
+    world: usize,
+    backend: &'static str,
+    jobs: Mutex<Option<Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    abort_hook: Arc<dyn Fn(&str) + Send + Sync>,
+}
+
+impl WorkerComm {
+    /// Starts the communication thread; `make` builds the transport on that thread.
+    pub fn spawn<F, T>(backend: &'static str, verify: bool, make: F, abort_hook: Arc<dyn Fn(&str) + Send + Sync>) -> Result<Self>
+    where
+        F: FnOnce() -> Result<T> + Send + 'static,
+        T: Transport,
+    {
+        let (job_tx, job_rx) = channel::<Job>();
+        let (ready_tx, ready_rx) = channel::<Result<(usize, usize)>>();
+        let thread = std::thread::Builder::new()
+            .name(format!("kiln-comm-{backend}"))
+            .spawn(move || {
+                let mut transport = match make() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok((transport.rank(), transport.world())));
+                run_jobs(&mut transport, job_rx, verify);
+            })
+            .map_err(|e| KilnError::Comm(format!("cannot start the communication thread: {e}")))?;
+        let (rank, world) = ready_rx.recv().map_err(|_| KilnError::Comm(format!("the {backend} backend failed to start")))??;
+        Ok(WorkerComm { rank, world, backend, jobs: Mutex::new(Some(job_tx)), thread: Mutex::new(Some(thread)), abort_hook })
+    }
+
+    fn send(&self, job: Job) {
+        if let Some(tx) = self.jobs.lock().expect("jobs lock").as_ref() {
+            // A closed channel means the thread is gone; the reply channel then reports it.
+            let _ = tx.send(job);
+        }
+    }
+}
+
+fn run_jobs<T: Transport>(t: &mut T, jobs: Receiver<Job>, verify: bool) {
+    while let Ok(job) = jobs.recv() {
+        match job {
+            Job::Collective(c, reply) => {
+                let _ = reply.send(run_collective(t, c, verify));
+            }
+            Job::Bytes(b, reply) => {
+                let _ = reply.send(t.all_gather_bytes(&b));
+            }
+            Job::Barrier(reply) => {
+                let _ = reply.send(t.barrier());
+            }
+        }
+    }
+}
+
+fn check_agreement<T: Transport>(t: &mut T, c: &Collective) -> Result<()> {
+    let mine = c.descriptor();
+    let all = t.all_gather_bytes(mine.as_bytes())?;
+    let all: Vec<String> = all.into_iter().map(|b| String::from_utf8_lossy(&b).into_owned()).collect();
+    if all.iter().all(|d| *d == all[0]) {
+        return Ok(());
+    }
+    let detail: Vec<String> = all.iter().enumerate().map(|(r, d)| format!("rank {r}: {d}")).collect();
+    Err(KilnError::Comm(format!("ranks called different collectives ({})", detail.join("; "))))
+}
+
+fn run_collective<T: Transport>(t: &mut T, c: Collective, verify: bool) -> Result<Vec<f32>> {
+    if verify {
+        check_agreement(t, &c)?;
+    }
+    let world = t.world();
+    let check_multiple = |len: usize, name: &str| {
+        if len % world != 0 {
+            return Err(KilnError::Comm(format!("{name}: length {len} is not a multiple of the world size {world}")));
+        }
+        Ok(())
+    };
+    match c {
+        Collective::AllReduce { mut buf, op } => {
+            if world > 1 {
+                let len = buf.len();
+                buf.resize(padded_len(len, world), 0.0);
+                t.reduce_scatter(&mut buf, op)?;
+                t.all_gather(&mut buf)?;
+                buf.truncate(len);
+            }
+            Ok(buf)
+        }
+        Collective::ReduceScatter { mut buf, op } => {
+            check_multiple(buf.len(), "reduce_scatter")?;
+            if world > 1 {
+                t.reduce_scatter(&mut buf, op)?;
+            }
+            Ok(buf)
+        }
+        Collective::AllGather { mut buf } => {
+            check_multiple(buf.len(), "all_gather")?;
+            if world > 1 {
+                t.all_gather(&mut buf)?;
+            }
+            Ok(buf)
+        }
+        Collective::Broadcast { mut buf, root } => {
+            if root >= world {
+                return Err(KilnError::Comm(format!("broadcast: root {root} is not a rank of a world of {world}")));
+            }
+            if world > 1 {
+                t.broadcast(&mut buf, root)?;
+            }
+            Ok(buf)
+        }
+    }
+}
+
+impl Communicator for WorkerComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    fn start(&self, op: Collective) -> Pending {
+        let (tx, rx) = channel();
+        self.send(Job::Collective(op, tx));
+        Pending { rx }
+    }
+
+    fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let (tx, rx) = channel();
+        self.send(Job::Bytes(bytes.to_vec(), tx));
+        rx.recv().unwrap_or_else(|_| Err(KilnError::Comm("the communication thread stopped".into())))
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let (tx, rx) = channel();
+        self.send(Job::Barrier(tx));
+        rx.recv().unwrap_or_else(|_| Err(KilnError::Comm("the communication thread stopped".into())))
+    }
+
+    fn abort(&self, why: &str) {
+        (self.abort_hook)(why)
+    }
+}
+
+impl Drop for WorkerComm {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread after the collectives already issued; joining it
+        // lets a backend finalise (MPI_Finalize) before the process exits.
+        self.jobs.lock().expect("jobs lock").take();
+        if let Some(t) = self.thread.lock().expect("thread lock").take() {
+            let _ = t.join();
+        }
+    }
+}

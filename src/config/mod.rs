@@ -1,0 +1,246 @@
+//! Config as typed: the TOML recipe and `--set` overrides, checked for unknown keys and types.
+//! Range checks and cross-key rules live in [`crate::plan`], which resolves this once.
+
+mod load;
+
+pub use load::{load, parse_set};
+
+use serde::{Deserialize, Serialize};
+
+/// The whole config file. Every section is optional; missing keys take their defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Model shape.
+    pub model: ModelConfig,
+    /// Training data.
+    pub data: DataConfig,
+    /// Optimisation and batch sizes.
+    pub train: TrainConfig,
+    /// Data-parallel strategy (DDP / ZeRO stage).
+    pub parallel: ParallelConfig,
+    /// Optimizer-state offload tier.
+    pub offload: OffloadConfig,
+    /// Checkpointing.
+    pub checkpoint: CheckpointConfig,
+    /// Metrics, summary and parameter export.
+    pub output: OutputConfig,
+    /// Collective backend.
+    pub comm: CommConfig,
+}
+
+/// `[model]`: a preset, optionally with individual fields overridden.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// `tiny` (d 256, 4 layers), `small` (d 512, 8 layers) or `gpt2-124m`.
+    pub preset: String,
+    /// Overrides the preset's width.
+    pub d_model: Option<usize>,
+    /// Overrides the preset's depth.
+    pub n_layers: Option<usize>,
+    /// Overrides the preset's number of attention heads.
+    pub n_heads: Option<usize>,
+    /// Overrides the preset's maximum sequence length (number of learned positions).
+    pub max_seq_len: Option<usize>,
+    /// Overrides the preset's vocabulary size.
+    pub vocab: Option<usize>,
+    /// Sequence length used for training; defaults to the model's maximum.
+    pub seq_len: Option<usize>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            preset: "tiny".into(),
+            d_model: None,
+            n_layers: None,
+            n_heads: None,
+            max_seq_len: None,
+            vocab: None,
+            seq_len: None,
+        }
+    }
+}
+
+/// `[data]`: where training tokens come from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// `markov` (synthetic, known entropy floor), `text` (bytes of a UTF-8 file) or `tokens`
+    /// (flat uint16 token file, nanoGPT / llm.c style).
+    pub source: String,
+    /// File for `text` and `tokens`.
+    pub path: String,
+    /// Seed of the data stream; the rows of step t depend only on (seed, t).
+    pub seed: u64,
+    /// markov: number of symbols the chain uses (≤ model vocab).
+    pub markov_symbols: usize,
+    /// markov: number of possible successors of each two-symbol context.
+    pub markov_branching: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            source: "markov".into(),
+            path: String::new(),
+            seed: 1234,
+            markov_symbols: 64,
+            markov_branching: 8,
+        }
+    }
+}
+
+/// `[train]`: batch sizes, schedule and optimizer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Sequences per optimizer step over all ranks (= micro_batch × grad_accum × world).
+    pub global_batch: usize,
+    /// Sequences per forward/backward on one rank.
+    pub micro_batch: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate of the cosine decay, as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: u64,
+    /// Decoupled weight decay (not applied to biases and LayerNorm gains).
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    pub beta1: f64,
+    /// AdamW beta2.
+    pub beta2: f64,
+    /// AdamW epsilon.
+    pub eps: f64,
+    /// Seed of the parameter initialisation.
+    pub seed: u64,
+    /// Recompute each unit's forward in backward instead of keeping activations.
+    pub recompute: bool,
+    /// Clip the global gradient norm to this value; 0 turns clipping off.
+    pub clip_grad: f64,
+    /// Compute threads per rank; 0 means cores ÷ ranks on this node.
+    pub threads: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 100,
+            global_batch: 8,
+            micro_batch: 8,
+            lr: 1e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 20,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            seed: 0,
+            recompute: false,
+            clip_grad: 1.0,
+            threads: 0,
+        }
+    }
+}
+
+/// `[parallel]`: how the ranks share the work.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    /// 0 = DDP, 1 = optimizer states sharded, 2 = + gradients, 3 = + parameters.
+    pub stage: u8,
+    /// Gradient bucket size in MiB (the first bucket is capped at 1 MiB).
+    pub bucket_mb: f64,
+    /// Record the bucket plan on the first step and reuse it (PyTorch's static_graph).
+    pub static_graph: bool,
+    /// Stage 3: units gathered ahead of the one running.
+    pub prefetch: usize,
+    /// Stage 3: units with fewer parameters than this stay whole on every rank.
+    pub persist_threshold: usize,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        ParallelConfig { stage: 0, bucket_mb: 25.0, static_graph: true, prefetch: 1, persist_threshold: 0 }
+    }
+}
+
+/// `[offload]`: where optimizer states live.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OffloadConfig {
+    /// `none`, `cpu` or `nvme`.
+    pub optimizer: String,
+    /// Directory for the nvme tier's files.
+    pub nvme_path: String,
+    /// nvme: chunk size streamed per I/O, MiB.
+    pub chunk_mb: f64,
+    /// nvme: number of chunk buffers in flight.
+    pub buffer_count: usize,
+}
+
+impl Default for OffloadConfig {
+    fn default() -> Self {
+        OffloadConfig {
+            optimizer: "none".into(),
+            nvme_path: "/tmp/kiln-nvme".into(),
+            chunk_mb: 16.0,
+            buffer_count: 4,
+        }
+    }
+}
+
+/// `[checkpoint]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Directory holding one sub-directory per saved step; empty disables checkpoints.
+    pub dir: String,
+    /// Save every this many steps; 0 saves only at the end.
+    pub every: u64,
+    /// Keep the last K checkpoints.
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { dir: String::new(), every: 0, keep: 3 }
+    }
+}
+
+/// `[output]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    /// Directory for metrics.jsonl and summary.json (rank 0 writes them).
+    pub dir: String,
+    /// Write the final parameters to this safetensors file; empty disables it.
+    pub export: String,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig { dir: "runs/latest".into(), export: String::new() }
+    }
+}
+
+/// `[comm]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommConfig {
+    /// `auto` (mpi under mpirun/srun, local otherwise), `local`, `mpi` or `nccl`.
+    pub backend: String,
+    /// Check before every collective that all ranks call the same operation with the same
+    /// length (PyTorch's TORCH_DISTRIBUTED_DEBUG=DETAIL). Costs one small exchange per call.
+    pub verify: bool,
+}
+
+impl Default for CommConfig {
+    fn default() -> Self {
+        CommConfig { backend: "auto".into(), verify: false }
+    }
+}

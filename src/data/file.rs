@@ -1,0 +1,110 @@
+//! File sources: the bytes of a UTF-8 text file (vocab 256), or a flat uint16 token file as
+//! written by nanoGPT's prepare scripts (raw little-endian u16) or llm.c (a 256×i32 header with
+//! magic 20240520, then u16 tokens). Rows start at seeded random offsets.
+
+use super::TokenSource;
+use crate::error::{KilnError, Result};
+use crate::rng::Rng;
+
+/// Random windows over a token sequence held in memory.
+struct Windows {
+    tokens: Vec<u16>,
+    seed: u64,
+}
+
+impl Windows {
+    fn fill(&self, step: u64, row: u64, out: &mut [u32]) {
+        let mut rng = Rng::derive(self.seed, &[step, row]);
+        let start = rng.below((self.tokens.len() - out.len() + 1) as u64) as usize;
+        for (o, &t) in out.iter_mut().zip(&self.tokens[start..]) {
+            *o = t as u32;
+        }
+    }
+}
+
+fn check(path: &str, tokens: &[u16], vocab: usize, seq_len: usize, what: &str) -> Result<()> {
+    if tokens.len() < seq_len + 1 {
+        return Err(KilnError::file(
+            path,
+            format!("holds {} {what}; training needs at least seq_len + 1 = {}", tokens.len(), seq_len + 1),
+        ));
+    }
+    if let Some((i, &t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+        return Err(KilnError::file(path, format!("token id {t} at position {i} is not below the model's vocab ({vocab})")));
+    }
+    Ok(())
+}
+
+fn read(path: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| KilnError::file(path, format!("cannot read data file: {e}")))
+}
+
+/// `data.source = "text"`: one token per byte.
+pub struct TextSource {
+    windows: Windows,
+    path: String,
+}
+
+impl TextSource {
+    /// Reads the file; errors name it.
+    pub fn open(path: &str, seed: u64, vocab: usize, seq_len: usize) -> Result<Self> {
+        let bytes = read(path)?;
+        std::str::from_utf8(&bytes).map_err(|e| KilnError::file(path, format!("is not UTF-8 text ({e})")))?;
+        let tokens: Vec<u16> = bytes.iter().map(|&b| b as u16).collect();
+        check(path, &tokens, vocab, seq_len, "bytes")?;
+        Ok(TextSource { windows: Windows { tokens, seed }, path: path.into() })
+    }
+}
+
+impl TokenSource for TextSource {
+    fn fill_row(&self, step: u64, row: u64, out: &mut [u32]) {
+        self.windows.fill(step, row, out)
+    }
+
+    fn describe(&self) -> String {
+        format!("text source {}: {} bytes", self.path, self.windows.tokens.len())
+    }
+}
+
+/// `data.source = "tokens"`: flat little-endian uint16 tokens.
+pub struct TokenFileSource {
+    windows: Windows,
+    path: String,
+}
+
+const LLMC_MAGIC: i32 = 20240520;
+const LLMC_HEADER_BYTES: usize = 256 * 4;
+
+impl TokenFileSource {
+    /// Reads and validates the file; errors name it.
+    pub fn open(path: &str, seed: u64, vocab: usize, seq_len: usize) -> Result<Self> {
+        let bytes = read(path)?;
+        let is_llmc = bytes.len() >= LLMC_HEADER_BYTES && i32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) == LLMC_MAGIC;
+        let body = if is_llmc {
+            let count = i32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+            let body = &bytes[LLMC_HEADER_BYTES..];
+            if body.len() < count * 2 {
+                return Err(KilnError::file(path, format!("llm.c header announces {count} tokens but the file holds {}", body.len() / 2)));
+            }
+            &body[..count * 2]
+        } else {
+            &bytes[..]
+        };
+        if body.len() % 2 != 0 {
+            return Err(KilnError::file(path, "length is odd; expected little-endian uint16 tokens"));
+        }
+        let tokens: Vec<u16> = body.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        check(path, &tokens, vocab, seq_len, "tokens")?;
+        Ok(TokenFileSource { windows: Windows { tokens, seed }, path: path.into() })
+    }
+}
+
+impl TokenSource for TokenFileSource {
+    fn fill_row(&self, step: u64, row: u64, out: &mut [u32]) {
+        self.windows.fill(step, row, out)
+    }
+
+    fn describe(&self) -> String {
+        format!("token file {}: {} tokens", self.path, self.windows.tokens.len())
+    }
+}

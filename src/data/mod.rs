@@ -1,0 +1,57 @@
+//! Training data. A source produces row `i` of step `t`'s global batch from (data seed, t, i)
+//! alone, so every rank can build its own contiguous slice of rows and the global batch is the
+//! same at every world size (DESIGN.md "Batch convention").
+
+mod file;
+mod markov;
+
+pub use file::{TextSource, TokenFileSource};
+pub use markov::MarkovSource;
+
+use crate::config::DataConfig;
+use crate::error::{KilnError, Result};
+use crate::model::MicroBatch;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+/// A deterministic source of training rows.
+pub trait TokenSource: Send + Sync {
+    /// Fills `out` (length seq_len + 1) with row `row` of step `step`'s global batch.
+    fn fill_row(&self, step: u64, row: u64, out: &mut [u32]);
+    /// One line describing the source for the logs.
+    fn describe(&self) -> String;
+    /// The loss floor in nats per token, when the source knows it (markov).
+    fn entropy_rate(&self) -> Option<f64> {
+        None
+    }
+}
+
+/// Builds the source `[data]` asks for; file errors name the file.
+pub fn open(cfg: &DataConfig, vocab: usize, seq_len: usize) -> Result<Box<dyn TokenSource>> {
+    match cfg.source.as_str() {
+        "markov" => Ok(Box::new(MarkovSource::new(cfg.seed, cfg.markov_symbols, cfg.markov_branching))),
+        "text" => Ok(Box::new(TextSource::open(required_path(cfg)?, cfg.seed, vocab, seq_len)?)),
+        "tokens" => Ok(Box::new(TokenFileSource::open(required_path(cfg)?, cfg.seed, vocab, seq_len)?)),
+        other => Err(KilnError::config(format!("key `data.source`: `{other}` is not one of markov, text, tokens"))),
+    }
+}
+
+fn required_path(cfg: &DataConfig) -> Result<&str> {
+    if cfg.path.is_empty() {
+        return Err(KilnError::config(format!("key `data.path`: data.source = \"{}\" needs a file", cfg.source)));
+    }
+    Ok(&cfg.path)
+}
+
+/// Builds the micro-batch of rows `[first_row, first_row + rows)` of step `step` on `device`.
+pub fn micro_batch(source: &dyn TokenSource, step: u64, first_row: u64, rows: usize, seq_len: usize, device: &Device) -> MicroBatch {
+    let mut row = vec![0u32; seq_len + 1];
+    let mut inputs = Vec::with_capacity(rows * seq_len);
+    let mut targets = Vec::with_capacity(rows * seq_len);
+    for r in 0..rows as u64 {
+        source.fill_row(step, first_row + r, &mut row);
+        inputs.extend(row[..seq_len].iter().map(|&t| t as i64));
+        targets.extend(row[1..].iter().map(|&t| t as i64));
+    }
+    let tensor = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [rows, seq_len]), device);
+    MicroBatch { inputs: tensor(inputs), targets: tensor(targets) }
+}

@@ -1,0 +1,59 @@
+//! Errors: what a user can cause (exit code 2, one line naming the key or file) versus what
+//! went wrong inside kiln or its collectives.
+
+use std::path::Path;
+
+/// Every error kiln reports. User errors print one line and exit with code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum KilnError {
+    /// A config key has a bad value, type or combination. The message names the key.
+    #[error("config: {0}")]
+    Config(String),
+    /// A file the user named is missing, unreadable or malformed. The message names the file.
+    #[error("{path}: {msg}")]
+    File {
+        /// The offending path, as the user gave it.
+        path: String,
+        /// What was expected.
+        msg: String,
+    },
+    /// A collective failed or the ranks disagreed (see `comm.verify`).
+    #[error("comm: {0}")]
+    Comm(String),
+    /// An I/O failure on a path kiln chose (outputs, offload files).
+    #[error("{path}: {source}")]
+    Io {
+        /// Path being read or written.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+impl KilnError {
+    /// Shorthand for a config error.
+    pub fn config(msg: impl Into<String>) -> Self {
+        KilnError::Config(msg.into())
+    }
+
+    /// Shorthand for a file error.
+    pub fn file(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        KilnError::File { path: path.as_ref().display().to_string(), msg: msg.into() }
+    }
+
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        KilnError::Io { path: path.as_ref().display().to_string(), source }
+    }
+
+    /// Process exit code: 2 for anything the user can fix, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            KilnError::Config(_) | KilnError::File { .. } => 2,
+            KilnError::Comm(_) | KilnError::Io { .. } => 1,
+        }
+    }
+}
+
+/// kiln's result type.
+pub type Result<T> = std::result::Result<T, KilnError>;

@@ -1,0 +1,92 @@
+//! Starting ranks: N threads of one process (`--simulate N`, local backend) or this process as
+//! one rank of an mpirun/srun launch. Each rank computes with its own rayon pool of
+//! cores ÷ ranks-on-this-node threads, so ranks do not fight over cores.
+
+use crate::comm::{self, local_rank_and_size, Communicator};
+use crate::config::Config;
+use crate::error::{KilnError, Result};
+use crate::plan::Plan;
+use crate::train::{self, RunOptions, RunOutcome};
+use std::sync::Arc;
+
+/// Compute threads for one of `local_ranks` ranks on this node (`train.threads` wins if set).
+pub fn threads_per_rank(config: &Config, local_ranks: usize) -> usize {
+    if config.train.threads > 0 {
+        return config.train.threads;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / local_ranks.max(1)).max(1)
+}
+
+/// Runs `f` inside a rayon pool of `threads` threads (burn's flex backend and the fused AdamW
+/// use the current pool).
+pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("kiln-compute-{i}"))
+        .build()
+        .expect("building a rayon pool");
+    pool.install(f)
+}
+
+/// Trains with `world` ranks as threads of this process; returns every rank's outcome.
+pub fn simulate(config: &Config, world: usize, opts: &RunOptions) -> Result<Vec<RunOutcome>> {
+    if world == 0 {
+        return Err(KilnError::config("--simulate: the number of ranks must be at least 1"));
+    }
+    if !matches!(config.comm.backend.as_str(), "auto" | "local") {
+        return Err(KilnError::config(format!("key `comm.backend`: --simulate runs ranks as threads and needs `local` or `auto`, not `{}`", config.comm.backend)));
+    }
+    let plan = Plan::resolve(config, world)?;
+    let comms = comm::simulate_group(world, config.comm.verify);
+    let threads = threads_per_rank(config, world);
+    let results: Vec<Result<RunOutcome>> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, c)| {
+                let plan = &plan;
+                std::thread::Builder::new()
+                    .name(format!("kiln-rank-{rank}"))
+                    .spawn_scoped(s, move || {
+                        let _span = tracing::info_span!("rank", r = rank).entered();
+                        with_threads(threads, || train::run(plan, c, opts))
+                    })
+                    .expect("spawning a rank thread")
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(KilnError::Comm("a rank thread panicked".into())))).collect()
+    });
+    collect(results)
+}
+
+/// Every rank's value, or the error that caused a failure rather than the "another rank failed"
+/// errors it triggered on the other ranks.
+pub fn collect<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
+    let mut errors: Vec<KilnError> = Vec::new();
+    let mut outcomes = Vec::new();
+    for r in results {
+        match r {
+            Ok(o) => outcomes.push(o),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        return Ok(outcomes);
+    }
+    let root = errors.iter().position(|e| !e.to_string().contains("another rank failed")).unwrap_or(0);
+    Err(errors.swap_remove(root))
+}
+
+/// Trains as one rank of this process's launch (world 1 when not under a launcher).
+pub fn run_process(config: &Config, opts: &RunOptions) -> Result<RunOutcome> {
+    let comm: Arc<dyn Communicator> = comm::open(&config.comm.backend, config.comm.verify)?;
+    let (rank, world) = (comm.rank(), comm.world());
+    let (_, local_ranks) = local_rank_and_size(rank, world);
+    let _span = tracing::info_span!("rank", r = rank).entered();
+    let plan = Plan::resolve(config, world)?;
+    let threads = threads_per_rank(config, local_ranks);
+    let outcome = with_threads(threads, || train::run(&plan, comm.clone(), opts));
+    drop(comm);
+    outcome
+}

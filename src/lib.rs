@@ -1,0 +1,22 @@
+#![warn(missing_docs)]
+//! kiln: ZeRO/DDP data-parallel training on burn.
+//!
+//! The seams (see DESIGN.md): [`config`] → [`plan::Plan`]; [`comm::Communicator`] (local threads
+//! or MPI); [`engine::Engine`] running a [`model::UnitModel`] unit by unit; a
+//! [`strategy::Strategy`] per stage; the fused AdamW in [`optim`].
+
+pub mod bench;
+pub mod cli;
+pub mod comm;
+pub mod config;
+pub mod data;
+pub mod engine;
+pub mod error;
+pub mod flat;
+pub mod launch;
+pub mod model;
+pub mod optim;
+pub mod plan;
+pub mod rng;
+pub mod strategy;
+pub mod train;

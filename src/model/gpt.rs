@@ -1,0 +1,175 @@
+//! A GPT-2 style decoder: token + learned position embeddings, pre-LayerNorm blocks with causal
+//! multi-head self-attention and a 4× GELU MLP, final LayerNorm and an untied LM head.
+
+use super::{Init, MicroBatch, ParamSpec, UnitModel};
+use burn::tensor::activation::{gelu, log_softmax};
+use burn::tensor::module::{attention, embedding, layer_norm, linear};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+/// Shape of a GPT.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GptConfig {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Model width.
+    pub d_model: usize,
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Attention heads per block.
+    pub n_heads: usize,
+    /// Number of learned positions (the longest sequence the model accepts).
+    pub max_seq_len: usize,
+    /// Sequence length used for training (≤ `max_seq_len`).
+    pub seq_len: usize,
+}
+
+impl GptConfig {
+    /// A named preset, or `None` if the name is unknown.
+    pub fn preset(name: &str) -> Option<Self> {
+        let (vocab, d_model, n_layers, n_heads, seq) = match name {
+            "tiny" => (256, 256, 4, 4, 128),
+            "small" => (256, 512, 8, 8, 256),
+            "gpt2-124m" => (50304, 768, 12, 12, 1024),
+            _ => return None,
+        };
+        Some(GptConfig { vocab, d_model, n_layers, n_heads, max_seq_len: seq, seq_len: seq })
+    }
+
+    /// Names of the presets, for error messages.
+    pub const PRESETS: &'static str = "tiny, small, gpt2-124m";
+
+    /// Total parameter count.
+    pub fn num_params(&self) -> usize {
+        let gpt = Gpt::new(*self);
+        (0..gpt.num_units()).flat_map(|u| gpt.unit_params(u)).map(|p| p.numel()).sum()
+    }
+}
+
+/// The GPT as a [`UnitModel`]: unit 0 = embeddings, units 1..=L = blocks, unit L+1 = head + loss.
+#[derive(Debug, Clone)]
+pub struct Gpt {
+    cfg: GptConfig,
+}
+
+const LN_EPS: f64 = 1e-5;
+const INIT_STD: f32 = 0.02;
+
+impl Gpt {
+    /// A GPT of this shape (parameters live outside, in flat buffers).
+    pub fn new(cfg: GptConfig) -> Self {
+        Gpt { cfg }
+    }
+
+    /// The shape.
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    fn block_params(&self, layer: usize) -> Vec<ParamSpec> {
+        let d = self.cfg.d_model;
+        // GPT-2 scales the residual projections by 1/sqrt(2 L) so the residual stream's variance
+        // does not grow with depth (Radford et al. 2019, §2.3).
+        let resid_std = INIT_STD / ((2 * self.cfg.n_layers) as f32).sqrt();
+        let p = |name: &str, shape: Vec<usize>, init: Init, decay: bool| ParamSpec {
+            path: format!("blocks.{layer}.{name}"),
+            shape,
+            init,
+            decay,
+        };
+        vec![
+            p("ln1.weight", vec![d], Init::Ones, false),
+            p("ln1.bias", vec![d], Init::Zeros, false),
+            p("attn.qkv.weight", vec![d, 3 * d], Init::Normal(INIT_STD), true),
+            p("attn.qkv.bias", vec![3 * d], Init::Zeros, false),
+            p("attn.proj.weight", vec![d, d], Init::Normal(resid_std), true),
+            p("attn.proj.bias", vec![d], Init::Zeros, false),
+            p("ln2.weight", vec![d], Init::Ones, false),
+            p("ln2.bias", vec![d], Init::Zeros, false),
+            p("mlp.fc.weight", vec![d, 4 * d], Init::Normal(INIT_STD), true),
+            p("mlp.fc.bias", vec![4 * d], Init::Zeros, false),
+            p("mlp.proj.weight", vec![4 * d, d], Init::Normal(resid_std), true),
+            p("mlp.proj.bias", vec![d], Init::Zeros, false),
+        ]
+    }
+
+    fn block_forward(&self, params: &[Tensor<1>], x: Tensor<3>) -> Tensor<3> {
+        let [b, t, d] = x.dims();
+        let h = self.cfg.n_heads;
+        let hd = d / h;
+        let w2 = |i: usize, rows: usize, cols: usize| params[i].clone().reshape([rows, cols]);
+        let a = layer_norm(x.clone(), params[0].clone(), Some(params[1].clone()), LN_EPS);
+        let qkv = linear(a, w2(2, d, 3 * d), Some(params[3].clone()));
+        let heads = |i: usize| qkv.clone().narrow(2, i * d, d).reshape([b, t, h, hd]).swap_dims(1, 2);
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+        let att = attention(heads(0), heads(1), heads(2), None, None, options);
+        let att = att.swap_dims(1, 2).reshape([b, t, d]);
+        let x = x + linear(att, w2(4, d, d), Some(params[5].clone()));
+        let m = layer_norm(x.clone(), params[6].clone(), Some(params[7].clone()), LN_EPS);
+        let m = gelu(linear(m, w2(8, d, 4 * d), Some(params[9].clone())));
+        x + linear(m, w2(10, 4 * d, d), Some(params[11].clone()))
+    }
+}
+
+impl UnitModel for Gpt {
+    fn num_units(&self) -> usize {
+        self.cfg.n_layers + 2
+    }
+
+    fn unit_name(&self, unit: usize) -> String {
+        match unit {
+            0 => "embed".into(),
+            u if u <= self.cfg.n_layers => format!("blocks.{}", u - 1),
+            _ => "head".into(),
+        }
+    }
+
+    fn unit_params(&self, unit: usize) -> Vec<ParamSpec> {
+        let GptConfig { vocab, d_model: d, max_seq_len, .. } = self.cfg;
+        let p = |path: &str, shape: Vec<usize>, init: Init, decay: bool| ParamSpec { path: path.into(), shape, init, decay };
+        match unit {
+            0 => vec![
+                p("wte.weight", vec![vocab, d], Init::Normal(INIT_STD), true),
+                p("wpe.weight", vec![max_seq_len, d], Init::Normal(INIT_STD), true),
+            ],
+            u if u <= self.cfg.n_layers => self.block_params(u - 1),
+            _ => vec![
+                p("ln_f.weight", vec![d], Init::Ones, false),
+                p("ln_f.bias", vec![d], Init::Zeros, false),
+                p("lm_head.weight", vec![d, vocab], Init::Normal(INIT_STD), true),
+            ],
+        }
+    }
+
+    fn forward_unit(&self, unit: usize, params: &[Tensor<1>], input: Option<Tensor<3>>, batch: &MicroBatch) -> Tensor<3> {
+        let GptConfig { vocab, d_model: d, max_seq_len, .. } = self.cfg;
+        match unit {
+            0 => {
+                let [_, t] = batch.inputs.dims();
+                let tok = embedding(params[0].clone().reshape([vocab, d]), batch.inputs.clone());
+                let pos = params[1].clone().reshape([max_seq_len, d]).narrow(0, 0, t);
+                tok + pos.unsqueeze::<3>()
+            }
+            u if u <= self.cfg.n_layers => self.block_forward(params, input.expect("a block needs the previous unit's output")),
+            _ => {
+                let x = input.expect("the head needs the last block's output");
+                let [b, t, _] = x.dims();
+                let x = layer_norm(x, params[0].clone(), Some(params[1].clone()), LN_EPS);
+                let logits = linear(x, params[2].clone().reshape([d, vocab]), None).reshape([b * t, vocab]);
+                let logp = log_softmax(logits, 1);
+                let targets = batch.targets.clone().reshape([b * t, 1]);
+                let nll = logp.gather(1, targets).neg();
+                nll.mean().reshape([1, 1, 1])
+            }
+        }
+    }
+
+    fn seq_len(&self) -> usize {
+        self.cfg.seq_len
+    }
+
+    fn vocab(&self) -> usize {
+        self.cfg.vocab
+    }
+}

@@ -1,0 +1,66 @@
+//! Models as an ordered list of units (DESIGN.md "UnitModel"): the granularity of bucketing,
+//! sharding, gathering and recompute — what FSDP calls a wrapped module.
+
+mod gpt;
+
+pub use gpt::{Gpt, GptConfig};
+
+use burn::tensor::{Int, Tensor};
+
+/// How a parameter is initialised. Values depend only on the seed and the parameter's path.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// Normal(0, std).
+    Normal(f32),
+    /// All zeros (biases).
+    Zeros,
+    /// All ones (LayerNorm gains).
+    Ones,
+}
+
+/// One parameter of a unit, in module-path order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSpec {
+    /// Module path, e.g. `blocks.0.attn.qkv.weight`; also the export name.
+    pub path: String,
+    /// Shape as the model uses it (linear weights are `[d_in, d_out]`, burn's convention).
+    pub shape: Vec<usize>,
+    /// Initialisation rule.
+    pub init: Init,
+    /// Whether AdamW's decoupled weight decay applies (not to biases or LayerNorm gains).
+    pub decay: bool,
+}
+
+impl ParamSpec {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// The token ids of one micro-batch on the compute device.
+pub struct MicroBatch {
+    /// Inputs, `[batch, seq]`.
+    pub inputs: Tensor<2, Int>,
+    /// Next-token targets, `[batch, seq]`.
+    pub targets: Tensor<2, Int>,
+}
+
+/// A model split into units run one after another. Unit 0 reads the token ids from the batch;
+/// every later unit reads the previous unit's output `[batch, seq, d]`; the last unit returns
+/// the mean token loss of the micro-batch as a `[1, 1, 1]` tensor, so that the engine can drive
+/// every unit's backward the same way (`(y * dy).sum().backward()`).
+pub trait UnitModel: Send + Sync {
+    /// Number of units.
+    fn num_units(&self) -> usize;
+    /// Human-readable unit name (`embed`, `blocks.3`, `head`).
+    fn unit_name(&self, unit: usize) -> String;
+    /// The unit's parameters in module-path order: this fixes the flat layout.
+    fn unit_params(&self, unit: usize) -> Vec<ParamSpec>;
+    /// Runs one unit. `params` follow `unit_params(unit)`, each as a flat `Tensor<1>`.
+    fn forward_unit(&self, unit: usize, params: &[Tensor<1>], input: Option<Tensor<3>>, batch: &MicroBatch) -> Tensor<3>;
+    /// Sequence length the model is trained with.
+    fn seq_len(&self) -> usize;
+    /// Vocabulary size.
+    fn vocab(&self) -> usize;
+}

@@ -1,0 +1,98 @@
+//! The `Strategy` seam (DESIGN.md): what happens before a unit runs, after its gradients are
+//! ready, and at the optimizer step. One object per stage, chosen once; the train loop calls the
+//! same hooks for every stage and never matches on the stage number.
+
+mod buckets;
+mod ddp;
+mod norm;
+
+pub use buckets::{Bucket, BucketPlan};
+pub use ddp::Ddp;
+pub use norm::global_grad_norm;
+
+use crate::comm::Communicator;
+use crate::error::Result;
+use crate::flat::ModelLayout;
+use crate::plan::Plan;
+use serde::Serialize;
+use std::sync::Arc;
+
+/// Position of a micro-step inside its optimizer step (gradient accumulation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MicroStep {
+    /// 0-based index.
+    pub index: usize,
+    /// Micro-steps per optimizer step.
+    pub count: usize,
+}
+
+impl MicroStep {
+    /// The first micro-step overwrites gradient buffers instead of adding to them.
+    pub fn is_first(&self) -> bool {
+        self.index == 0
+    }
+    /// The last micro-step communicates (earlier ones accumulate locally, PyTorch's `no_sync`).
+    pub fn is_last(&self) -> bool {
+        self.index + 1 == self.count
+    }
+}
+
+/// What one optimizer step measured.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StepStats {
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Time the step waited for gradient communication still in flight, ms (exposed comm).
+    pub comm_wait_ms: f64,
+}
+
+/// Bytes this rank holds, by kind (ZeRO paper §3 accounting).
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// Full (unsharded) parameters kept permanently.
+    pub params_full: usize,
+    /// Parameter shards.
+    pub param_shards: usize,
+    /// Gradients (full or sharded).
+    pub grads: usize,
+    /// Optimizer states (AdamW m and v).
+    pub optimizer: usize,
+    /// Communication buffers other than gradient buckets.
+    pub comm_buffers: usize,
+    /// Units gathered temporarily (stage 3), at their peak.
+    pub gathered: usize,
+}
+
+impl MemoryReport {
+    /// Model-state bytes: everything above.
+    pub fn total(&self) -> usize {
+        self.params_full + self.param_shards + self.grads + self.optimizer + self.comm_buffers + self.gathered
+    }
+}
+
+/// A data-parallel strategy (DDP or a ZeRO stage).
+pub trait Strategy {
+    /// Called before unit `unit` runs forward (stage 3 gathers it here).
+    fn before_forward(&mut self, unit: usize) -> Result<()>;
+    /// The unit's full parameters (padded); valid between `before_*` and the matching release.
+    fn unit_params(&self, unit: usize) -> &[f32];
+    /// Called after unit `unit` ran forward.
+    fn after_forward(&mut self, unit: usize) -> Result<()>;
+    /// Called before unit `unit` runs backward.
+    fn before_backward(&mut self, unit: usize) -> Result<()>;
+    /// The unit's gradients of one micro-batch (padded; mean over the micro-batch's tokens).
+    fn on_grads_ready(&mut self, unit: usize, grads: &[f32], micro: MicroStep) -> Result<()>;
+    /// Finishes communication, averages over the global batch, clips and applies AdamW.
+    /// `step` is 0-based.
+    fn step(&mut self, step: u64, lr: f64) -> Result<StepStats>;
+    /// The full parameters of every unit, without padding (gathers them if they are sharded).
+    fn full_params(&mut self) -> Result<Vec<Vec<f32>>>;
+    /// Bytes held, by kind.
+    fn memory(&self) -> MemoryReport;
+}
+
+/// Builds the strategy the plan asks for, with initial parameters from the seed.
+pub fn build(plan: &Plan, comm: Arc<dyn Communicator>, layout: &ModelLayout, model: &dyn crate::model::UnitModel) -> Result<Box<dyn Strategy>> {
+    // Plan::resolve admits only the stages this build has.
+    Ok(Box::new(Ddp::new(plan, comm, layout, model)?))
+}

@@ -1,0 +1,100 @@
+//! Run outputs on rank 0: `metrics.jsonl` (one object per optimizer step) and `summary.json`.
+
+use crate::error::{KilnError, Result};
+use crate::strategy::MemoryReport;
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    /// 1-based optimizer step.
+    pub step: u64,
+    /// Mean token loss over the global batch.
+    pub loss: f32,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Wall time of the step, ms.
+    pub step_ms: f64,
+    /// Time the step waited for gradient communication, ms.
+    pub comm_wait_ms: f64,
+    /// Global-batch tokens per second.
+    pub tokens_per_s: f64,
+    /// Model-state bytes by kind on this rank.
+    pub memory: MemoryReport,
+    /// Peak resident set size so far (VmHWM), MiB.
+    pub peak_rss_mb: f64,
+}
+
+/// `summary.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Optimizer steps run.
+    pub steps: u64,
+    /// Ranks.
+    pub world: usize,
+    /// ZeRO stage.
+    pub stage: u8,
+    /// Collective backend.
+    pub backend: String,
+    /// Mean loss of the last `final_loss_window` steps.
+    pub final_loss: f64,
+    /// Steps averaged into `final_loss`.
+    pub final_loss_window: usize,
+    /// The data's entropy rate (markov), nats/token: the loss floor.
+    pub entropy_rate: Option<f64>,
+    /// final_loss ÷ entropy_rate.
+    pub loss_over_entropy: Option<f64>,
+    /// Parameter count.
+    pub num_params: usize,
+    /// Median step time, ms.
+    pub median_step_ms: f64,
+    /// Tokens per second at the median step time.
+    pub tokens_per_s: f64,
+    /// Peak resident set size (VmHWM), MiB.
+    pub peak_rss_mb: f64,
+    /// Model-state bytes by kind on rank 0.
+    pub memory: MemoryReport,
+    /// Wall time of the run, s.
+    pub wall_s: f64,
+}
+
+/// Appends step records to `dir/metrics.jsonl` (created fresh for each run).
+pub struct MetricsWriter {
+    file: std::io::BufWriter<std::fs::File>,
+    path: PathBuf,
+}
+
+impl MetricsWriter {
+    /// Creates `dir` and `dir/metrics.jsonl`.
+    pub fn create(dir: &str) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| KilnError::file(dir, format!("cannot create output.dir: {e}")))?;
+        let path = Path::new(dir).join("metrics.jsonl");
+        let file = std::fs::File::create(&path).map_err(|e| KilnError::io(&path, e))?;
+        Ok(MetricsWriter { file: std::io::BufWriter::new(file), path })
+    }
+
+    /// Writes one line and flushes it, so a crashed run keeps its metrics.
+    pub fn write(&mut self, record: &StepRecord) -> Result<()> {
+        let line = serde_json::to_string(record).expect("records serialise");
+        writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|e| KilnError::io(&self.path, e))
+    }
+}
+
+/// Writes `dir/summary.json`.
+pub fn write_summary(dir: &str, summary: &Summary) -> Result<()> {
+    let path = Path::new(dir).join("summary.json");
+    let text = serde_json::to_string_pretty(summary).expect("summary serialises");
+    std::fs::write(&path, text + "\n").map_err(|e| KilnError::io(&path, e))
+}
+
+/// Peak resident set size of this process (VmHWM from /proc/self/status), bytes; 0 if unknown.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}

@@ -1,0 +1,181 @@
+//! The training loop: the same code for every stage and world size. It builds the micro-batches
+//! of this rank, runs them through the engine, and calls the strategy's step.
+
+mod export;
+mod metrics;
+
+pub use export::export_safetensors;
+pub use metrics::{peak_rss_bytes, MetricsWriter, StepRecord, Summary};
+
+use crate::comm::{Communicator, ReduceOp};
+use crate::data;
+use crate::engine::Engine;
+use crate::error::{KilnError, Result};
+use crate::flat::ModelLayout;
+use crate::model::Gpt;
+use crate::plan::Plan;
+use crate::strategy::{self, MicroStep};
+use burn::tensor::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Options that are about this invocation rather than the recipe.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// No progress bar.
+    pub quiet: bool,
+    /// Don't write metrics, summary or export (tests that only want the numbers).
+    pub no_outputs: bool,
+}
+
+/// What a run produced, on every rank.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// Loss of every step (mean over the global batch).
+    pub losses: Vec<f32>,
+    /// Global gradient norm of every step.
+    pub grad_norms: Vec<f64>,
+    /// Final parameters of every unit, without padding.
+    pub params: Vec<Vec<f32>>,
+    /// The layout the parameters follow.
+    pub layout: ModelLayout,
+    /// Rank 0's summary.
+    pub summary: Summary,
+}
+
+/// Trains `plan` as rank `comm.rank()` of `comm.world()`.
+pub fn run(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Result<RunOutcome> {
+    let result = run_inner(plan, comm.clone(), opts);
+    if let Err(e) = &result {
+        comm.abort(&e.to_string());
+    }
+    result
+}
+
+fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Result<RunOutcome> {
+    let started = Instant::now();
+    let (rank, world) = (comm.rank(), comm.world());
+    let lead = rank == 0;
+    let model = Gpt::new(plan.model);
+    let layout = ModelLayout::new(&model, world);
+    let source = data::open(&plan.config.data, plan.model.vocab, plan.model.seq_len)?;
+    if lead {
+        tracing::info!("{}", source.describe());
+        tracing::info!(
+            "model {} ({} parameters), world {world} ({} backend), stage {}, global batch {} = micro {} × accum {} × world {world}",
+            plan.config.model.preset,
+            layout.num_params(),
+            comm.backend(),
+            plan.stage,
+            plan.global_batch,
+            plan.micro_batch,
+            plan.grad_accum
+        );
+    }
+    let mut strategy = strategy::build(plan, comm.clone(), &layout, &model)?;
+    let device = Device::flex();
+    let mut engine = Engine::new(Box::new(model), layout.clone(), device, plan.config.train.recompute);
+
+    let mut writer = if lead && !opts.no_outputs { Some(MetricsWriter::create(&plan.config.output.dir)?) } else { None };
+    let bar = progress_bar(lead && !opts.quiet, plan.steps);
+    let seq_len = plan.model.seq_len;
+    let rows_per_rank = (plan.micro_batch * plan.grad_accum) as u64;
+    let tokens_per_step = (plan.global_batch * seq_len) as f64;
+    let mut losses = Vec::with_capacity(plan.steps as usize);
+    let mut grad_norms = Vec::with_capacity(plan.steps as usize);
+    let mut step_ms = Vec::with_capacity(plan.steps as usize);
+    let mut loss_buf = vec![0.0f32; 1];
+
+    for step in 0..plan.steps {
+        let step_start = Instant::now();
+        let mut loss_sum = 0.0f32;
+        for index in 0..plan.grad_accum {
+            let first_row = rank as u64 * rows_per_rank + (index * plan.micro_batch) as u64;
+            let batch = data::micro_batch(source.as_ref(), step, first_row, plan.micro_batch, seq_len, engine.device());
+            loss_sum += engine.micro_step(strategy.as_mut(), &batch, MicroStep { index, count: plan.grad_accum })?;
+        }
+        let lr = plan.schedule.at(step);
+        let stats = strategy.step(step, lr)?;
+        loss_buf[0] = loss_sum;
+        loss_buf = comm.all_reduce(loss_buf, ReduceOp::Sum).wait()?;
+        let loss = loss_buf[0] / (world * plan.grad_accum) as f32;
+        if !loss.is_finite() {
+            return Err(KilnError::config(format!("the loss became {loss} at step {step}; lower `train.lr` or enable `train.clip_grad`")));
+        }
+        let ms = step_start.elapsed().as_secs_f64() * 1e3;
+        losses.push(loss);
+        grad_norms.push(stats.grad_norm);
+        step_ms.push(ms);
+        let tokens_per_s = tokens_per_step / (ms / 1e3);
+        if let Some(w) = writer.as_mut() {
+            w.write(&StepRecord {
+                step: step + 1,
+                loss,
+                lr,
+                grad_norm: stats.grad_norm,
+                step_ms: ms,
+                comm_wait_ms: stats.comm_wait_ms,
+                tokens_per_s,
+                memory: strategy.memory(),
+                peak_rss_mb: peak_rss_bytes() as f64 / (1 << 20) as f64,
+            })?;
+        }
+        bar.set_position(step + 1);
+        bar.set_message(format!("loss {loss:.4}  {tokens_per_s:.0} tok/s"));
+    }
+    bar.finish_and_clear();
+
+    let params = strategy.full_params()?;
+    let tail = losses.len().min(20);
+    let final_loss = losses[losses.len() - tail..].iter().map(|&l| l as f64).sum::<f64>() / tail as f64;
+    let mut sorted_ms = step_ms.clone();
+    sorted_ms.sort_by(f64::total_cmp);
+    let median_ms = sorted_ms[sorted_ms.len() / 2];
+    let summary = Summary {
+        steps: plan.steps,
+        world,
+        stage: plan.stage,
+        backend: comm.backend().to_string(),
+        final_loss,
+        final_loss_window: tail,
+        entropy_rate: source.entropy_rate(),
+        loss_over_entropy: source.entropy_rate().map(|h| final_loss / h),
+        num_params: layout.num_params(),
+        median_step_ms: median_ms,
+        tokens_per_s: tokens_per_step / (median_ms / 1e3),
+        peak_rss_mb: peak_rss_bytes() as f64 / (1 << 20) as f64,
+        memory: strategy.memory(),
+        wall_s: started.elapsed().as_secs_f64(),
+    };
+    if lead && !opts.no_outputs {
+        let out = &plan.config.output;
+        metrics::write_summary(&out.dir, &summary)?;
+        if !out.export.is_empty() {
+            export_safetensors(&out.export, &layout, &params)?;
+        }
+        tracing::info!(
+            "done: {} steps, final loss {:.4}{}, {:.0} tokens/s, peak RSS {:.0} MiB, {:.1} s",
+            plan.steps,
+            final_loss,
+            summary.entropy_rate.map_or(String::new(), |h| format!(" ({:.3} × entropy rate {h:.4})", final_loss / h)),
+            summary.tokens_per_s,
+            summary.peak_rss_mb,
+            summary.wall_s
+        );
+    }
+    Ok(RunOutcome { losses, grad_norms, params, layout, summary })
+}
+
+fn progress_bar(show: bool, steps: u64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(steps);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len}  {msg}  eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
