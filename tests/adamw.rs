@@ -37,7 +37,10 @@ fn flat_adamw_matches_float64_pytorch_formula_over_ten_steps() {
             adamw_step(&mut p, &g, &mut m, &mut v, &StepScalars::new(&cfg, t, lr, 1.0), decay);
             reference_step(&mut pr, &gr, &mut mr, &mut vr, &cfg, t, lr, decay);
         }
-        let worst = p.iter().zip(&pr).map(|(a, b)| ((*a as f64 - b) / b.abs().max(1e-3)).abs()).fold(0.0, f64::max);
+        // Relative to the tensor's scale: an element that passes through zero has no meaningful
+        // elementwise relative error, but its absolute error must stay at f32 rounding level.
+        let scale = pr.iter().map(|b| b.abs()).fold(0.0, f64::max);
+        let worst = p.iter().zip(&pr).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max) / scale;
         assert!(worst <= 1e-6, "decay={decay}: worst relative difference {worst:e}");
         assert!(p.iter().zip(&p0).any(|(a, b)| a != b), "parameters did not move");
     }

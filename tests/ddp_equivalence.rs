@@ -1,10 +1,14 @@
 //! DDP at N = 2, 3, 4 ranks equals one process on the same global batch (DESIGN.md "How
 //! correctness is shown"), with and without gradient accumulation.
 //!
-//! Tolerance: the per-step losses and final parameters may differ by rounding only, because the
-//! gradient of the global batch is summed in a different grouping (per rank, then across ranks)
-//! than in one process. After 30 steps the scale-aware relative difference (max |a−b| ÷ max |b|
-//! per tensor) must stay ≤ 1e-5.
+//! Tolerance: with the same micro-batch size every micro-batch gradient is bitwise the same in
+//! every run; only the grouping of their sum differs (per rank, then across ranks, versus one
+//! running sum), which changes the last bit of some gradient elements. Adam divides by √v, so
+//! for elements whose gradient is near zero that last bit moves the update by up to lr; over 30
+//! steps a handful of elements drift. Hence two measures per parameter tensor after 30 steps:
+//! ‖a − b‖₂ ÷ ‖b‖₂ ≤ 1e-5 (the tensor as a whole) and max |a − b| ÷ max |b| ≤ 1e-4 (no single
+//! element strays), plus per-step losses within 1e-5 relative. Where the grouping is the same
+//! as one process's (2 or 3 ranks, no accumulation) the runs must be bitwise equal.
 
 mod common;
 
@@ -14,59 +18,68 @@ use kiln::train::{RunOptions, RunOutcome};
 const OPTS: RunOptions = RunOptions { quiet: true, no_outputs: true };
 
 /// The tiny preset with short sequences, so that the matrix runs in CI time.
-fn run(world: usize, micro_batch: usize, extra: &[&str]) -> RunOutcome {
+fn run(world: usize, micro_batch: usize, global_batch: usize, extra: &[&str]) -> RunOutcome {
     let mb = format!("train.micro_batch={micro_batch}");
-    let mut sets = vec!["model.preset=tiny", "model.seq_len=32", "train.steps=30", "train.global_batch=16", "train.lr=2e-3", "train.warmup_steps=5", "train.threads=1", mb.as_str()];
+    let gb = format!("train.global_batch={global_batch}");
+    let mut sets = vec!["model.preset=tiny", "model.seq_len=32", "train.steps=30", "train.lr=2e-3", "train.warmup_steps=5", "train.threads=1", &mb, &gb];
     sets.extend_from_slice(extra);
     launch::simulate(&common::config(&sets), world, &OPTS).expect("run").swap_remove(0)
 }
 
-fn assert_close(got: &RunOutcome, want: &RunOutcome, what: &str) {
+/// Losses within `tol`; every parameter tensor within `tol` in relative L2 and `10 × tol` in
+/// max-abs relative to the tensor's scale.
+fn assert_close(got: &RunOutcome, want: &RunOutcome, tol: f64, what: &str) {
+    assert_eq!(got.losses.len(), want.losses.len());
     for (step, (a, b)) in got.losses.iter().zip(&want.losses).enumerate() {
-        let d = ((a - b) / b).abs();
-        assert!(d <= 1e-5, "{what}: loss of step {step} differs: {a} vs {b} ({d:e})");
+        let d = ((a - b) / b).abs() as f64;
+        assert!(d <= tol, "{what}: loss of step {step} differs: {a} vs {b} ({d:e})");
     }
     for (unit, (a, b)) in got.params.iter().zip(&want.params).enumerate() {
         for p in &got.layout.units[unit].params {
-            let d = common::rel_diff(&a[p.range()], &b[p.range()]);
-            assert!(d <= 1e-5, "{what}: parameter {} differs by {d:e}", p.path);
+            let l2 = common::rel_l2(&a[p.range()], &b[p.range()]);
+            let max = common::rel_diff(&a[p.range()], &b[p.range()]);
+            assert!(l2 <= tol && max <= 10.0 * tol, "{what}: parameter {} differs by {l2:e} (L2), {max:e} (max)", p.path);
         }
     }
 }
 
 #[test]
 fn ddp_matches_one_process_at_every_world_size_and_accumulation() {
-    // micro_batch 4 × accum 4 = 16 rows in one process; at N ranks micro_batch 16/N/accum.
-    let reference = run(1, 16, &[]);
-    assert!(reference.losses[29] < reference.losses[0] - 0.5, "the reference run should learn");
-    let reference_accum = run(1, 4, &[]);
-    assert_close(&reference_accum, &reference, "one process, accum 4 vs accum 1");
+    // Same micro-batch size everywhere, so each micro-batch's gradient is computed with the same
+    // shapes and rows in every run; what differs is only how the micro-batch gradients are
+    // grouped when summed (per rank, then across ranks).
+    let micro = 2;
     for world in [2, 3, 4] {
-        if 16 % world != 0 {
-            continue;
-        }
-        for accum in [1usize, 4] {
-            let micro = 16 / world / accum;
-            let got = run(world, micro, &[]);
-            assert_close(&got, &reference, &format!("N={world} accum={accum}"));
+        for accum in [1, 4] {
+            let global = micro * accum * world;
+            let reference = run(1, micro, global, &[]);
+            assert!(reference.losses[29] < reference.losses[0] - 0.5, "the reference run should learn");
+            let got = run(world, micro, global, &[]);
+            assert_close(&got, &reference, 1e-5, &format!("N={world} accum={accum}"));
+            if accum == 1 && world <= 3 {
+                // Two or three terms are added in the same order as in one process
+                // ((g0 + g1) + g2), so the result must be bitwise the same.
+                for (a, b) in got.params.iter().zip(&reference.params) {
+                    assert!(common::bitwise_equal(a, b), "N={world} accum=1 should equal one process bitwise");
+                }
+            }
         }
     }
 }
 
 #[test]
-fn ddp_with_three_ranks_matches_one_process() {
-    // 16 rows do not split over 3 ranks; use 12.
-    let reference = run(1, 12, &["train.global_batch=12"]);
-    for (micro, accum) in [(4, 1), (1, 4)] {
-        let got = run(3, micro, &["train.global_batch=12"]);
-        assert_close(&got, &reference, &format!("N=3 accum={accum}"));
+fn changing_the_micro_batch_at_a_fixed_global_batch_stays_close() {
+    let reference = run(1, 16, 16, &[]);
+    for (world, micro) in [(2, 2), (4, 4)] {
+        let got = run(world, micro, 16, &[]);
+        assert_close(&got, &reference, 1e-4, &format!("N={world} micro={micro}"));
     }
 }
 
 #[test]
 fn dynamic_graph_equals_static_graph_bitwise() {
-    let stat = run(2, 2, &["train.steps=5"]);
-    let dynamic = run(2, 2, &["train.steps=5", "parallel.static_graph=false"]);
+    let stat = run(2, 2, 8, &["train.steps=5"]);
+    let dynamic = run(2, 2, 8, &["train.steps=5", "parallel.static_graph=false"]);
     for (a, b) in stat.params.iter().zip(&dynamic.params) {
         assert!(common::bitwise_equal(a, b));
     }
@@ -75,8 +88,8 @@ fn dynamic_graph_equals_static_graph_bitwise() {
 #[test]
 fn bucket_size_does_not_change_the_result() {
     // Reduction order per element is fixed whatever the bucket boundaries (DESIGN.md).
-    let big = run(3, 4, &["train.steps=5", "train.global_batch=12", "parallel.bucket_mb=25"]);
-    let small = run(3, 4, &["train.steps=5", "train.global_batch=12", "parallel.bucket_mb=0.5"]);
+    let big = run(3, 4, 12, &["train.steps=5", "parallel.bucket_mb=25"]);
+    let small = run(3, 4, 12, &["train.steps=5", "parallel.bucket_mb=0.5"]);
     for (a, b) in big.params.iter().zip(&small.params) {
         assert!(common::bitwise_equal(a, b));
     }

@@ -11,7 +11,7 @@ pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Config> {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| KilnError::file(p, format!("cannot read config: {e}")))?;
             text.parse::<toml::Table>().map_err(|e| {
-                let msg = e.message().to_string();
+                let msg = one_line(e.message());
                 let line = e.span().map(|s| text[..s.start].lines().count().max(1));
                 KilnError::file(p, match line {
                     Some(l) => format!("line {l}: {msg}"),
@@ -28,11 +28,18 @@ pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Config> {
     let de = toml::Value::Table(table);
     serde_path_to_error::deserialize::<_, Config>(de).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.inner().to_string();
+        // toml's own message repeats the key on a second line; kiln names the key itself.
+        let inner = e.inner().to_string().lines().next().unwrap_or_default().to_string();
         // serde reports an unknown field at its parent; name the field itself.
         if let Some(rest) = inner.strip_prefix("unknown field `") {
             let (field, expected) = rest.split_once('`').unwrap_or((rest, ""));
-            let full = if path == "." || path.is_empty() { field.to_string() } else { format!("{path}.{field}") };
+            let full = if path == "." || path.is_empty() {
+                field.to_string()
+            } else if path.ends_with(field) {
+                path.clone()
+            } else {
+                format!("{path}.{field}")
+            };
             return KilnError::config(format!("unknown key `{full}`{}", expected.trim_start_matches(',')));
         }
         KilnError::config(format!("key `{path}`: {inner}"))
@@ -70,4 +77,8 @@ fn insert(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<()> 
     }
     node.insert(last.to_string(), value);
     Ok(())
+}
+
+fn one_line(msg: &str) -> String {
+    msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
 }
