@@ -31,6 +31,19 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Write the training rows of a recipe to a flat uint16 token file (step-major, then row,
+    /// each row seq_len + 1 tokens), e.g. to train a reference implementation on the same data.
+    DumpData {
+        /// TOML recipe.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Check that this machine's collectives are correct (run under mpirun for MPI).
     Check {
         #[command(subcommand)]
@@ -70,11 +83,13 @@ pub fn main() -> i32 {
     init_logging();
     let result = match cli.command {
         Command::Train { config, sets, simulate, quiet } => train(config, &sets, simulate, quiet),
+        Command::DumpData { config, sets, out } => dump_data(config, &sets, &out),
         Command::Check { what: CheckCommand::Comm { simulate, large, mismatch } } => check_comm(simulate, large, mismatch),
         Command::Bench { what } => crate::bench::run(what),
     };
     match result {
         Ok(()) => 0,
+        Err(KilnError::ReportedByRankZero(code)) => code,
         Err(e) => {
             let code = e.exit_code();
             eprintln!("kiln: error: {e}");
@@ -131,5 +146,26 @@ fn check_comm(simulate: Option<usize>, large: bool, mismatch: bool) -> Result<()
             println!("comm conformance: every check agreed with the float64 reference (world {world}, backend {backend})");
         }
     }
+    Ok(())
+}
+
+fn dump_data(path: Option<PathBuf>, sets: &[String], out: &std::path::Path) -> Result<(), KilnError> {
+    use std::io::Write;
+    let cfg = config::load(path.as_deref(), sets)?;
+    let plan = crate::plan::Plan::resolve(&cfg, 1)?;
+    let source = crate::data::open(&cfg.data, plan.model.vocab, plan.model.seq_len)?;
+    let file = std::fs::File::create(out).map_err(|e| KilnError::file(out, format!("cannot create: {e}")))?;
+    let mut w = std::io::BufWriter::new(file);
+    let mut row = vec![0u32; plan.model.seq_len + 1];
+    for step in 0..plan.steps {
+        for r in 0..plan.global_batch as u64 {
+            source.fill_row(step, r, &mut row);
+            for &t in &row {
+                w.write_all(&(t as u16).to_le_bytes()).map_err(|e| KilnError::io(out, e))?;
+            }
+        }
+    }
+    w.flush().map_err(|e| KilnError::io(out, e))?;
+    eprintln!("{}: {} steps × {} rows × {} tokens; {}", out.display(), plan.steps, plan.global_batch, plan.model.seq_len + 1, source.describe());
     Ok(())
 }

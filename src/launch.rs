@@ -9,10 +9,15 @@ use crate::plan::Plan;
 use crate::train::{self, RunOptions, RunOutcome};
 use std::sync::Arc;
 
-/// Compute threads for one of `local_ranks` ranks on this node (`train.threads` wins if set).
+/// Compute threads for one of `local_ranks` ranks on this node: `train.threads` if set, else
+/// `KILN_THREADS` (set by launcher/kiln-mpirun, which also binds ranks to that many cores),
+/// else the cores this process may use divided by the ranks on this node.
 pub fn threads_per_rank(config: &Config, local_ranks: usize) -> usize {
     if config.train.threads > 0 {
         return config.train.threads;
+    }
+    if let Some(n) = std::env::var("KILN_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0) {
+        return n;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (cores / local_ranks.max(1)).max(1)
@@ -83,10 +88,13 @@ pub fn run_process(config: &Config, opts: &RunOptions) -> Result<RunOutcome> {
     let comm: Arc<dyn Communicator> = comm::open(&config.comm.backend, config.comm.verify)?;
     let (rank, world) = (comm.rank(), comm.world());
     let (_, local_ranks) = local_rank_and_size(rank, world);
-    let _span = tracing::info_span!("rank", r = rank).entered();
-    let plan = Plan::resolve(config, world)?;
+    // Every rank validates the same config; rank 0 alone reports the error.
+    let plan = Plan::resolve(config, world).map_err(|e| if rank == 0 { e } else { KilnError::ReportedByRankZero(e.exit_code()) })?;
     let threads = threads_per_rank(config, local_ranks);
-    let outcome = with_threads(threads, || train::run(&plan, comm.clone(), opts));
+    let outcome = with_threads(threads, || {
+        let _span = tracing::info_span!("rank", r = rank).entered();
+        train::run(&plan, comm.clone(), opts)
+    });
     drop(comm);
     outcome
 }

@@ -86,8 +86,8 @@ impl Plan {
             if d.markov_symbols < 2 || d.markov_symbols > model.vocab {
                 return Err(bad("data.markov_symbols", format!("{} must be between 2 and the model's vocab ({})", d.markov_symbols, model.vocab)));
             }
-            if d.markov_branching < 1 || d.markov_branching > d.markov_symbols {
-                return Err(bad("data.markov_branching", format!("{} must be between 1 and data.markov_symbols ({})", d.markov_branching, d.markov_symbols)));
+            if !(d.markov_sharpness.is_finite() && d.markov_sharpness >= 0.0) {
+                return Err(bad("data.markov_sharpness", format!("{} must be a number ≥ 0", d.markov_sharpness)));
             }
         }
 

@@ -85,7 +85,7 @@ fn unit_wise_gradients_equal_whole_model_gradients() {
     let model = Gpt::new(cfg);
     let layout = ModelLayout::new(&model, 1);
     let params: Vec<Vec<f32>> = (0..model.num_units()).map(|u| init_unit(&model.unit_params(u), &layout.units[u], 7)).collect();
-    let source = kiln::data::MarkovSource::new(3, 64, 4);
+    let source = kiln::data::MarkovSource::new(3, 64, 1.0);
     let device = Device::flex();
     let batch = kiln::data::micro_batch(&source, 0, 0, 3, cfg.seq_len, &device);
     let reference = whole_model_grads(&model, &layout, &params, &batch);
@@ -110,7 +110,7 @@ fn recompute_gives_bitwise_the_same_gradients() {
     let model = Gpt::new(cfg);
     let layout = ModelLayout::new(&model, 1);
     let params: Vec<Vec<f32>> = (0..model.num_units()).map(|u| init_unit(&model.unit_params(u), &layout.units[u], 9)).collect();
-    let source = kiln::data::MarkovSource::new(5, 64, 4);
+    let source = kiln::data::MarkovSource::new(5, 64, 1.0);
     let device = Device::flex();
     let batch = kiln::data::micro_batch(&source, 2, 0, 2, cfg.seq_len, &device);
     let run = |recompute: bool| {

@@ -76,8 +76,8 @@ pub struct DataConfig {
     pub seed: u64,
     /// markov: number of symbols the chain uses (≤ model vocab).
     pub markov_symbols: usize,
-    /// markov: number of possible successors of each two-symbol context.
-    pub markov_branching: usize,
+    /// markov: scale of the transition logits; higher means more predictable (lower entropy).
+    pub markov_sharpness: f64,
 }
 
 impl Default for DataConfig {
@@ -87,7 +87,7 @@ impl Default for DataConfig {
             path: String::new(),
             seed: 1234,
             markov_symbols: 64,
-            markov_branching: 8,
+            markov_sharpness: 2.0,
         }
     }
 }

@@ -28,7 +28,7 @@ pub trait TokenSource: Send + Sync {
 /// Builds the source `[data]` asks for; file errors name the file.
 pub fn open(cfg: &DataConfig, vocab: usize, seq_len: usize) -> Result<Box<dyn TokenSource>> {
     match cfg.source.as_str() {
-        "markov" => Ok(Box::new(MarkovSource::new(cfg.seed, cfg.markov_symbols, cfg.markov_branching))),
+        "markov" => Ok(Box::new(MarkovSource::new(cfg.seed, cfg.markov_symbols, cfg.markov_sharpness))),
         "text" => Ok(Box::new(TextSource::open(required_path(cfg)?, cfg.seed, vocab, seq_len)?)),
         "tokens" => Ok(Box::new(TokenFileSource::open(required_path(cfg)?, cfg.seed, vocab, seq_len)?)),
         other => Err(KilnError::config(format!("key `data.source`: `{other}` is not one of markov, text, tokens"))),

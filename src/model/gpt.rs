@@ -130,11 +130,13 @@ fn dense(x: Tensor<3>, w: Tensor<2>, b: &Tensor<1>) -> Tensor<3> {
 
 /// GPT-2's GELU, the tanh approximation `0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))`, written
 /// through the identity `0.5 (1 + tanh z) = 1 / (1 + e^(−2z))`: exp is several times faster than
-/// tanh or erf on the flex backend, and the identity is exact.
+/// tanh or erf on the flex backend, and the identity is exact. z is clamped to ±30 first, where
+/// the sigmoid is already 1 − 1e-13: unclamped, e^(−z) overflows for z < −88 and the backward
+/// pass computes 0 × ∞ = NaN.
 fn gelu_tanh(x: Tensor<3>) -> Tensor<3> {
     const TWO_SQRT_2_OVER_PI: f64 = 1.595_769_121_605_730_7;
     let z = (x.clone() * x.clone() * x.clone() * 0.044715 + x.clone()) * TWO_SQRT_2_OVER_PI;
-    x * (z.neg().exp() + 1.0).recip()
+    x * (z.clamp(-30.0, 30.0).neg().exp() + 1.0).recip()
 }
 
 impl UnitModel for Gpt {

@@ -140,7 +140,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         final_loss,
         final_loss_window: tail,
         entropy_rate: source.entropy_rate(),
-        loss_over_entropy: source.entropy_rate().map(|h| final_loss / h),
+        loss_over_entropy: source.entropy_rate().filter(|&h| h > 0.0).map(|h| final_loss / h),
         num_params: layout.num_params(),
         median_step_ms: median_ms,
         tokens_per_s: tokens_per_step / (median_ms / 1e3),
@@ -158,7 +158,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
             "done: {} steps, final loss {:.4}{}, {:.0} tokens/s, peak RSS {:.0} MiB, {:.1} s",
             plan.steps,
             final_loss,
-            summary.entropy_rate.map_or(String::new(), |h| format!(" ({:.3} × entropy rate {h:.4})", final_loss / h)),
+            summary.loss_over_entropy.map_or(String::new(), |r| format!(" ({r:.3} × entropy rate {:.4})", final_loss / r)),
             summary.tokens_per_s,
             summary.peak_rss_mb,
             summary.wall_s
