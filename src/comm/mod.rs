@@ -26,7 +26,7 @@ mod worker;
 pub use local::{LocalGroup, simulate_group};
 #[cfg(feature = "mpi")]
 pub use mpi::mpi_communicator;
-pub use worker::{Collective, Pending, Transport, WorkerComm};
+pub use worker::{Collective, Pending, ReferenceKind, Transport, WorkerComm};
 
 use crate::error::{KilnError, Result};
 use std::sync::Arc;

@@ -8,7 +8,7 @@
 //! reduction differ in the last bit once N ≥ 3. All-to-all moves the same bytes per rank as a
 //! ring reduce-scatter, (N−1)/N of the buffer.
 
-use super::worker::{Transport, WorkerComm};
+use super::worker::{ReferenceKind, Transport, WorkerComm};
 use super::{sum_shard_in_rank_order, Communicator as KilnCommunicator, ReduceOp};
 use crate::error::{KilnError, Result};
 use mpi::environment::Universe;
@@ -100,5 +100,29 @@ impl Transport for MpiTransport {
     fn barrier(&mut self) -> Result<()> {
         self.world_comm.barrier();
         Ok(())
+    }
+
+    fn reference(&mut self, kind: ReferenceKind, buf: &mut [f32], iterations: usize) -> Result<f64> {
+        use mpi::collective::SystemOperation;
+        let shard = buf.len() / self.world;
+        let mut out = vec![0.0f32; buf.len()];
+        let mut times = Vec::with_capacity(iterations);
+        for i in 0..iterations + 2 {
+            self.world_comm.barrier();
+            let start = mpi::time();
+            match kind {
+                ReferenceKind::AllReduce => self.world_comm.all_reduce_into(&buf[..], &mut out[..], SystemOperation::sum()),
+                ReferenceKind::ReduceScatter => {
+                    self.world_comm.reduce_scatter_block_into(&buf[..], &mut out[..shard], SystemOperation::sum())
+                }
+                ReferenceKind::AllGather => self.world_comm.all_gather_into(&buf[..shard], &mut out[..]),
+            }
+            // The first two calls warm up connections and caches.
+            if i >= 2 {
+                times.push(mpi::time() - start);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
     }
 }

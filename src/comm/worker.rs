@@ -38,6 +38,28 @@ pub enum Collective {
         /// Sending rank.
         root: usize,
     },
+    /// The backend library's own collective (e.g. `MPI_Allreduce`) run `iterations` times on the
+    /// communication thread, for `kiln bench comm`; the buffer comes back with the median
+    /// seconds per call in element 0. Errors on backends that have no library of their own.
+    Reference {
+        /// Which collective.
+        kind: ReferenceKind,
+        /// Data (contents irrelevant); length a multiple of the world size.
+        buf: Vec<f32>,
+        /// Timed calls.
+        iterations: usize,
+    },
+}
+
+/// A library collective to compare kiln's with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReferenceKind {
+    /// `MPI_Allreduce` (sum).
+    AllReduce,
+    /// `MPI_Reduce_scatter_block` (sum).
+    ReduceScatter,
+    /// `MPI_Allgather`.
+    AllGather,
 }
 
 impl Collective {
@@ -48,6 +70,7 @@ impl Collective {
             Collective::ReduceScatter { .. } => "reduce_scatter",
             Collective::AllGather { .. } => "all_gather",
             Collective::Broadcast { .. } => "broadcast",
+            Collective::Reference { .. } => "reference",
         }
     }
 
@@ -56,7 +79,8 @@ impl Collective {
             Collective::AllReduce { buf, .. }
             | Collective::ReduceScatter { buf, .. }
             | Collective::AllGather { buf }
-            | Collective::Broadcast { buf, .. } => buf.len(),
+            | Collective::Broadcast { buf, .. }
+            | Collective::Reference { buf, .. } => buf.len(),
         }
     }
 
@@ -68,6 +92,7 @@ impl Collective {
             }
             Collective::AllGather { .. } => format!("all_gather(len {})", self.len()),
             Collective::Broadcast { root, .. } => format!("broadcast(root {root}, len {})", self.len()),
+            Collective::Reference { kind, .. } => format!("reference {kind:?}(len {})", self.len()),
         }
     }
 }
@@ -88,6 +113,11 @@ pub trait Transport {
     fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>>;
     /// Barrier.
     fn barrier(&mut self) -> Result<()>;
+    /// Times the library's own collective: median seconds per call over `iterations` calls.
+    fn reference(&mut self, kind: ReferenceKind, buf: &mut [f32], iterations: usize) -> Result<f64> {
+        let _ = (kind, buf, iterations);
+        Err(KilnError::Comm("this backend has no library collective to compare with".into()))
+    }
 }
 
 enum Job {
@@ -215,6 +245,12 @@ fn run_collective<T: Transport>(t: &mut T, c: Collective, verify: bool) -> Resul
             if world > 1 {
                 t.all_gather(&mut buf)?;
             }
+            Ok(buf)
+        }
+        Collective::Reference { kind, mut buf, iterations } => {
+            check_multiple(buf.len(), "reference")?;
+            let seconds = t.reference(kind, &mut buf, iterations)?;
+            buf[0] = seconds as f32;
             Ok(buf)
         }
         Collective::Broadcast { mut buf, root } => {

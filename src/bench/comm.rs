@@ -1,0 +1,86 @@
+//! `kiln bench comm`: bus bandwidth of kiln's collectives next to the MPI library's own
+//! (`MPI_Allreduce`, `MPI_Reduce_scatter_block`, `MPI_Allgather`) on the same buffers, in the same
+//! run. Bus bandwidth follows nccl-tests: all-reduce moves 2(N−1)/N of the buffer per rank,
+//! reduce-scatter and all-gather (N−1)/N.
+
+use crate::comm::{Collective, Communicator, ReduceOp, ReferenceKind};
+use crate::error::Result;
+use serde::Serialize;
+use std::time::Instant;
+
+/// One row of the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct CommRow {
+    /// Operation.
+    pub op: &'static str,
+    /// Buffer size in bytes.
+    pub bytes: usize,
+    /// kiln's median seconds per call.
+    pub kiln_s: f64,
+    /// The library's median seconds per call.
+    pub reference_s: f64,
+    /// kiln's bus bandwidth, GB/s.
+    pub kiln_busbw_gbs: f64,
+    /// The library's bus bandwidth, GB/s.
+    pub reference_busbw_gbs: f64,
+    /// kiln ÷ library bandwidth.
+    pub ratio: f64,
+}
+
+/// Sizes from 1 KiB to 64 MiB, ×4 apart.
+pub fn sizes() -> Vec<usize> {
+    (0..9).map(|i| 1024usize << (2 * i)).collect()
+}
+
+fn iterations_for(bytes: usize) -> usize {
+    ((256usize << 20) / bytes).clamp(5, 200)
+}
+
+/// Measures every operation and size on `comm` (every rank must call this).
+pub fn measure(comm: &dyn Communicator) -> Result<Vec<CommRow>> {
+    let world = comm.world();
+    let mut rows = Vec::new();
+    for (op, kind, factor) in [
+        ("all_reduce", ReferenceKind::AllReduce, 2.0),
+        ("reduce_scatter", ReferenceKind::ReduceScatter, 1.0),
+        ("all_gather", ReferenceKind::AllGather, 1.0),
+    ] {
+        for bytes in sizes() {
+            let len = (bytes / 4).div_ceil(world) * world;
+            let iterations = iterations_for(bytes);
+            let mut buf = vec![1.0f32; len];
+            let mut times = Vec::with_capacity(iterations);
+            for i in 0..iterations + 2 {
+                comm.barrier()?;
+                let start = Instant::now();
+                buf = match kind {
+                    ReferenceKind::AllReduce => comm.all_reduce(buf, ReduceOp::Sum),
+                    ReferenceKind::ReduceScatter => comm.reduce_scatter(buf, ReduceOp::Sum),
+                    ReferenceKind::AllGather => comm.all_gather(buf),
+                }
+                .wait()?;
+                if i >= 2 {
+                    times.push(start.elapsed().as_secs_f64());
+                }
+                buf.fill(1.0);
+            }
+            times.sort_by(f64::total_cmp);
+            let kiln_s = times[times.len() / 2];
+            let reference_s = comm.start(Collective::Reference { kind, buf: vec![1.0; len], iterations }).wait()?[0] as f64;
+            let moved = (len * 4) as f64 * factor * (world - 1) as f64 / world as f64;
+            let (k, r) = (moved / kiln_s / 1e9, moved / reference_s / 1e9);
+            rows.push(CommRow { op, bytes, kiln_s, reference_s, kiln_busbw_gbs: k, reference_busbw_gbs: r, ratio: k / r });
+        }
+    }
+    Ok(rows)
+}
+
+/// Formats the table for humans.
+pub fn table(rows: &[CommRow], world: usize) -> String {
+    let mut out = format!("world {world}: bus bandwidth, GB/s (median per call)\n{:<15} {:>9} {:>10} {:>10} {:>7}\n", "op", "size", "kiln", "MPI", "ratio");
+    for r in rows {
+        let size = if r.bytes >= 1 << 20 { format!("{} MiB", r.bytes >> 20) } else { format!("{} KiB", r.bytes >> 10) };
+        out += &format!("{:<15} {:>9} {:>10.3} {:>10.3} {:>7.2}\n", r.op, size, r.kiln_busbw_gbs, r.reference_busbw_gbs, r.ratio);
+    }
+    out
+}
