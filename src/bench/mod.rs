@@ -2,6 +2,7 @@
 //! this machine, measured in the same run.
 
 pub mod comm;
+pub mod train;
 
 use crate::error::{KilnError, Result};
 use clap::Subcommand;
@@ -15,6 +16,50 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// One-process training step (tiny preset, micro-batch 8, one thread), kiln vs PyTorch.
+    Step {
+        /// A Python with torch installed, to run scripts/torch_gpt.py alongside.
+        #[arg(long)]
+        torch_python: Option<String>,
+        /// Run shape.
+        #[command(flatten)]
+        shape: ShapeArgs,
+    },
+    /// Weak scaling of DDP: one process vs N ranks under mpirun, micro-batch 8 per rank.
+    Ddp {
+        /// Number of ranks.
+        #[arg(long, default_value_t = 2)]
+        world: usize,
+        /// Run shape.
+        #[command(flatten)]
+        shape: ShapeArgs,
+    },
+}
+
+/// The shape of a training benchmark.
+#[derive(clap::Args, Debug)]
+pub struct ShapeArgs {
+    /// Recipe.
+    #[arg(long, default_value = "configs/tiny.toml")]
+    config: std::path::PathBuf,
+    /// Extra overrides (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Steps per run.
+    #[arg(long, default_value_t = 20)]
+    steps: u64,
+    /// Runs per contender, alternating.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Micro-batch per rank.
+    #[arg(long, default_value_t = 8)]
+    micro_batch: usize,
+}
+
+impl ShapeArgs {
+    fn shape(self) -> train::BenchShape {
+        train::BenchShape { config: self.config, sets: self.sets, steps: self.steps, repeats: self.repeats, micro_batch: self.micro_batch }
+    }
 }
 
 /// Runs a benchmark.
@@ -33,6 +78,25 @@ pub fn run(what: BenchCommand) -> Result<()> {
                     print!("{}", comm::table(&rows, comm.world()));
                 }
             }
+            Ok(())
+        }
+        BenchCommand::Step { torch_python, shape } => {
+            let results = train::step(&shape.shape(), torch_python.as_deref())?;
+            let kiln = results[0].median_ms();
+            println!("kiln (burn flex)  median {kiln:.1} ms/step over {} runs", results[0].step_ms.len());
+            if let Some(torch) = results.get(1) {
+                let t = torch.median_ms();
+                println!("PyTorch           median {t:.1} ms/step");
+                println!("kiln speed ÷ PyTorch speed = {:.2}", t / kiln);
+            }
+            Ok(())
+        }
+        BenchCommand::Ddp { world, shape } => {
+            let (single, multi) = train::ddp(&shape.shape(), world)?;
+            let (s, m) = (single.median_ms(), multi.median_ms());
+            println!("one process        median {s:.1} ms/step");
+            println!("{world} ranks (mpirun)  median {m:.1} ms/step, exposed comm {:.2} ms/step", train::median_of(&multi.comm_wait_ms));
+            println!("weak-scaling efficiency {:.3}, overhead {:.1} ms/step", s / m, m - s);
             Ok(())
         }
     }

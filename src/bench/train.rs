@@ -1,0 +1,177 @@
+//! Whole-run benchmarks that launch kiln (and references) as separate processes, alternating the
+//! contenders run by run so that drift on a shared machine hits them alike, and quote medians.
+//!
+//! - `kiln bench step`: one process, one thread, the tiny preset at micro-batch 8 — kiln next to
+//!   the same model in PyTorch (scripts/torch_gpt.py, when a Python with torch is given).
+//! - `kiln bench ddp`: weak scaling, one process vs N ranks under mpirun (micro-batch 8 per rank,
+//!   one thread per rank): efficiency = single ÷ N-rank step time, the absolute overhead, and the
+//!   exposed communication time (the step's wait for gradient buckets).
+
+use crate::error::{KilnError, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Medians of one contender over the repeats.
+#[derive(Debug, Clone, Serialize)]
+pub struct Contender {
+    /// What ran.
+    pub name: String,
+    /// Median step time of each run, ms.
+    pub step_ms: Vec<f64>,
+    /// Median exposed communication of each run, ms (kiln runs only).
+    pub comm_wait_ms: Vec<f64>,
+}
+
+/// Median of a list (NaN when empty).
+pub fn median_of(v: &[f64]) -> f64 {
+    median(v)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        f64::NAN
+    } else {
+        s[s.len() / 2]
+    }
+}
+
+impl Contender {
+    fn new(name: impl Into<String>) -> Self {
+        Contender { name: name.into(), step_ms: Vec::new(), comm_wait_ms: Vec::new() }
+    }
+
+    /// Median over runs of the per-run median step time.
+    pub fn median_ms(&self) -> f64 {
+        median(&self.step_ms)
+    }
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd.output().map_err(|e| KilnError::config(format!("bench: cannot start {what}: {e}")))?;
+    if !out.status.success() {
+        return Err(KilnError::Comm(format!("bench: {what} failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""))));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Median step and comm-wait times of a finished kiln run, skipping the first `skip` steps
+/// (the first step builds the bucket plan).
+fn read_run(dir: &Path, skip: usize) -> Result<(f64, f64)> {
+    let path = dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).map_err(|e| KilnError::io(&path, e))?;
+    let mut steps = Vec::new();
+    let mut waits = Vec::new();
+    for line in text.lines().skip(skip) {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| KilnError::file(&path, e.to_string()))?;
+        steps.push(v["step_ms"].as_f64().unwrap_or(f64::NAN));
+        waits.push(v["comm_wait_ms"].as_f64().unwrap_or(f64::NAN));
+    }
+    Ok((median(&steps), median(&waits)))
+}
+
+/// Common settings: the recipe plus the benchmark shape.
+pub struct BenchShape {
+    /// Recipe.
+    pub config: PathBuf,
+    /// Extra `--set` overrides.
+    pub sets: Vec<String>,
+    /// Steps per run.
+    pub steps: u64,
+    /// Runs per contender.
+    pub repeats: usize,
+    /// Micro-batch per rank.
+    pub micro_batch: usize,
+}
+
+fn kiln_train(shape: &BenchShape, world: usize, out: &Path) -> Result<Command> {
+    let exe = std::env::current_exe().map_err(|e| KilnError::Comm(format!("bench: cannot find the kiln binary: {e}")))?;
+    let mut cmd = if world == 1 {
+        Command::new(&exe)
+    } else {
+        let mut c = Command::new("mpirun");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        c.args(["-np", &world.to_string()]);
+        if world > cores {
+            c.args(["--oversubscribe", "--bind-to", "none"]);
+        } else {
+            c.args(["--bind-to", "core"]);
+        }
+        c.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        c.arg(&exe);
+        c
+    };
+    cmd.args(["train", "--quiet", "--config"]).arg(&shape.config);
+    let mut sets = vec![
+        format!("train.steps={}", shape.steps),
+        format!("train.micro_batch={}", shape.micro_batch),
+        format!("train.global_batch={}", shape.micro_batch * world),
+        "train.threads=1".to_string(),
+        format!("output.dir={}", out.display()),
+        format!("comm.backend={}", if world == 1 { "local" } else { "mpi" }),
+    ];
+    sets.extend(shape.sets.iter().cloned());
+    for s in sets {
+        cmd.arg("--set").arg(s);
+    }
+    cmd.env("KILN_LOG", "warn");
+    Ok(cmd)
+}
+
+fn scratch_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| KilnError::io(&dir, e))?;
+    Ok(dir)
+}
+
+/// Single process vs `world` ranks, alternating.
+pub fn ddp(shape: &BenchShape, world: usize) -> Result<(Contender, Contender)> {
+    let dir = scratch_dir()?;
+    let mut single = Contender::new("kiln, 1 process");
+    let mut multi = Contender::new(format!("kiln, {world} ranks (mpirun)"));
+    for r in 0..shape.repeats {
+        for (w, c) in [(1, &mut single), (world, &mut multi)] {
+            let out = dir.join(format!("w{w}-r{r}"));
+            run(&mut kiln_train(shape, w, &out)?, &c.name)?;
+            let (ms, wait) = read_run(&out, 2)?;
+            c.step_ms.push(ms);
+            c.comm_wait_ms.push(wait);
+            eprintln!("  run {}: {:<28} {ms:8.1} ms/step  (comm wait {wait:.2} ms)", r + 1, c.name);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((single, multi))
+}
+
+/// kiln vs PyTorch (scripts/torch_gpt.py run by `python`), one process, one thread, alternating.
+pub fn step(shape: &BenchShape, python: Option<&str>) -> Result<Vec<Contender>> {
+    let dir = scratch_dir()?;
+    let mut kiln = Contender::new("kiln (burn flex)");
+    let mut torch = Contender::new("PyTorch");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_gpt.py");
+    for r in 0..shape.repeats {
+        let out = dir.join(format!("k-r{r}"));
+        run(&mut kiln_train(shape, 1, &out)?, "kiln")?;
+        let (ms, _) = read_run(&out, 2)?;
+        kiln.step_ms.push(ms);
+        eprintln!("  run {}: kiln    {ms:8.1} ms/step", r + 1);
+        if let Some(py) = python {
+            let text = run(
+                Command::new(py).arg(&script).args(["bench", "--threads", "1", "--micro-batch", &shape.micro_batch.to_string(), "--steps", &shape.steps.to_string()]),
+                "scripts/torch_gpt.py",
+            )?;
+            let ms: f64 = text
+                .split("median ")
+                .nth(1)
+                .and_then(|t| t.split(" ms").next())
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| KilnError::Comm(format!("bench: unexpected output from torch_gpt.py: {text}")))?;
+            torch.step_ms.push(ms);
+            eprintln!("  run {}: PyTorch {ms:8.1} ms/step", r + 1);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(if python.is_some() { vec![kiln, torch] } else { vec![kiln] })
+}
