@@ -126,11 +126,14 @@ fn scratch_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Single process vs `world` ranks, alternating.
-pub fn ddp(shape: &BenchShape, world: usize) -> Result<(Contender, Contender)> {
+/// Single process vs `world` ranks, alternating; plus `world` independent single processes run
+/// side by side, which shows what sharing the machine's memory system costs without any
+/// communication (the floor under the N-rank step time).
+pub fn ddp(shape: &BenchShape, world: usize) -> Result<[Contender; 3]> {
     let dir = scratch_dir()?;
     let mut single = Contender::new("kiln, 1 process");
     let mut multi = Contender::new(format!("kiln, {world} ranks (mpirun)"));
+    let mut side_by_side = Contender::new(format!("{world} independent processes"));
     for r in 0..shape.repeats {
         for (w, c) in [(1, &mut single), (world, &mut multi)] {
             let out = dir.join(format!("w{w}-r{r}"));
@@ -140,9 +143,22 @@ pub fn ddp(shape: &BenchShape, world: usize) -> Result<(Contender, Contender)> {
             c.comm_wait_ms.push(wait);
             eprintln!("  run {}: {:<28} {ms:8.1} ms/step  (comm wait {wait:.2} ms)", r + 1, c.name);
         }
+        let outs: Vec<PathBuf> = (0..world).map(|i| dir.join(format!("side{i}-r{r}"))).collect();
+        let mut children = Vec::new();
+        for out in &outs {
+            let child = kiln_train(shape, 1, out)?.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn();
+            children.push(child.map_err(|e| KilnError::config(format!("bench: cannot start kiln: {e}")))?);
+        }
+        for mut child in children {
+            let _ = child.wait();
+        }
+        let times: Result<Vec<f64>> = outs.iter().map(|o| read_run(o, 2).map(|t| t.0)).collect();
+        let ms = median(&times?);
+        side_by_side.step_ms.push(ms);
+        eprintln!("  run {}: {:<28} {ms:8.1} ms/step", r + 1, side_by_side.name);
     }
     let _ = std::fs::remove_dir_all(&dir);
-    Ok((single, multi))
+    Ok([single, multi, side_by_side])
 }
 
 /// kiln vs PyTorch (scripts/torch_gpt.py run by `python`), one process, one thread, alternating.

@@ -37,6 +37,13 @@ struct MpiTransport {
 
 impl MpiTransport {
     fn init() -> Result<Self> {
+        // OpenMPI's blocking calls poll for progress. The communication thread shares its core
+        // with the rank's compute thread (one rank per core), so let it yield the core while it
+        // waits instead of spinning through backward. A user's own setting wins. The variable is
+        // set before MPI_Init reads it; the main thread is blocked waiting for this thread then.
+        if std::env::var_os("OMPI_MCA_mpi_yield_when_idle").is_none() {
+            std::env::set_var("OMPI_MCA_mpi_yield_when_idle", "1");
+        }
         let (universe, provided) = mpi::initialize_with_threading(Threading::Funneled)
             .ok_or_else(|| KilnError::Comm("MPI was already initialised in this process".into()))?;
         if provided < Threading::Funneled {
