@@ -48,8 +48,12 @@ pub fn measure(comm: &dyn Communicator) -> Result<Vec<CommRow>> {
         for bytes in sizes() {
             let len = (bytes / 4).div_ceil(world) * world;
             let iterations = iterations_for(bytes);
+            // kiln's call and the library's alternate call by call, so that the machine's drift
+            // (this machine is shared) hits both alike.
             let mut buf = vec![1.0f32; len];
+            let mut reference = vec![1.0f32; len];
             let mut times = Vec::with_capacity(iterations);
+            let mut reference_times = Vec::with_capacity(iterations);
             for i in 0..iterations + 2 {
                 comm.barrier()?;
                 let start = Instant::now();
@@ -59,14 +63,18 @@ pub fn measure(comm: &dyn Communicator) -> Result<Vec<CommRow>> {
                     ReferenceKind::AllGather => comm.all_gather(buf),
                 }
                 .wait()?;
+                let elapsed = start.elapsed().as_secs_f64();
+                reference = comm.start(Collective::Reference { kind, buf: reference, iterations: 1 }).wait()?;
                 if i >= 2 {
-                    times.push(start.elapsed().as_secs_f64());
+                    times.push(elapsed);
+                    reference_times.push(reference[0] as f64);
                 }
                 buf.fill(1.0);
             }
             times.sort_by(f64::total_cmp);
+            reference_times.sort_by(f64::total_cmp);
             let kiln_s = times[times.len() / 2];
-            let reference_s = comm.start(Collective::Reference { kind, buf: vec![1.0; len], iterations }).wait()?[0] as f64;
+            let reference_s = reference_times[reference_times.len() / 2];
             let moved = (len * 4) as f64 * factor * (world - 1) as f64 / world as f64;
             let (k, r) = (moved / kiln_s / 1e9, moved / reference_s / 1e9);
             rows.push(CommRow { op, bytes, kiln_s, reference_s, kiln_busbw_gbs: k, reference_busbw_gbs: r, ratio: k / r });
