@@ -11,7 +11,7 @@ use kiln::engine::Engine;
 use kiln::flat::ModelLayout;
 use kiln::model::{Gpt, UnitModel};
 use kiln::plan::Plan;
-use kiln::strategy::{Ddp, MicroStep, Strategy};
+use kiln::strategy::{MicroStep, Replicated, ReplicatedStage, Strategy};
 use std::sync::Arc;
 
 fn plan(world: usize, sets: &[&str]) -> Plan {
@@ -21,10 +21,10 @@ fn plan(world: usize, sets: &[&str]) -> Plan {
 }
 
 /// Runs `steps` DDP steps on one rank and returns the strategy.
-fn train_rank(plan: &Plan, comm: Arc<dyn Communicator>, steps: u64) -> kiln::error::Result<Ddp> {
+fn train_rank(plan: &Plan, comm: Arc<dyn Communicator>, steps: u64) -> kiln::error::Result<Replicated> {
     let model = Gpt::new(plan.model);
     let layout = ModelLayout::new(&model, comm.world());
-    let mut ddp = Ddp::new(plan, comm.clone(), &layout, &model)?;
+    let mut ddp = Replicated::new(plan, comm.clone(), &layout, &model, ReplicatedStage::Ddp)?;
     let mut engine = Engine::new(Box::new(model), layout, Device::flex(), false);
     let source = data::MarkovSource::new(1, 64, 2.0);
     for step in 0..steps {
@@ -74,7 +74,7 @@ fn buckets_follow_arrival_order_with_a_small_first_bucket() {
     let plan = ddp.bucket_plan().unwrap();
     let num_units = Gpt::new(p.model).num_units();
     assert_eq!(plan.order, (0..num_units).rev().collect::<Vec<_>>());
-    assert_eq!(plan.buckets[0].slots[0].0, num_units - 1, "the head's gradients arrive first");
+    assert_eq!(plan.buckets[0].slots[0].unit, num_units - 1, "the head's gradients arrive first");
     assert!(plan.buckets.iter().skip(1).all(|b| b.slots.len() == 1), "0.5 MiB buckets hold one block each");
 }
 

@@ -2,17 +2,52 @@
 //! in the order they arrive during backward; a full bucket is reduced while backward continues.
 //! The first bucket is capped at 1 MiB so that communication starts early, later ones at
 //! `parallel.bucket_mb`. A unit is never split across buckets.
+//!
+//! A bucket is laid out rank-major: its shard q is shard q of every unit in the bucket, one after
+//! another. An all-reduce does not care, and a reduce-scatter of the bucket then leaves each rank
+//! exactly its own shard of every unit (ZeRO-2) — with the same per-element sums as DDP.
 
 use crate::rng::hash_str;
 use std::ops::Range;
 
-/// One bucket: the units it holds, in arrival order, and where each one sits.
+/// One unit's place in a bucket: at `offset` inside each of the bucket's shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketSlot {
+    /// The unit.
+    pub unit: usize,
+    /// Offset of the unit's shard inside each bucket shard.
+    pub offset: usize,
+    /// The unit's shard length (its padded length ÷ world).
+    pub shard_len: usize,
+}
+
+/// One bucket: the units it holds, in arrival order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bucket {
-    /// `(unit, range in the bucket buffer)` in arrival order.
-    pub slots: Vec<(usize, Range<usize>)>,
+    /// Units in arrival order.
+    pub slots: Vec<BucketSlot>,
+    /// Length of one of the bucket's `world` shards.
+    pub shard_len: usize,
+}
+
+impl Bucket {
     /// Buffer length in elements.
-    pub len: usize,
+    pub fn len(&self, world: usize) -> usize {
+        self.shard_len * world
+    }
+
+    /// Copies (or adds, when `accumulate`) a unit's padded gradients into the rank-major layout.
+    pub fn write(&self, buf: &mut [f32], slot: &BucketSlot, grads: &[f32], world: usize, accumulate: bool) {
+        for q in 0..world {
+            let dst = &mut buf[q * self.shard_len + slot.offset..][..slot.shard_len];
+            let src = &grads[q * slot.shard_len..(q + 1) * slot.shard_len];
+            if accumulate {
+                dst.iter_mut().zip(src).for_each(|(a, g)| *a += g);
+            } else {
+                dst.copy_from_slice(src);
+            }
+        }
+    }
 }
 
 /// The bucket plan: built from one step's arrival order, identical on every rank.
@@ -22,36 +57,48 @@ pub struct BucketPlan {
     pub buckets: Vec<Bucket>,
     /// Units in arrival order.
     pub order: Vec<usize>,
-    /// For each unit: its bucket and range, if it produced gradients.
-    pub slot_of_unit: Vec<Option<(usize, Range<usize>)>>,
+    /// For each unit: its bucket and slot, if it produced gradients.
+    pub slot_of_unit: Vec<Option<(usize, usize)>>,
+    /// World size the shards were cut for.
+    pub world: usize,
 }
 
-/// Size of the first bucket (PyTorch DDP's `bucket_cap_mb` for the first bucket).
+/// Size of the first bucket (PyTorch DDP's first-bucket cap).
 pub const FIRST_BUCKET_BYTES: usize = 1 << 20;
 
 impl BucketPlan {
-    /// Packs `arrivals` (unit, gradient length) in order.
-    pub fn build(arrivals: &[(usize, usize)], num_units: usize, bucket_bytes: usize) -> Self {
+    /// Packs `arrivals` (unit, padded gradient length) in order for `world` ranks.
+    pub fn build(arrivals: &[(usize, usize)], num_units: usize, bucket_bytes: usize, world: usize) -> Self {
         let mut buckets: Vec<Bucket> = Vec::new();
-        let mut current = Bucket { slots: Vec::new(), len: 0 };
+        let mut current = Bucket { slots: Vec::new(), shard_len: 0 };
         for &(unit, len) in arrivals {
             let cap = if buckets.is_empty() { FIRST_BUCKET_BYTES } else { bucket_bytes } / 4;
-            if !current.slots.is_empty() && current.len + len > cap {
-                buckets.push(std::mem::replace(&mut current, Bucket { slots: Vec::new(), len: 0 }));
+            if !current.slots.is_empty() && (current.shard_len * world + len) > cap {
+                buckets.push(std::mem::replace(&mut current, Bucket { slots: Vec::new(), shard_len: 0 }));
             }
-            current.slots.push((unit, current.len..current.len + len));
-            current.len += len;
+            let shard_len = len / world;
+            current.slots.push(BucketSlot { unit, offset: current.shard_len, shard_len });
+            current.shard_len += shard_len;
         }
         if !current.slots.is_empty() {
             buckets.push(current);
         }
         let mut slot_of_unit = vec![None; num_units];
         for (b, bucket) in buckets.iter().enumerate() {
-            for (unit, range) in &bucket.slots {
-                slot_of_unit[*unit] = Some((b, range.clone()));
+            for (s, slot) in bucket.slots.iter().enumerate() {
+                slot_of_unit[slot.unit] = Some((b, s));
             }
         }
-        BucketPlan { buckets, order: arrivals.iter().map(|a| a.0).collect(), slot_of_unit }
+        BucketPlan { buckets, order: arrivals.iter().map(|a| a.0).collect(), slot_of_unit, world }
+    }
+
+    /// Where shard `q` of `unit`'s gradient lives: bucket index and range in its buffer.
+    pub fn shard_of(&self, unit: usize, q: usize) -> Option<(usize, Range<usize>)> {
+        let (b, s) = self.slot_of_unit[unit]?;
+        let bucket = &self.buckets[b];
+        let slot = &bucket.slots[s];
+        let start = q * bucket.shard_len + slot.offset;
+        Some((b, start..start + slot.shard_len))
     }
 
     /// A hash of the plan, compared across ranks.

@@ -3,12 +3,14 @@
 //! same hooks for every stage and never matches on the stage number.
 
 mod buckets;
-mod ddp;
+mod grads;
 mod norm;
+mod replicated;
 
-pub use buckets::{Bucket, BucketPlan};
-pub use ddp::Ddp;
+pub use buckets::{Bucket, BucketPlan, BucketSlot};
+pub use grads::{GradBuckets, Reduction};
 pub use norm::global_grad_norm;
+pub use replicated::{Replicated, ReplicatedStage};
 
 use crate::comm::Communicator;
 use crate::error::Result;
@@ -93,6 +95,11 @@ pub trait Strategy {
 
 /// Builds the strategy the plan asks for, with initial parameters from the seed.
 pub fn build(plan: &Plan, comm: Arc<dyn Communicator>, layout: &ModelLayout, model: &dyn crate::model::UnitModel) -> Result<Box<dyn Strategy>> {
-    // Plan::resolve admits only the stages this build has.
-    Ok(Box::new(Ddp::new(plan, comm, layout, model)?))
+    let stage = match plan.stage {
+        0 => ReplicatedStage::Ddp,
+        1 => ReplicatedStage::Zero1,
+        2 => ReplicatedStage::Zero2,
+        other => unreachable!("Plan::resolve admits stages 0-2, got {other}"),
+    };
+    Ok(Box::new(Replicated::new(plan, comm, layout, model, stage)?))
 }

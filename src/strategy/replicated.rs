@@ -1,0 +1,179 @@
+//! Strategies that keep full parameters on every rank: DDP (stage 0), ZeRO-1 and ZeRO-2
+//! (Rajbhandari et al. 2020, §5.1–5.2). They differ only in two choices, fixed at construction:
+//!
+//! | stage | gradient collective | AdamW state and update | after the step |
+//! |---|---|---|---|
+//! | 0, DDP | all-reduce | every shard (the whole model) | — |
+//! | 1 | all-reduce | this rank's shard of every unit | all-gather parameters |
+//! | 2 | reduce-scatter | this rank's shard of every unit | all-gather parameters |
+//!
+//! Every element gets the same arithmetic in all three: the sum over ranks in rank order (see
+//! `comm`), the same division, the same clip factor (see `norm`), the same AdamW — so the stages
+//! are bitwise equal to each other at the same world size.
+
+use super::{global_grad_norm, GradBuckets, MemoryReport, MicroStep, Reduction, StepStats, Strategy};
+use crate::comm::Communicator;
+use crate::error::{KilnError, Result};
+use crate::flat::{init_unit, ModelLayout, UnitLayout};
+use crate::model::UnitModel;
+use crate::optim::{adamw_step, clip_factor, AdamWConfig, StepScalars};
+use crate::plan::Plan;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Which of the replicated-parameter stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicatedStage {
+    /// Stage 0.
+    Ddp,
+    /// Optimizer states sharded.
+    Zero1,
+    /// Optimizer states and gradients sharded.
+    Zero2,
+}
+
+/// Full parameters on every rank; optimizer state for `shards`.
+pub struct Replicated {
+    comm: Arc<dyn Communicator>,
+    layout: ModelLayout,
+    params: Vec<Vec<f32>>,
+    /// AdamW moments per unit for the shards in `shards`, in shard order.
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    /// Shards this rank updates: every one (DDP) or its own (ZeRO).
+    shards: Range<usize>,
+    gather_after_step: bool,
+    adamw: AdamWConfig,
+    clip_grad: f64,
+    /// world × grad_accum: gradients are sums of per-micro-batch means over this many.
+    grad_divisor: f32,
+    grads: GradBuckets,
+}
+
+impl Replicated {
+    /// Initialises parameters from the seed (identical on every rank; checked by hash).
+    pub fn new(plan: &Plan, comm: Arc<dyn Communicator>, layout: &ModelLayout, model: &dyn UnitModel, stage: ReplicatedStage) -> Result<Self> {
+        let (rank, world) = (comm.rank(), comm.world());
+        let (reduction, shards, gather_after_step) = match stage {
+            ReplicatedStage::Ddp => (Reduction::AllReduce, 0..world, false),
+            ReplicatedStage::Zero1 => (Reduction::AllReduce, rank..rank + 1, true),
+            ReplicatedStage::Zero2 => (Reduction::ReduceScatter, rank..rank + 1, true),
+        };
+        let seed = plan.config.train.seed;
+        let params: Vec<Vec<f32>> = (0..layout.units.len()).map(|u| init_unit(&model.unit_params(u), &layout.units[u], seed)).collect();
+        check_same_on_all_ranks(comm.as_ref(), "initial parameters", params_hash(&params))?;
+        let state: Vec<Vec<f32>> = layout.units.iter().map(|u| vec![0.0; u.padded_len / world * shards.len()]).collect();
+        let grads = GradBuckets::new(comm.clone(), layout, reduction, plan.config.parallel.static_graph, plan.bucket_bytes);
+        Ok(Replicated {
+            comm,
+            layout: layout.clone(),
+            params,
+            m: state.clone(),
+            v: state,
+            shards,
+            gather_after_step,
+            adamw: plan.adamw,
+            clip_grad: plan.clip_grad,
+            grad_divisor: (plan.world * plan.grad_accum) as f32,
+            grads,
+        })
+    }
+
+    /// Number of times bucket buffers were allocated so far.
+    pub fn buffer_allocations(&self) -> usize {
+        self.grads.allocations()
+    }
+
+    /// The bucket plan in use, once built.
+    pub fn bucket_plan(&self) -> Option<&super::BucketPlan> {
+        self.grads.plan()
+    }
+
+    fn gather_params(&mut self) -> Result<()> {
+        let pending: Vec<_> = self.params.iter_mut().map(|p| self.comm.all_gather(std::mem::take(p))).collect();
+        for (slot, p) in self.params.iter_mut().zip(pending) {
+            *slot = p.wait()?;
+        }
+        Ok(())
+    }
+}
+
+/// AdamW on shard `q` of one unit: `params` is the whole unit, `g`, `m`, `v` cover the shard.
+fn update_shard(unit: &UnitLayout, q: usize, world: usize, params: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars) {
+    let shard = unit.shard(q, world);
+    for (piece, decay) in unit.pieces_in(shard) {
+        let local = piece.start - shard.start.0..piece.end - shard.start.0;
+        adamw_step(&mut params[piece], &g[local.clone()], &mut m[local.clone()], &mut v[local], s, decay);
+    }
+}
+
+fn params_hash(params: &[Vec<f32>]) -> u64 {
+    params.iter().flatten().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ x.to_bits() as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Errors unless every rank passes the same `hash`, naming the ranks that differ.
+pub(crate) fn check_same_on_all_ranks(comm: &dyn Communicator, what: &str, hash: u64) -> Result<()> {
+    let all = comm.all_gather_bytes(&hash.to_le_bytes())?;
+    let differing: Vec<String> = all.iter().enumerate().filter(|(_, h)| **h != all[0]).map(|(r, _)| r.to_string()).collect();
+    if differing.is_empty() {
+        Ok(())
+    } else {
+        Err(KilnError::Comm(format!("{what} of rank(s) {} differ from rank 0's", differing.join(", "))))
+    }
+}
+
+impl Strategy for Replicated {
+    fn before_forward(&mut self, _unit: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn unit_params(&self, unit: usize) -> &[f32] {
+        &self.params[unit]
+    }
+
+    fn after_forward(&mut self, _unit: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn before_backward(&mut self, _unit: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn on_grads_ready(&mut self, unit: usize, grads: &[f32], micro: MicroStep) -> Result<()> {
+        self.grads.on_grads(unit, grads, micro)
+    }
+
+    fn step(&mut self, step: u64, lr: f64) -> Result<StepStats> {
+        let comm_wait_ms = self.grads.finish(self.grad_divisor)?;
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        let grads = &self.grads;
+        let norm = global_grad_norm(self.comm.as_ref(), &self.layout, |u| grads.shard(u, rank))?;
+        let scalars = StepScalars::new(&self.adamw, step + 1, lr, clip_factor(norm, self.clip_grad));
+        for (u, unit) in self.layout.units.iter().enumerate() {
+            let shard_len = unit.padded_len / world;
+            for (i, q) in self.shards.clone().enumerate() {
+                let g = grads.shard(u, q);
+                if g.is_empty() {
+                    continue;
+                }
+                let state = i * shard_len..(i + 1) * shard_len;
+                update_shard(unit, q, world, &mut self.params[u], g, &mut self.m[u][state.clone()], &mut self.v[u][state], &scalars);
+            }
+        }
+        if self.gather_after_step {
+            self.gather_params()?;
+        }
+        Ok(StepStats { grad_norm: norm, comm_wait_ms })
+    }
+
+    fn full_params(&mut self) -> Result<Vec<Vec<f32>>> {
+        Ok(self.params.iter().zip(&self.layout.units).map(|(p, u)| p[..u.numel].to_vec()).collect())
+    }
+
+    fn memory(&self) -> MemoryReport {
+        let f = std::mem::size_of::<f32>();
+        let padded: usize = self.layout.units.iter().map(|u| u.padded_len).sum();
+        let state: usize = self.m.iter().map(Vec::len).sum();
+        MemoryReport { params_full: padded * f, grads: self.grads.bytes(), optimizer: 2 * state * f, ..Default::default() }
+    }
+}
