@@ -4,8 +4,11 @@
 //! `(y · dy).sum().backward()` — yields its parameter gradients and its input gradient, which is
 //! the next upstream gradient. burn has no per-parameter hooks; this is where kiln's come from.
 //!
-//! With `recompute` the forward runs without autodiff and keeps only each unit's input; the
-//! backward recomputes the unit with autodiff first (activation checkpointing per unit).
+//! With `recompute` the forward runs on untracked tensors (nothing requires grad, so no graph is
+//! kept) and keeps only each unit's input; the backward recomputes the unit with tracked tensors
+//! first (activation checkpointing per unit). Both forwards go through the autodiff device:
+//! burn dispatches some ops differently without it (flex's native attention instead of the
+//! decomposed one autodiff uses), which would change the recomputed inputs in the last bit.
 
 use crate::error::Result;
 use crate::flat::ModelLayout;
@@ -17,7 +20,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 pub struct Engine {
     model: Box<dyn UnitModel>,
     layout: ModelLayout,
-    /// Device without autodiff (data, recompute forward).
+    /// Device without autodiff (data and upstream gradients).
     device: Device,
     /// The same device with autodiff.
     autodiff: Device,
@@ -30,7 +33,7 @@ pub struct Engine {
 enum Saved {
     /// Graph kept: parameter leaves, input leaf and output.
     Graph { params: Vec<Tensor<1>>, input: Option<Tensor<3>>, output: Tensor<3> },
-    /// Recompute: only the input (no autodiff).
+    /// Recompute: only the input (untracked).
     Input(Option<Tensor<3>>),
 }
 
@@ -76,7 +79,7 @@ impl Engine {
         for unit in 0..num_units {
             strategy.before_forward(unit)?;
             if self.recompute {
-                let params = self.param_tensors(unit, strategy.unit_params(unit), &self.device, false);
+                let params = self.param_tensors(unit, strategy.unit_params(unit), &self.autodiff, false);
                 let y = self.model.forward_unit(unit, &params, x.clone(), batch);
                 saved.push(Saved::Input(x.take()));
                 x = Some(y);
@@ -98,7 +101,7 @@ impl Engine {
                 Saved::Graph { params, input, output } => (params, input, output),
                 Saved::Input(input) => {
                     let params = self.param_tensors(unit, strategy.unit_params(unit), &self.autodiff, true);
-                    let input = input.map(|t| Tensor::from_inner(t).require_grad());
+                    let input = input.map(|t| t.detach().require_grad());
                     let output = self.model.forward_unit(unit, &params, input.clone(), batch);
                     (params, input, output)
                 }
