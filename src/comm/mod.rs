@@ -109,7 +109,7 @@ pub fn sum_shard_in_rank_order<'a>(world: usize, block: impl Fn(usize) -> &'a [f
     }
 }
 
-/// Which backend `comm.backend` asks for, resolved against the environment.
+/// Whether this process was started by mpirun/srun (a launcher's rank variables are set).
 pub fn running_under_launcher() -> bool {
     ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_STEP_ID", "MPI_LOCALNRANKS"]
         .iter()

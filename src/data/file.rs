@@ -6,20 +6,12 @@ use super::TokenSource;
 use crate::error::{KilnError, Result};
 use crate::rng::Rng;
 
-/// Random windows over a token sequence held in memory.
-struct Windows {
+/// Random windows over a token sequence held in memory: `data.source = "text"` (one token per
+/// byte of a UTF-8 file) or `"tokens"` (flat little-endian uint16 tokens).
+pub struct FileSource {
     tokens: Vec<u16>,
     seed: u64,
-}
-
-impl Windows {
-    fn fill(&self, step: u64, row: u64, out: &mut [u32]) {
-        let mut rng = Rng::derive(self.seed, &[step, row]);
-        let start = rng.below((self.tokens.len() - out.len() + 1) as u64) as usize;
-        for (o, &t) in out.iter_mut().zip(&self.tokens[start..]) {
-            *o = t as u32;
-        }
-    }
+    description: String,
 }
 
 fn check(path: &str, tokens: &[u16], vocab: usize, seq_len: usize, what: &str) -> Result<()> {
@@ -39,45 +31,22 @@ fn read(path: &str) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| KilnError::file(path, format!("cannot read data file: {e}")))
 }
 
-/// `data.source = "text"`: one token per byte.
-pub struct TextSource {
-    windows: Windows,
-    path: String,
-}
+const LLMC_MAGIC: i32 = 20240520;
+const LLMC_HEADER_BYTES: usize = 256 * 4;
 
-impl TextSource {
-    /// Reads the file; errors name it.
-    pub fn open(path: &str, seed: u64, vocab: usize, seq_len: usize) -> Result<Self> {
+impl FileSource {
+    /// A UTF-8 text file, one token per byte; errors name the file.
+    pub fn text(path: &str, seed: u64, vocab: usize, seq_len: usize) -> Result<Self> {
         let bytes = read(path)?;
         std::str::from_utf8(&bytes).map_err(|e| KilnError::file(path, format!("is not UTF-8 text ({e})")))?;
         let tokens: Vec<u16> = bytes.iter().map(|&b| b as u16).collect();
         check(path, &tokens, vocab, seq_len, "bytes")?;
-        Ok(TextSource { windows: Windows { tokens, seed }, path: path.into() })
-    }
-}
-
-impl TokenSource for TextSource {
-    fn fill_row(&self, step: u64, row: u64, out: &mut [u32]) {
-        self.windows.fill(step, row, out)
+        let description = format!("text source {path}: {} bytes", tokens.len());
+        Ok(FileSource { tokens, seed, description })
     }
 
-    fn describe(&self) -> String {
-        format!("text source {}: {} bytes", self.path, self.windows.tokens.len())
-    }
-}
-
-/// `data.source = "tokens"`: flat little-endian uint16 tokens.
-pub struct TokenFileSource {
-    windows: Windows,
-    path: String,
-}
-
-const LLMC_MAGIC: i32 = 20240520;
-const LLMC_HEADER_BYTES: usize = 256 * 4;
-
-impl TokenFileSource {
-    /// Reads and validates the file; errors name it.
-    pub fn open(path: &str, seed: u64, vocab: usize, seq_len: usize) -> Result<Self> {
+    /// A uint16 token file (raw, or with llm.c's header); errors name the file.
+    pub fn tokens(path: &str, seed: u64, vocab: usize, seq_len: usize) -> Result<Self> {
         let bytes = read(path)?;
         let is_llmc = bytes.len() >= LLMC_HEADER_BYTES && i32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) == LLMC_MAGIC;
         let body = if is_llmc {
@@ -95,16 +64,21 @@ impl TokenFileSource {
         }
         let tokens: Vec<u16> = body.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         check(path, &tokens, vocab, seq_len, "tokens")?;
-        Ok(TokenFileSource { windows: Windows { tokens, seed }, path: path.into() })
+        let description = format!("token file {path}: {} tokens", tokens.len());
+        Ok(FileSource { tokens, seed, description })
     }
 }
 
-impl TokenSource for TokenFileSource {
+impl TokenSource for FileSource {
     fn fill_row(&self, step: u64, row: u64, out: &mut [u32]) {
-        self.windows.fill(step, row, out)
+        let mut rng = Rng::derive(self.seed, &[step, row]);
+        let start = rng.below((self.tokens.len() - out.len() + 1) as u64) as usize;
+        for (o, &t) in out.iter_mut().zip(&self.tokens[start..]) {
+            *o = t as u32;
+        }
     }
 
     fn describe(&self) -> String {
-        format!("token file {}: {} tokens", self.path, self.windows.tokens.len())
+        self.description.clone()
     }
 }

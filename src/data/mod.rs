@@ -5,7 +5,7 @@
 mod file;
 mod markov;
 
-pub use file::{TextSource, TokenFileSource};
+pub use file::FileSource;
 pub use markov::MarkovSource;
 
 use crate::config::DataConfig;
@@ -29,8 +29,8 @@ pub trait TokenSource: Send + Sync {
 pub fn open(cfg: &DataConfig, vocab: usize, seq_len: usize) -> Result<Box<dyn TokenSource>> {
     match cfg.source.as_str() {
         "markov" => Ok(Box::new(MarkovSource::new(cfg.seed, cfg.markov_symbols, cfg.markov_sharpness))),
-        "text" => Ok(Box::new(TextSource::open(required_path(cfg)?, cfg.seed, vocab, seq_len)?)),
-        "tokens" => Ok(Box::new(TokenFileSource::open(required_path(cfg)?, cfg.seed, vocab, seq_len)?)),
+        "text" => Ok(Box::new(FileSource::text(required_path(cfg)?, cfg.seed, vocab, seq_len)?)),
+        "tokens" => Ok(Box::new(FileSource::tokens(required_path(cfg)?, cfg.seed, vocab, seq_len)?)),
         other => Err(KilnError::config(format!("key `data.source`: `{other}` is not one of markov, text, tokens"))),
     }
 }
