@@ -63,4 +63,10 @@ fn sharded_stages_hold_less_optimizer_state() {
     assert_eq!(ddp.summary.memory.optimizer, 2 * 4 * padded);
     assert_eq!(zero1.summary.memory.optimizer, 2 * 4 * padded / 4);
     assert_eq!(zero2.summary.memory.optimizer, 2 * 4 * padded / 4);
+    // Full-size gradients for DDP and ZeRO-1; ZeRO-2 keeps only its shards plus a small pool of
+    // recycled bucket buffers.
+    assert_eq!(ddp.summary.memory.grads, 4 * padded);
+    assert_eq!(zero1.summary.memory.grads, 4 * padded);
+    assert_eq!(zero2.summary.memory.grads, 4 * padded / 4);
+    assert!(zero2.summary.memory.comm_buffers > 0 && zero2.summary.memory.comm_buffers < 4 * padded);
 }

@@ -12,11 +12,18 @@
 //! (PyTorch's `no_sync`); the last one launches each bucket as it fills. Because accumulation
 //! writes into the same buffers the plan owns, it composes with the static graph — the case
 //! PyTorch gets wrong in pytorch#143580.
+//!
+//! Storage: with an all-reduce, or with accumulation, every bucket has its own buffer for the
+//! whole step. A reduce-scatter without accumulation (ZeRO-2's common case) instead recycles a
+//! pool of [`POOL_BUFFERS`] buffers: when a bucket needs one and none is free, the oldest
+//! reduce-scatter in flight is waited for and this rank's shard of each of its units is copied
+//! to a compact per-unit store, so only the shards (4Ψ/N bytes) outlive backward.
 
 use super::{BucketPlan, MicroStep};
 use crate::comm::{Communicator, Pending, ReduceOp};
 use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,17 +36,28 @@ pub enum Reduction {
     ReduceScatter,
 }
 
+/// Bucket buffers recycled by a reduce-scatter without accumulation.
+pub const POOL_BUFFERS: usize = 2;
+
+/// Where reduced gradients live.
+enum Storage {
+    /// One buffer per bucket for the whole step; `None` while a collective owns it.
+    PerBucket { buffers: Vec<Option<Vec<f32>>>, in_flight: Vec<Option<Pending>> },
+    /// A recycled pool; this rank's shard of every unit kept in `shards`.
+    Pooled { free: Vec<Vec<f32>>, assigned: Vec<Option<Vec<f32>>>, in_flight: VecDeque<(usize, Pending)>, shards: Vec<Vec<f32>> },
+}
+
 /// Bucketed gradient reduction.
 pub struct GradBuckets {
     comm: Arc<dyn Communicator>,
     reduction: Reduction,
+    pooled: bool,
     unit_names: Vec<String>,
+    shard_lens: Vec<usize>,
     static_graph: bool,
     bucket_bytes: usize,
     plan: Option<BucketPlan>,
-    /// Bucket buffers; `None` while a collective owns one.
-    buffers: Vec<Option<Vec<f32>>>,
-    in_flight: Vec<Option<Pending>>,
+    storage: Storage,
     /// Units of each bucket that have delivered their last micro-step.
     arrived: Vec<usize>,
     /// Position in `plan.order` within the current micro-step.
@@ -49,25 +67,30 @@ pub struct GradBuckets {
     staged: Vec<Vec<f32>>,
     /// How many times bucket buffers were allocated (once with a static graph).
     allocations: usize,
+    /// Time spent inside backward waiting for a pool buffer, this step, ms.
+    waited_in_backward_ms: f64,
 }
 
 impl GradBuckets {
-    /// Bucketing for `layout` with the given collective.
-    pub fn new(comm: Arc<dyn Communicator>, layout: &ModelLayout, reduction: Reduction, static_graph: bool, bucket_bytes: usize) -> Self {
+    /// Bucketing for `layout` with the given collective; `grad_accum` micro-steps per step.
+    pub fn new(comm: Arc<dyn Communicator>, layout: &ModelLayout, reduction: Reduction, grad_accum: usize, static_graph: bool, bucket_bytes: usize) -> Self {
+        let world = comm.world();
         GradBuckets {
             comm,
             reduction,
+            pooled: reduction == Reduction::ReduceScatter && grad_accum == 1,
             unit_names: layout.units.iter().map(|u| u.name.clone()).collect(),
+            shard_lens: layout.units.iter().map(|u| u.padded_len / world).collect(),
             static_graph,
             bucket_bytes,
             plan: None,
-            buffers: Vec::new(),
-            in_flight: Vec::new(),
+            storage: Storage::PerBucket { buffers: Vec::new(), in_flight: Vec::new() },
             arrived: Vec::new(),
             cursor: 0,
             arrivals: Vec::new(),
             staged: vec![Vec::new(); layout.units.len()],
             allocations: 0,
+            waited_in_backward_ms: 0.0,
         }
     }
 
@@ -81,17 +104,82 @@ impl GradBuckets {
         self.allocations
     }
 
-    /// Bytes of the bucket buffers.
-    pub fn bytes(&self) -> usize {
-        self.plan.as_ref().map_or(0, |p| p.buckets.iter().map(|b| b.len(p.world)).sum::<usize>() * 4)
+    /// Bytes of gradients kept between backward and the step: every bucket, or this rank's
+    /// shards when pooled.
+    pub fn grad_bytes(&self) -> usize {
+        let Some(plan) = self.plan.as_ref() else { return 0 };
+        4 * if self.pooled { self.shard_lens.iter().sum::<usize>() } else { plan.buckets.iter().map(|b| b.len(plan.world)).sum() }
+    }
+
+    /// Bytes of the recycled bucket buffers (pooled storage only).
+    pub fn buffer_bytes(&self) -> usize {
+        let Some(plan) = self.plan.as_ref().filter(|_| self.pooled) else { return 0 };
+        let largest = plan.buckets.iter().map(|b| b.len(plan.world)).max().unwrap_or(0);
+        4 * largest * POOL_BUFFERS.min(plan.buckets.len())
+    }
+
+    fn start(&self, buf: Vec<f32>) -> Pending {
+        match self.reduction {
+            Reduction::AllReduce => self.comm.all_reduce(buf, ReduceOp::Sum),
+            Reduction::ReduceScatter => self.comm.reduce_scatter(buf, ReduceOp::Sum),
+        }
     }
 
     fn launch(&mut self, bucket: usize) {
-        let buf = self.buffers[bucket].take().expect("a bucket is launched once per step");
-        self.in_flight[bucket] = Some(match self.reduction {
-            Reduction::AllReduce => self.comm.all_reduce(buf, ReduceOp::Sum),
-            Reduction::ReduceScatter => self.comm.reduce_scatter(buf, ReduceOp::Sum),
-        });
+        match &mut self.storage {
+            Storage::PerBucket { buffers, .. } => {
+                let buf = buffers[bucket].take().expect("a bucket is launched once per step");
+                let pending = self.start(buf);
+                let Storage::PerBucket { in_flight, .. } = &mut self.storage else { unreachable!() };
+                in_flight[bucket] = Some(pending);
+            }
+            Storage::Pooled { assigned, .. } => {
+                let buf = assigned[bucket].take().expect("a bucket is launched once per step");
+                let pending = self.start(buf);
+                let Storage::Pooled { in_flight, .. } = &mut self.storage else { unreachable!() };
+                in_flight.push_back((bucket, pending));
+            }
+        }
+    }
+
+    /// Waits for the oldest reduce-scatter in flight and keeps this rank's shard of its units.
+    fn retire_oldest(&mut self) -> Result<bool> {
+        let plan = self.plan.as_ref().expect("pooled storage has a plan");
+        let rank = self.comm.rank();
+        let Storage::Pooled { free, in_flight, shards, .. } = &mut self.storage else { unreachable!("pooled only") };
+        let Some((b, pending)) = in_flight.pop_front() else { return Ok(false) };
+        let buf = pending.wait()?;
+        let bucket = &plan.buckets[b];
+        for slot in &bucket.slots {
+            let start = rank * bucket.shard_len + slot.offset;
+            shards[slot.unit].copy_from_slice(&buf[start..start + slot.shard_len]);
+        }
+        free.push(buf);
+        Ok(true)
+    }
+
+    /// Makes sure bucket `b` has a buffer this step, taking one from the pool if needed.
+    fn ensure_buffer(&mut self, b: usize) -> Result<()> {
+        let needs = matches!(&self.storage, Storage::Pooled { assigned, .. } if assigned[b].is_none());
+        if needs {
+            let len = {
+                let plan = self.plan.as_ref().expect("plan");
+                plan.buckets[b].len(plan.world)
+            };
+            loop {
+                let Storage::Pooled { free, assigned, .. } = &mut self.storage else { unreachable!() };
+                if let Some(mut buf) = free.pop() {
+                    // Pool buffers have the largest bucket's capacity: no reallocation here.
+                    buf.resize(len, 0.0);
+                    assigned[b] = Some(buf);
+                    break;
+                }
+                let started = Instant::now();
+                self.retire_oldest()?;
+                self.waited_in_backward_ms += started.elapsed().as_secs_f64() * 1e3;
+            }
+        }
+        Ok(())
     }
 
     /// Hands over one unit's gradients of one micro-step.
@@ -117,20 +205,30 @@ impl GradBuckets {
         }
         self.cursor = (self.cursor + 1) % plan.order.len();
         let (b, s) = plan.slot_of_unit[unit].expect("units in the order have slots");
-        let bucket = &plan.buckets[b];
-        let buf = self.buffers[b].as_mut().expect("buckets are home between steps");
-        bucket.write(buf, &bucket.slots[s], grads, plan.world, !micro.is_first());
+        self.write_slot(b, s, grads, !micro.is_first())?;
         if micro.is_last() {
             self.arrived[b] += 1;
-            if self.arrived[b] == bucket.slots.len() {
+            if self.arrived[b] == self.plan.as_ref().expect("plan").buckets[b].slots.len() {
                 self.launch(b);
             }
         }
         Ok(())
     }
 
-    /// Builds the plan from this step's arrivals, checks it across ranks, moves the staged
-    /// gradients into fresh bucket buffers and launches every bucket.
+    fn write_slot(&mut self, b: usize, s: usize, grads: &[f32], accumulate: bool) -> Result<()> {
+        self.ensure_buffer(b)?;
+        let plan = self.plan.as_ref().expect("plan");
+        let buf = match &mut self.storage {
+            Storage::PerBucket { buffers, .. } => buffers[b].as_mut().expect("buckets are home between steps"),
+            Storage::Pooled { assigned, .. } => assigned[b].as_mut().expect("assigned by ensure_buffer"),
+        };
+        let bucket = &plan.buckets[b];
+        bucket.write(buf, &bucket.slots[s], grads, plan.world, accumulate);
+        Ok(())
+    }
+
+    /// Builds the plan from this step's arrivals, checks it across ranks, sets up storage, moves
+    /// the staged gradients into the buckets and launches every bucket.
     fn finish_recording(&mut self) -> Result<()> {
         let world = self.comm.world();
         let plan = BucketPlan::build(&self.arrivals, self.unit_names.len(), self.bucket_bytes, world);
@@ -142,26 +240,42 @@ impl GradBuckets {
                 ranks.join(", ")
             )));
         }
-        self.buffers = plan.buckets.iter().map(|b| Some(vec![0.0f32; b.len(world)])).collect();
-        self.allocations += 1;
-        for (b, bucket) in plan.buckets.iter().enumerate() {
-            let buf = self.buffers[b].as_mut().expect("fresh buffer");
-            for slot in &bucket.slots {
-                bucket.write(buf, slot, &self.staged[slot.unit], world, false);
+        let num_buckets = plan.buckets.len();
+        self.storage = if self.pooled {
+            let largest = plan.buckets.iter().map(|b| b.len(world)).max().unwrap_or(0);
+            Storage::Pooled {
+                free: (0..POOL_BUFFERS.min(num_buckets)).map(|_| Vec::with_capacity(largest)).collect(),
+                assigned: (0..num_buckets).map(|_| None).collect(),
+                in_flight: VecDeque::new(),
+                shards: self.shard_lens.iter().map(|&len| vec![0.0; len]).collect(),
             }
-        }
-        self.in_flight = plan.buckets.iter().map(|_| None).collect();
-        self.arrived = vec![0; plan.buckets.len()];
+        } else {
+            Storage::PerBucket {
+                buffers: plan.buckets.iter().map(|b| Some(vec![0.0f32; b.len(world)])).collect(),
+                in_flight: (0..num_buckets).map(|_| None).collect(),
+            }
+        };
+        self.allocations += 1;
+        self.arrived = vec![0; num_buckets];
         self.plan = Some(plan);
-        for b in 0..self.buffers.len() {
+        let staged = std::mem::take(&mut self.staged);
+        for b in 0..num_buckets {
+            let units: Vec<usize> = self.plan.as_ref().expect("plan").buckets[b].slots.iter().map(|s| s.unit).collect();
+            for (s, unit) in units.into_iter().enumerate() {
+                self.write_slot(b, s, &staged[unit], false)?;
+            }
             self.launch(b);
         }
+        // Release the staged full-size gradients; recording happens again only without a
+        // static graph.
+        self.staged = vec![Vec::new(); self.unit_names.len()];
         self.arrivals.clear();
         Ok(())
     }
 
     /// Waits for every bucket and divides the reduced gradients by `divisor` (world × grad_accum:
-    /// the gradients are sums of per-micro-batch means). Returns the milliseconds spent waiting.
+    /// the gradients are sums of per-micro-batch means). Returns the milliseconds this step
+    /// waited for communication (in backward for a pool buffer, and here).
     pub fn finish(&mut self, divisor: f32) -> Result<f64> {
         let started = Instant::now();
         if self.plan.is_none() || !self.static_graph {
@@ -173,32 +287,52 @@ impl GradBuckets {
                 self.unit_names[missing]
             )));
         }
-        for b in 0..self.in_flight.len() {
-            let pending = self.in_flight[b].take().expect("every bucket was launched");
-            self.buffers[b] = Some(pending.wait()?);
-            self.arrived[b] = 0;
-        }
-        let waited = started.elapsed().as_secs_f64() * 1e3;
-        let plan = self.plan.as_ref().expect("plan");
         let rank = self.comm.rank();
-        for (buf, bucket) in self.buffers.iter_mut().zip(&plan.buckets) {
-            let buf = buf.as_mut().expect("home");
-            // After a reduce-scatter only this rank's shard of the bucket holds sums.
-            let valid = match self.reduction {
-                Reduction::AllReduce => &mut buf[..],
-                Reduction::ReduceScatter => &mut buf[rank * bucket.shard_len..(rank + 1) * bucket.shard_len],
-            };
-            valid.iter_mut().for_each(|g| *g /= divisor);
+        match &mut self.storage {
+            Storage::PerBucket { buffers, in_flight } => {
+                for (buf, pending) in buffers.iter_mut().zip(in_flight.iter_mut()) {
+                    *buf = Some(pending.take().expect("every bucket was launched").wait()?);
+                }
+            }
+            Storage::Pooled { .. } => while self.retire_oldest()? {},
+        }
+        self.arrived.iter_mut().for_each(|a| *a = 0);
+        let waited = started.elapsed().as_secs_f64() * 1e3 + std::mem::take(&mut self.waited_in_backward_ms);
+        let plan = self.plan.as_ref().expect("plan");
+        match &mut self.storage {
+            Storage::PerBucket { buffers, .. } => {
+                for (buf, bucket) in buffers.iter_mut().zip(&plan.buckets) {
+                    let buf = buf.as_mut().expect("home");
+                    // After a reduce-scatter only this rank's shard of the bucket holds sums.
+                    let valid = match self.reduction {
+                        Reduction::AllReduce => &mut buf[..],
+                        Reduction::ReduceScatter => &mut buf[rank * bucket.shard_len..(rank + 1) * bucket.shard_len],
+                    };
+                    valid.iter_mut().for_each(|g| *g /= divisor);
+                }
+            }
+            Storage::Pooled { shards, .. } => shards.iter_mut().flatten().for_each(|g| *g /= divisor),
         }
         Ok(waited)
     }
 
     /// Shard `q` of `unit`'s reduced gradient (after [`finish`](Self::finish)); empty if the unit
-    /// has no gradients. With `ReduceScatter` only `q == rank` is meaningful.
+    /// has no gradients. With `ReduceScatter` only `q == rank` is available.
     pub fn shard(&self, unit: usize, q: usize) -> &[f32] {
-        match self.plan.as_ref().and_then(|p| p.shard_of(unit, q)) {
-            Some((b, range)) => &self.buffers[b].as_ref().expect("buckets are home after finish")[range],
-            None => &[],
+        let Some(plan) = self.plan.as_ref() else { return &[] };
+        match &self.storage {
+            Storage::PerBucket { buffers, .. } => match plan.shard_of(unit, q) {
+                Some((b, range)) => &buffers[b].as_ref().expect("buckets are home after finish")[range],
+                None => &[],
+            },
+            Storage::Pooled { shards, .. } => {
+                assert_eq!(q, self.comm.rank(), "a reduce-scatter keeps only this rank's shard");
+                if plan.slot_of_unit[unit].is_some() {
+                    &shards[unit]
+                } else {
+                    &[]
+                }
+            }
         }
     }
 }

@@ -63,7 +63,7 @@ impl Replicated {
         let params: Vec<Vec<f32>> = (0..layout.units.len()).map(|u| init_unit(&model.unit_params(u), &layout.units[u], seed)).collect();
         check_same_on_all_ranks(comm.as_ref(), "initial parameters", params_hash(&params))?;
         let state: Vec<Vec<f32>> = layout.units.iter().map(|u| vec![0.0; u.padded_len / world * shards.len()]).collect();
-        let grads = GradBuckets::new(comm.clone(), layout, reduction, plan.config.parallel.static_graph, plan.bucket_bytes);
+        let grads = GradBuckets::new(comm.clone(), layout, reduction, plan.grad_accum, plan.config.parallel.static_graph, plan.bucket_bytes);
         Ok(Replicated {
             comm,
             layout: layout.clone(),
@@ -174,6 +174,6 @@ impl Strategy for Replicated {
         let f = std::mem::size_of::<f32>();
         let padded: usize = self.layout.units.iter().map(|u| u.padded_len).sum();
         let state: usize = self.m.iter().map(Vec::len).sum();
-        MemoryReport { params_full: padded * f, grads: self.grads.bytes(), optimizer: 2 * state * f, ..Default::default() }
+        MemoryReport { params_full: padded * f, grads: self.grads.grad_bytes(), optimizer: 2 * state * f, comm_buffers: self.grads.buffer_bytes(), ..Default::default() }
     }
 }
