@@ -1,7 +1,7 @@
 //! Gradient buckets (DDP paper, Li et al. 2020, §3.2.3): unit gradients are packed into buckets
 //! in the order they arrive during backward; a full bucket is reduced while backward continues.
-//! The first bucket is capped at 1 MiB so that communication starts early, later ones at
-//! `parallel.bucket_mb`. A unit is never split across buckets.
+//! The first bucket is capped at 1 MiB (or `parallel.bucket_mb` if smaller) so that
+//! communication starts early, later ones at `parallel.bucket_mb`. A unit is never split across buckets.
 //!
 //! A bucket is laid out rank-major: its shard q is shard q of every unit in the bucket, one after
 //! another. An all-reduce does not care, and a reduce-scatter of the bucket then leaves each rank
@@ -72,7 +72,7 @@ impl BucketPlan {
         let mut buckets: Vec<Bucket> = Vec::new();
         let mut current = Bucket { slots: Vec::new(), shard_len: 0 };
         for &(unit, len) in arrivals {
-            let cap = if buckets.is_empty() { FIRST_BUCKET_BYTES } else { bucket_bytes } / 4;
+            let cap = if buckets.is_empty() { FIRST_BUCKET_BYTES.min(bucket_bytes) } else { bucket_bytes } / 4;
             if !current.slots.is_empty() && (current.shard_len * world + len) > cap {
                 buckets.push(std::mem::replace(&mut current, Bucket { slots: Vec::new(), shard_len: 0 }));
             }
