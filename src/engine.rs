@@ -74,11 +74,12 @@ impl Engine {
     /// by unit (last unit first). Returns the micro-batch's mean token loss.
     pub fn micro_step(&mut self, strategy: &mut dyn Strategy, batch: &MicroBatch, micro: MicroStep) -> Result<f32> {
         let num_units = self.model.num_units();
+        let recompute = self.recompute || strategy.requires_recompute();
         let mut saved = Vec::with_capacity(num_units);
         let mut x: Option<Tensor<3>> = None;
         for unit in 0..num_units {
             strategy.before_forward(unit)?;
-            if self.recompute {
+            if recompute {
                 let params = self.param_tensors(unit, strategy.unit_params(unit), &self.autodiff, false);
                 let y = self.model.forward_unit(unit, &params, x.clone(), batch);
                 saved.push(Saved::Input(x.take()));

@@ -129,9 +129,6 @@ impl Plan {
         if p.stage > 3 {
             return Err(bad("parallel.stage", format!("{} must be 0 (DDP), 1, 2 or 3", p.stage)));
         }
-        if p.stage == 3 {
-            return Err(bad("parallel.stage", "ZeRO stage 3 is not available in this build yet; use 0 (DDP), 1 or 2"));
-        }
         if !(p.bucket_mb.is_finite() && p.bucket_mb > 0.0) {
             return Err(bad("parallel.bucket_mb", format!("{} must be a positive number of MiB", p.bucket_mb)));
         }

@@ -6,11 +6,13 @@ mod buckets;
 mod grads;
 mod norm;
 mod replicated;
+mod zero3;
 
 pub use buckets::{Bucket, BucketPlan, BucketSlot};
 pub use grads::{GradBuckets, Reduction};
 pub use norm::global_grad_norm;
 pub use replicated::{Replicated, ReplicatedStage};
+pub use zero3::Zero3;
 
 use crate::comm::Communicator;
 use crate::error::Result;
@@ -74,6 +76,11 @@ impl MemoryReport {
 
 /// A data-parallel strategy (DDP or a ZeRO stage).
 pub trait Strategy {
+    /// Whether backward must recompute each unit's forward (its parameters are released after
+    /// forward, as in ZeRO-3), whatever `train.recompute` says.
+    fn requires_recompute(&self) -> bool {
+        false
+    }
     /// Called before unit `unit` runs forward (stage 3 gathers it here).
     fn before_forward(&mut self, unit: usize) -> Result<()>;
     /// The unit's full parameters (padded); valid between `before_*` and the matching release.
@@ -99,7 +106,7 @@ pub fn build(plan: &Plan, comm: Arc<dyn Communicator>, layout: &ModelLayout, mod
         0 => ReplicatedStage::Ddp,
         1 => ReplicatedStage::Zero1,
         2 => ReplicatedStage::Zero2,
-        other => unreachable!("Plan::resolve admits stages 0-2, got {other}"),
+        _ => return Ok(Box::new(Zero3::new(plan, comm, layout, model)?)),
     };
     Ok(Box::new(Replicated::new(plan, comm, layout, model, stage)?))
 }

@@ -1,0 +1,204 @@
+//! ZeRO-3 (Rajbhandari et al. 2020, §5.3; PyTorch's FSDP): parameters exist only as shards.
+//! A unit's full parameters are all-gathered just before it runs — the next `parallel.prefetch`
+//! units' gathers are already in flight — and released after; backward gathers the unit again
+//! and recomputes its forward (burn's graph would otherwise keep copies of the parameters, and
+//! releasing the gathered buffer would free nothing). Gradients are reduce-scattered per bucket
+//! as in ZeRO-2. Units with fewer parameters than `parallel.persist_threshold` stay whole on
+//! every rank (DeepSpeed's stage3_param_persistence_threshold).
+//!
+//! Every element gets the same arithmetic as in DDP (same parameters, the same bitwise
+//! recompute, the same rank-ordered sums, norm and AdamW), so stage 3 is bitwise equal to the
+//! other stages at the same world size.
+
+use super::{global_grad_norm, GradBuckets, MemoryReport, MicroStep, Reduction, StepStats, Strategy};
+use crate::comm::{Communicator, Pending};
+use crate::error::Result;
+use crate::flat::{init_unit, ModelLayout};
+use crate::model::UnitModel;
+use crate::optim::{adamw_step, clip_factor, AdamWConfig, StepScalars};
+use crate::plan::Plan;
+use std::sync::Arc;
+
+/// Where a unit's parameters are.
+enum Gathered {
+    /// Only this rank's shard is here.
+    Released,
+    /// An all-gather is in flight.
+    InFlight(Pending),
+    /// The full (padded) parameters.
+    Full(Vec<f32>),
+}
+
+/// The ZeRO-3 strategy.
+pub struct Zero3 {
+    comm: Arc<dyn Communicator>,
+    layout: ModelLayout,
+    /// This rank's shard of every unit's parameters.
+    shards: Vec<Vec<f32>>,
+    /// Units kept whole on every rank.
+    persistent: Vec<bool>,
+    gathered: Vec<Gathered>,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    prefetch: usize,
+    adamw: AdamWConfig,
+    clip_grad: f64,
+    grad_divisor: f32,
+    grads: GradBuckets,
+    /// Largest number of bytes held in gathered units at once.
+    peak_gathered: usize,
+}
+
+impl Zero3 {
+    /// Initialises one unit at a time, keeping only this rank's shard (and whole persistent
+    /// units): the whole model is never materialised, and the values equal a single process's.
+    pub fn new(plan: &Plan, comm: Arc<dyn Communicator>, layout: &ModelLayout, model: &dyn UnitModel) -> Result<Self> {
+        let (rank, world) = (comm.rank(), comm.world());
+        let seed = plan.config.train.seed;
+        let threshold = plan.config.parallel.persist_threshold;
+        let mut shards = Vec::new();
+        let mut gathered = Vec::new();
+        let mut persistent = Vec::new();
+        for (u, unit) in layout.units.iter().enumerate() {
+            let full = init_unit(&model.unit_params(u), unit, seed);
+            shards.push(full[unit.shard(rank, world).range()].to_vec());
+            let keep = unit.numel < threshold;
+            persistent.push(keep);
+            gathered.push(if keep { Gathered::Full(full) } else { Gathered::Released });
+        }
+        let state: Vec<Vec<f32>> = shards.iter().map(|s| vec![0.0; s.len()]).collect();
+        let grads = GradBuckets::new(comm.clone(), layout, Reduction::ReduceScatter, plan.grad_accum, plan.config.parallel.static_graph, plan.bucket_bytes);
+        Ok(Zero3 {
+            comm,
+            layout: layout.clone(),
+            shards,
+            persistent,
+            gathered,
+            m: state.clone(),
+            v: state,
+            prefetch: plan.config.parallel.prefetch,
+            adamw: plan.adamw,
+            clip_grad: plan.clip_grad,
+            grad_divisor: (plan.world * plan.grad_accum) as f32,
+            grads,
+            peak_gathered: 0,
+        })
+    }
+
+    /// Starts gathering `unit` unless it is already here or on its way.
+    fn start_gather(&mut self, unit: usize) {
+        if !matches!(self.gathered[unit], Gathered::Released) {
+            return;
+        }
+        let world = self.comm.world();
+        let layout = &self.layout.units[unit];
+        let mut buf = vec![0.0f32; layout.padded_len];
+        buf[layout.shard(self.comm.rank(), world).range()].copy_from_slice(&self.shards[unit]);
+        self.gathered[unit] = Gathered::InFlight(self.comm.all_gather(buf));
+    }
+
+    /// Makes `unit` whole, then starts gathering the units after it in `order`.
+    fn gather(&mut self, unit: usize, next: impl Iterator<Item = usize>) -> Result<()> {
+        self.start_gather(unit);
+        if let Gathered::InFlight(_) = self.gathered[unit] {
+            let Gathered::InFlight(p) = std::mem::replace(&mut self.gathered[unit], Gathered::Released) else { unreachable!() };
+            self.gathered[unit] = Gathered::Full(p.wait()?);
+        }
+        for u in next.take(self.prefetch) {
+            self.start_gather(u);
+        }
+        let held: usize = self.gathered.iter().zip(&self.persistent).filter(|(g, p)| !**p && !matches!(g, Gathered::Released)).count();
+        let largest = self.layout.units.iter().map(|u| u.padded_len).max().unwrap_or(0);
+        self.peak_gathered = self.peak_gathered.max(held * largest * 4);
+        Ok(())
+    }
+
+    fn release(&mut self, unit: usize) {
+        if !self.persistent[unit] {
+            self.gathered[unit] = Gathered::Released;
+        }
+    }
+}
+
+impl Strategy for Zero3 {
+    fn requires_recompute(&self) -> bool {
+        true
+    }
+
+    fn before_forward(&mut self, unit: usize) -> Result<()> {
+        let n = self.layout.units.len();
+        self.gather(unit, unit + 1..n)
+    }
+
+    fn unit_params(&self, unit: usize) -> &[f32] {
+        match &self.gathered[unit] {
+            Gathered::Full(p) => p,
+            _ => panic!("unit {unit} used while not gathered (a strategy hook was skipped)"),
+        }
+    }
+
+    fn after_forward(&mut self, unit: usize) -> Result<()> {
+        self.release(unit);
+        Ok(())
+    }
+
+    fn before_backward(&mut self, unit: usize) -> Result<()> {
+        self.gather(unit, (0..unit).rev())
+    }
+
+    fn on_grads_ready(&mut self, unit: usize, grads: &[f32], micro: MicroStep) -> Result<()> {
+        self.release(unit);
+        self.grads.on_grads(unit, grads, micro)
+    }
+
+    fn step(&mut self, step: u64, lr: f64) -> Result<StepStats> {
+        let comm_wait_ms = self.grads.finish(self.grad_divisor)?;
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        let grads = &self.grads;
+        let norm = global_grad_norm(self.comm.as_ref(), &self.layout, |u| grads.shard(u, rank))?;
+        let scalars = StepScalars::new(&self.adamw, step + 1, lr, clip_factor(norm, self.clip_grad));
+        for (u, unit) in self.layout.units.iter().enumerate() {
+            let g = grads.shard(u, rank);
+            if g.is_empty() {
+                continue;
+            }
+            let shard = unit.shard(rank, world);
+            for (piece, decay) in unit.pieces_in(shard) {
+                let local = piece.start - shard.start.0..piece.end - shard.start.0;
+                adamw_step(&mut self.shards[u][local.clone()], &g[local.clone()], &mut self.m[u][local.clone()], &mut self.v[u][local], &scalars, decay);
+            }
+        }
+        // Persistent units are whole on every rank: refresh them from the updated shards.
+        for u in 0..self.layout.units.len() {
+            if self.persistent[u] {
+                self.gathered[u] = Gathered::Released;
+                self.gather(u, std::iter::empty())?;
+            }
+        }
+        Ok(StepStats { grad_norm: norm, comm_wait_ms })
+    }
+
+    fn full_params(&mut self) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(self.layout.units.len());
+        for u in 0..self.layout.units.len() {
+            self.gather(u, std::iter::empty())?;
+            out.push(self.unit_params(u)[..self.layout.units[u].numel].to_vec());
+            self.release(u);
+        }
+        Ok(out)
+    }
+
+    fn memory(&self) -> MemoryReport {
+        let f = std::mem::size_of::<f32>();
+        let shard: usize = self.shards.iter().map(Vec::len).sum();
+        let persistent: usize = self.layout.units.iter().zip(&self.persistent).filter(|(_, p)| **p).map(|(u, _)| u.padded_len).sum();
+        MemoryReport {
+            params_full: persistent * f,
+            param_shards: shard * f,
+            grads: self.grads.grad_bytes(),
+            optimizer: 2 * shard * f,
+            comm_buffers: self.grads.buffer_bytes(),
+            gathered: self.peak_gathered,
+        }
+    }
+}
