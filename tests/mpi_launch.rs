@@ -111,3 +111,27 @@ fn ddp_over_mpi_equals_ddp_over_local_threads_bitwise() {
     assert!(summary.contains("\"world\": 2"), "{summary}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn zero_stages_over_mpi_equal_ddp_over_local_threads_bitwise() {
+    if !mpirun_available() {
+        return;
+    }
+    let dir = tmp("zero");
+    let reference = dir.join("ddp-local.safetensors");
+    let mut local = train_args(&dir, reference.to_str().unwrap());
+    local.extend(["--simulate".into(), "2".into(), "--set".into(), "train.steps=10".into()]);
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(&local).env("KILN_LOG", "warn").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let want = std::fs::read(&reference).unwrap();
+    for stage in [1, 2, 3] {
+        let file = dir.join(format!("zero{stage}-mpi.safetensors"));
+        let mut args = train_args(&dir, file.to_str().unwrap());
+        args.extend(["--set".into(), "train.steps=10".into(), "--set".into(), format!("parallel.stage={stage}")]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = mpirun(2, &args);
+        assert!(out.status.success(), "stage {stage}: {}", text(&out));
+        assert!(std::fs::read(&file).unwrap() == want, "stage {stage} over MPI differs from DDP over local threads");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
