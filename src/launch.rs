@@ -76,8 +76,11 @@ pub fn simulate(config: &Config, world: usize, opts: &RunOptions) -> Result<Vec<
                 std::thread::Builder::new()
                     .name(format!("kiln-rank-{rank}"))
                     .spawn_scoped(s, move || {
-                        let _span = tracing::info_span!("rank", r = rank).entered();
-                        with_threads(threads, || train::run(plan, c, opts))
+                        with_threads(threads, || {
+                            // Spans are per thread: enter it on the pool thread that trains.
+                            let _span = tracing::info_span!("rank", r = rank).entered();
+                            train::run(plan, c, opts)
+                        })
                     })
                     .expect("spawning a rank thread")
             })
