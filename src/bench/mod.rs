@@ -1,6 +1,7 @@
 //! `kiln bench …`: benchmarks that print ratios against the strongest reference available on
 //! this machine, measured in the same run.
 
+pub mod adamw;
 pub mod comm;
 pub mod train;
 
@@ -15,6 +16,18 @@ pub enum BenchCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Fused AdamW throughput at 1 and 2 threads, kiln vs PyTorch's fused CPU AdamW.
+    Adamw {
+        /// Parameters per step.
+        #[arg(long, default_value_t = 20_000_000)]
+        params: usize,
+        /// Alternating rounds (each times 10 steps per contender and thread count).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// A Python with torch installed, for the reference.
+        #[arg(long)]
+        torch_python: Option<String>,
     },
     /// One-process training step (tiny preset, micro-batch 8, one thread), kiln vs PyTorch.
     Step {
@@ -77,6 +90,26 @@ pub fn run(what: BenchCommand) -> Result<()> {
                 } else {
                     print!("{}", comm::table(&rows, comm.world()));
                 }
+            }
+            Ok(())
+        }
+        BenchCommand::Adamw { params, rounds, torch_python } => {
+            for threads in [1, 2] {
+                let mut kiln = Vec::new();
+                let mut torch = Vec::new();
+                for _ in 0..rounds {
+                    kiln.push(adamw::kiln_mparams_per_s(params, threads, 10));
+                    if let Some(py) = &torch_python {
+                        torch.push(adamw::torch_mparams_per_s(py, params, threads, 10)?);
+                    }
+                }
+                let k = train::median_of(&kiln);
+                print!("{threads} thread(s): kiln {k:.0} Mparam/s");
+                if !torch.is_empty() {
+                    let t = train::median_of(&torch);
+                    print!(", PyTorch fused {t:.0} Mparam/s, ratio {:.2}", k / t);
+                }
+                println!("  ({params} parameters, medians of {rounds} alternating rounds)");
             }
             Ok(())
         }

@@ -64,14 +64,44 @@ const CHUNK: usize = 1 << 15;
 pub fn adamw_step(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars, decay: bool) {
     assert!(p.len() == g.len() && p.len() == m.len() && p.len() == v.len(), "adamw_step: slice lengths differ");
     if p.len() <= CHUNK {
-        kernel(p, g, m, v, s, decay);
+        dispatch(p, g, m, v, s, decay);
         return;
     }
     p.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
-        .for_each(|(((p, g), m), v)| kernel(p, g, m, v, s, decay));
+        .for_each(|(((p, g), m), v)| dispatch(p, g, m, v, s, decay));
+}
+
+/// Runs the kernel compiled for the widest vector unit this CPU has. Every variant does the same
+/// IEEE operations per element (mul, add, div and sqrt are correctly rounded at any width, and
+/// Rust never contracts a*b+c into an FMA), so the results are bitwise the same on every path.
+fn dispatch(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars, decay: bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            return unsafe { kernel_avx512(p, g, m, v, s, decay) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { kernel_avx2(p, g, m, v, s, decay) };
+        }
+    }
+    kernel(p, g, m, v, s, decay)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn kernel_avx512(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars, decay: bool) {
+    kernel(p, g, m, v, s, decay)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn kernel_avx2(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars, decay: bool) {
+    kernel(p, g, m, v, s, decay)
 }
 
 #[inline(always)]
