@@ -100,6 +100,47 @@ pub trait Strategy {
     fn memory(&self) -> MemoryReport;
 }
 
+/// Ends a step's gradient reduction the same way in every stage, so that the stages agree to the
+/// last bit: waits for the buckets and averages, takes the global norm over this rank's shards,
+/// and derives the AdamW scalars with the clip factor.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finish_step(
+    grads: &mut GradBuckets,
+    comm: &dyn Communicator,
+    layout: &ModelLayout,
+    divisor: f32,
+    adamw: &crate::optim::AdamWConfig,
+    clip_grad: f64,
+    step: u64,
+    lr: f64,
+) -> Result<(StepStats, crate::optim::StepScalars)> {
+    let comm_wait_ms = grads.finish(divisor)?;
+    let rank = comm.rank();
+    let grads = &*grads;
+    let grad_norm = global_grad_norm(comm, layout, |u| grads.shard(u, rank))?;
+    let scalars = crate::optim::StepScalars::new(adamw, step + 1, lr, crate::optim::clip_factor(grad_norm, clip_grad));
+    Ok((StepStats { grad_norm, comm_wait_ms }, scalars))
+}
+
+/// AdamW on shard `q` of one unit: `params`, `g`, `m` and `v` all cover exactly that shard.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn update_shard(
+    unit: &crate::flat::UnitLayout,
+    q: usize,
+    world: usize,
+    params: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    s: &crate::optim::StepScalars,
+) {
+    let shard = unit.shard(q, world);
+    for (piece, decay) in unit.pieces_in(shard) {
+        let local = piece.start - shard.start.0..piece.end - shard.start.0;
+        crate::optim::adamw_step(&mut params[local.clone()], &g[local.clone()], &mut m[local.clone()], &mut v[local], s, decay);
+    }
+}
+
 /// Builds the strategy the plan asks for, with initial parameters from the seed.
 pub fn build(plan: &Plan, comm: Arc<dyn Communicator>, layout: &ModelLayout, model: &dyn crate::model::UnitModel) -> Result<Box<dyn Strategy>> {
     let stage = match plan.stage {

@@ -11,12 +11,12 @@
 //! `comm`), the same division, the same clip factor (see `norm`), the same AdamW — so the stages
 //! are bitwise equal to each other at the same world size.
 
-use super::{global_grad_norm, GradBuckets, MemoryReport, MicroStep, Reduction, StepStats, Strategy};
+use super::{finish_step, update_shard, GradBuckets, MemoryReport, MicroStep, Reduction, StepStats, Strategy};
 use crate::comm::Communicator;
 use crate::error::{KilnError, Result};
-use crate::flat::{init_unit, ModelLayout, UnitLayout};
+use crate::flat::{init_unit, ModelLayout};
 use crate::model::UnitModel;
-use crate::optim::{adamw_step, clip_factor, AdamWConfig, StepScalars};
+use crate::optim::AdamWConfig;
 use crate::plan::Plan;
 use std::ops::Range;
 use std::sync::Arc;
@@ -98,15 +98,6 @@ impl Replicated {
     }
 }
 
-/// AdamW on shard `q` of one unit: `params` is the whole unit, `g`, `m`, `v` cover the shard.
-fn update_shard(unit: &UnitLayout, q: usize, world: usize, params: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars) {
-    let shard = unit.shard(q, world);
-    for (piece, decay) in unit.pieces_in(shard) {
-        let local = piece.start - shard.start.0..piece.end - shard.start.0;
-        adamw_step(&mut params[piece], &g[local.clone()], &mut m[local.clone()], &mut v[local], s, decay);
-    }
-}
-
 fn params_hash(params: &[Vec<f32>]) -> u64 {
     params.iter().flatten().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ x.to_bits() as u64).wrapping_mul(0x100_0000_01b3))
 }
@@ -144,11 +135,9 @@ impl Strategy for Replicated {
     }
 
     fn step(&mut self, step: u64, lr: f64) -> Result<StepStats> {
-        let comm_wait_ms = self.grads.finish(self.grad_divisor)?;
-        let (rank, world) = (self.comm.rank(), self.comm.world());
+        let world = self.comm.world();
+        let (stats, scalars) = finish_step(&mut self.grads, self.comm.as_ref(), &self.layout, self.grad_divisor, &self.adamw, self.clip_grad, step, lr)?;
         let grads = &self.grads;
-        let norm = global_grad_norm(self.comm.as_ref(), &self.layout, |u| grads.shard(u, rank))?;
-        let scalars = StepScalars::new(&self.adamw, step + 1, lr, clip_factor(norm, self.clip_grad));
         for (u, unit) in self.layout.units.iter().enumerate() {
             let shard_len = unit.padded_len / world;
             for (i, q) in self.shards.clone().enumerate() {
@@ -157,13 +146,14 @@ impl Strategy for Replicated {
                     continue;
                 }
                 let state = i * shard_len..(i + 1) * shard_len;
-                update_shard(unit, q, world, &mut self.params[u], g, &mut self.m[u][state.clone()], &mut self.v[u][state], &scalars);
+                let params = &mut self.params[u][unit.shard(q, world).range()];
+                update_shard(unit, q, world, params, g, &mut self.m[u][state.clone()], &mut self.v[u][state], &scalars);
             }
         }
         if self.gather_after_step {
             self.gather_params()?;
         }
-        Ok(StepStats { grad_norm: norm, comm_wait_ms })
+        Ok(stats)
     }
 
     fn full_params(&mut self) -> Result<Vec<Vec<f32>>> {

@@ -10,12 +10,12 @@
 //! recompute, the same rank-ordered sums, norm and AdamW), so stage 3 is bitwise equal to the
 //! other stages at the same world size.
 
-use super::{global_grad_norm, GradBuckets, MemoryReport, MicroStep, Reduction, StepStats, Strategy};
+use super::{finish_step, update_shard, GradBuckets, MemoryReport, MicroStep, Reduction, StepStats, Strategy};
 use crate::comm::{Communicator, Pending};
 use crate::error::Result;
 use crate::flat::{init_unit, ModelLayout};
 use crate::model::UnitModel;
-use crate::optim::{adamw_step, clip_factor, AdamWConfig, StepScalars};
+use crate::optim::AdamWConfig;
 use crate::plan::Plan;
 use std::sync::Arc;
 
@@ -152,20 +152,12 @@ impl Strategy for Zero3 {
     }
 
     fn step(&mut self, step: u64, lr: f64) -> Result<StepStats> {
-        let comm_wait_ms = self.grads.finish(self.grad_divisor)?;
         let (rank, world) = (self.comm.rank(), self.comm.world());
-        let grads = &self.grads;
-        let norm = global_grad_norm(self.comm.as_ref(), &self.layout, |u| grads.shard(u, rank))?;
-        let scalars = StepScalars::new(&self.adamw, step + 1, lr, clip_factor(norm, self.clip_grad));
+        let (stats, scalars) = finish_step(&mut self.grads, self.comm.as_ref(), &self.layout, self.grad_divisor, &self.adamw, self.clip_grad, step, lr)?;
         for (u, unit) in self.layout.units.iter().enumerate() {
-            let g = grads.shard(u, rank);
-            if g.is_empty() {
-                continue;
-            }
-            let shard = unit.shard(rank, world);
-            for (piece, decay) in unit.pieces_in(shard) {
-                let local = piece.start - shard.start.0..piece.end - shard.start.0;
-                adamw_step(&mut self.shards[u][local.clone()], &g[local.clone()], &mut self.m[u][local.clone()], &mut self.v[u][local], &scalars, decay);
+            let g = self.grads.shard(u, rank);
+            if !g.is_empty() {
+                update_shard(unit, rank, world, &mut self.shards[u], g, &mut self.m[u], &mut self.v[u], &scalars);
             }
         }
         // Persistent units are whole on every rank: refresh them from the updated shards.
@@ -175,7 +167,7 @@ impl Strategy for Zero3 {
                 self.gather(u, std::iter::empty())?;
             }
         }
-        Ok(StepStats { grad_norm: norm, comm_wait_ms })
+        Ok(stats)
     }
 
     fn full_params(&mut self) -> Result<Vec<Vec<f32>>> {
