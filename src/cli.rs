@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "kiln", version, about = "ZeRO/DDP data-parallel training on burn")]
+#[command(
+    name = "kiln",
+    version,
+    about = "ZeRO/DDP data-parallel training on burn"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,8 +77,13 @@ enum CheckCommand {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Runs the CLI and returns the process exit code.
@@ -82,9 +91,21 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
-        Command::Train { config, sets, simulate, quiet } => train(config, &sets, simulate, quiet),
+        Command::Train {
+            config,
+            sets,
+            simulate,
+            quiet,
+        } => train(config, &sets, simulate, quiet),
         Command::DumpData { config, sets, out } => dump_data(config, &sets, &out),
-        Command::Check { what: CheckCommand::Comm { simulate, large, mismatch } } => check_comm(simulate, large, mismatch),
+        Command::Check {
+            what:
+                CheckCommand::Comm {
+                    simulate,
+                    large,
+                    mismatch,
+                },
+        } => check_comm(simulate, large, mismatch),
         Command::Bench { what } => crate::bench::run(what),
     };
     match result {
@@ -98,9 +119,17 @@ pub fn main() -> i32 {
     }
 }
 
-fn train(path: Option<PathBuf>, sets: &[String], simulate: Option<usize>, quiet: bool) -> Result<(), KilnError> {
+fn train(
+    path: Option<PathBuf>,
+    sets: &[String],
+    simulate: Option<usize>,
+    quiet: bool,
+) -> Result<(), KilnError> {
     let cfg = config::load(path.as_deref(), sets)?;
-    let opts = RunOptions { quiet, no_outputs: false };
+    let opts = RunOptions {
+        quiet,
+        no_outputs: false,
+    };
     match simulate {
         Some(n) => launch::simulate(&cfg, n, &opts).map(|_| ()),
         None => launch::run_process(&cfg, &opts).map(|_| ()),
@@ -112,7 +141,11 @@ fn check_comm(simulate: Option<usize>, large: bool, mismatch: bool) -> Result<()
     use std::sync::Arc;
     let verify = mismatch;
     let comms: Vec<Arc<dyn Communicator>> = match simulate {
-        Some(0) => return Err(KilnError::config("--simulate: the number of ranks must be at least 1")),
+        Some(0) => {
+            return Err(KilnError::config(
+                "--simulate: the number of ranks must be at least 1",
+            ))
+        }
         Some(n) => crate::comm::simulate_group(n, verify),
         None => vec![crate::comm::open("auto", verify)?],
     };
@@ -122,7 +155,8 @@ fn check_comm(simulate: Option<usize>, large: bool, mismatch: bool) -> Result<()
             .map(|c| {
                 s.spawn(move || {
                     if mismatch {
-                        conformance::provoke_mismatch(c.as_ref()).map(|e| vec![format!("comm.verify caught it: {e}")])
+                        conformance::provoke_mismatch(c.as_ref())
+                            .map(|e| vec![format!("comm.verify caught it: {e}")])
                     } else {
                         let r = conformance::run_suite(c.as_ref(), large);
                         if let Err(e) = &r {
@@ -133,7 +167,13 @@ fn check_comm(simulate: Option<usize>, large: bool, mismatch: bool) -> Result<()
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(KilnError::Comm("a rank thread panicked".into())))).collect()
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(KilnError::Comm("a rank thread panicked".into())))
+            })
+            .collect()
     });
     let (rank, world, backend) = (comms[0].rank(), comms[0].world(), comms[0].backend());
     drop(comms);
@@ -149,23 +189,36 @@ fn check_comm(simulate: Option<usize>, large: bool, mismatch: bool) -> Result<()
     Ok(())
 }
 
-fn dump_data(path: Option<PathBuf>, sets: &[String], out: &std::path::Path) -> Result<(), KilnError> {
+fn dump_data(
+    path: Option<PathBuf>,
+    sets: &[String],
+    out: &std::path::Path,
+) -> Result<(), KilnError> {
     use std::io::Write;
     let cfg = config::load(path.as_deref(), sets)?;
     let plan = crate::plan::Plan::resolve(&cfg, 1)?;
     let source = crate::data::open(&cfg.data, plan.model.vocab, plan.model.seq_len)?;
-    let file = std::fs::File::create(out).map_err(|e| KilnError::file(out, format!("cannot create: {e}")))?;
+    let file = std::fs::File::create(out)
+        .map_err(|e| KilnError::file(out, format!("cannot create: {e}")))?;
     let mut w = std::io::BufWriter::new(file);
     let mut row = vec![0u32; plan.model.seq_len + 1];
     for step in 0..plan.steps {
         for r in 0..plan.global_batch as u64 {
             source.fill_row(step, r, &mut row);
             for &t in &row {
-                w.write_all(&(t as u16).to_le_bytes()).map_err(|e| KilnError::io(out, e))?;
+                w.write_all(&(t as u16).to_le_bytes())
+                    .map_err(|e| KilnError::io(out, e))?;
             }
         }
     }
     w.flush().map_err(|e| KilnError::io(out, e))?;
-    eprintln!("{}: {} steps × {} rows × {} tokens; {}", out.display(), plan.steps, plan.global_batch, plan.model.seq_len + 1, source.describe());
+    eprintln!(
+        "{}: {} steps × {} rows × {} tokens; {}",
+        out.display(),
+        plan.steps,
+        plan.global_batch,
+        plan.model.seq_len + 1,
+        source.describe()
+    );
     Ok(())
 }

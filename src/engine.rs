@@ -32,17 +32,33 @@ pub struct Engine {
 /// What a unit kept from the forward pass for its backward.
 enum Saved {
     /// Graph kept: parameter leaves, input leaf and output.
-    Graph { params: Vec<Tensor<1>>, input: Option<Tensor<3>>, output: Tensor<3> },
+    Graph {
+        params: Vec<Tensor<1>>,
+        input: Option<Tensor<3>>,
+        output: Tensor<3>,
+    },
     /// Recompute: only the input (untracked).
     Input(Option<Tensor<3>>),
 }
 
 impl Engine {
     /// An engine for `model` laid out as `layout` on `device`.
-    pub fn new(model: Box<dyn UnitModel>, layout: ModelLayout, device: Device, recompute: bool) -> Self {
+    pub fn new(
+        model: Box<dyn UnitModel>,
+        layout: ModelLayout,
+        device: Device,
+        recompute: bool,
+    ) -> Self {
         let largest = layout.units.iter().map(|u| u.padded_len).max().unwrap_or(0);
         let autodiff = device.clone().autodiff();
-        Engine { model, layout, device, autodiff, recompute, grad_scratch: vec![0.0; largest] }
+        Engine {
+            model,
+            layout,
+            device,
+            autodiff,
+            recompute,
+            grad_scratch: vec![0.0; largest],
+        }
     }
 
     /// The device data should be placed on.
@@ -55,12 +71,21 @@ impl Engine {
         self.model.as_ref()
     }
 
-    fn param_tensors(&self, unit: usize, flat: &[f32], device: &Device, require_grad: bool) -> Vec<Tensor<1>> {
+    fn param_tensors(
+        &self,
+        unit: usize,
+        flat: &[f32],
+        device: &Device,
+        require_grad: bool,
+    ) -> Vec<Tensor<1>> {
         self.layout.units[unit]
             .params
             .iter()
             .map(|p| {
-                let t = Tensor::<1>::from_data(TensorData::new(flat[p.range()].to_vec(), [p.len]), device);
+                let t = Tensor::<1>::from_data(
+                    TensorData::new(flat[p.range()].to_vec(), [p.len]),
+                    device,
+                );
                 if require_grad {
                     t.require_grad()
                 } else {
@@ -72,7 +97,12 @@ impl Engine {
 
     /// One forward + backward of `batch`. Gradients are handed to `strategy.on_grads_ready` unit
     /// by unit (last unit first). Returns the micro-batch's mean token loss.
-    pub fn micro_step(&mut self, strategy: &mut dyn Strategy, batch: &MicroBatch, micro: MicroStep) -> Result<f32> {
+    pub fn micro_step(
+        &mut self,
+        strategy: &mut dyn Strategy,
+        batch: &MicroBatch,
+        micro: MicroStep,
+    ) -> Result<f32> {
         let num_units = self.model.num_units();
         let recompute = self.recompute || strategy.requires_recompute();
         let mut saved = Vec::with_capacity(num_units);
@@ -80,40 +110,59 @@ impl Engine {
         for unit in 0..num_units {
             strategy.before_forward(unit)?;
             if recompute {
-                let params = self.param_tensors(unit, strategy.unit_params(unit), &self.autodiff, false);
+                let params =
+                    self.param_tensors(unit, strategy.unit_params(unit), &self.autodiff, false);
                 let y = self.model.forward_unit(unit, &params, x.clone(), batch);
                 saved.push(Saved::Input(x.take()));
                 x = Some(y);
             } else {
-                let params = self.param_tensors(unit, strategy.unit_params(unit), &self.autodiff, true);
+                let params =
+                    self.param_tensors(unit, strategy.unit_params(unit), &self.autodiff, true);
                 let input = x.take().map(|t| t.detach().require_grad());
                 let output = self.model.forward_unit(unit, &params, input.clone(), batch);
                 x = Some(output.clone());
-                saved.push(Saved::Graph { params, input, output });
+                saved.push(Saved::Graph {
+                    params,
+                    input,
+                    output,
+                });
             }
             strategy.after_forward(unit)?;
         }
-        let loss = x.expect("a model has at least one unit").into_data().as_slice::<f32>().expect("f32 loss")[0];
+        let loss = x
+            .expect("a model has at least one unit")
+            .into_data()
+            .as_slice::<f32>()
+            .expect("f32 loss")[0];
 
         let mut upstream = Tensor::<3>::ones([1, 1, 1], &self.device);
         for unit in (0..num_units).rev() {
             strategy.before_backward(unit)?;
             let (params, input, output) = match saved.pop().expect("one saved entry per unit") {
-                Saved::Graph { params, input, output } => (params, input, output),
+                Saved::Graph {
+                    params,
+                    input,
+                    output,
+                } => (params, input, output),
                 Saved::Input(input) => {
-                    let params = self.param_tensors(unit, strategy.unit_params(unit), &self.autodiff, true);
+                    let params =
+                        self.param_tensors(unit, strategy.unit_params(unit), &self.autodiff, true);
                     let input = input.map(|t| t.detach().require_grad());
                     let output = self.model.forward_unit(unit, &params, input.clone(), batch);
                     (params, input, output)
                 }
             };
-            let grads = (output * Tensor::from_inner(upstream.clone())).sum().backward();
+            let grads = (output * Tensor::from_inner(upstream.clone()))
+                .sum()
+                .backward();
             let layout = &self.layout.units[unit];
             let scratch = &mut self.grad_scratch[..layout.padded_len];
             for (p, entry) in params.iter().zip(&layout.params) {
                 let dst = &mut scratch[entry.range()];
                 match p.grad(&grads) {
-                    Some(g) => dst.copy_from_slice(g.into_data().as_slice::<f32>().expect("f32 gradient")),
+                    Some(g) => {
+                        dst.copy_from_slice(g.into_data().as_slice::<f32>().expect("f32 gradient"))
+                    }
                     None => dst.fill(0.0),
                 }
             }

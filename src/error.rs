@@ -42,12 +42,18 @@ impl KilnError {
 
     /// Shorthand for a file error.
     pub fn file(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        KilnError::File { path: path.as_ref().display().to_string(), msg: msg.into() }
+        KilnError::File {
+            path: path.as_ref().display().to_string(),
+            msg: msg.into(),
+        }
     }
 
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        KilnError::Io { path: path.as_ref().display().to_string(), source }
+        KilnError::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
     }
 
     /// Process exit code: 2 for anything the user can fix, 1 otherwise.

@@ -79,18 +79,32 @@ impl UnitLayout {
         let params = specs
             .iter()
             .map(|s| {
-                let e = ParamEntry { path: s.path.clone(), shape: s.shape.clone(), offset: UnitOffset(offset), len: s.numel(), decay: s.decay };
+                let e = ParamEntry {
+                    path: s.path.clone(),
+                    shape: s.shape.clone(),
+                    offset: UnitOffset(offset),
+                    len: s.numel(),
+                    decay: s.decay,
+                };
                 offset += e.len;
                 e
             })
             .collect();
-        UnitLayout { name, params, numel: offset, padded_len: offset.div_ceil(world) * world }
+        UnitLayout {
+            name,
+            params,
+            numel: offset,
+            padded_len: offset.div_ceil(world) * world,
+        }
     }
 
     /// The shard that rank `rank` of `world` owns.
     pub fn shard(&self, rank: usize, world: usize) -> ShardRange {
         let len = self.padded_len / world;
-        ShardRange { start: UnitOffset(rank * len), end: UnitOffset((rank + 1) * len) }
+        ShardRange {
+            start: UnitOffset(rank * len),
+            end: UnitOffset((rank + 1) * len),
+        }
     }
 
     /// Pieces of the parameters that fall inside `shard`, each with its decay flag, in order.
@@ -116,7 +130,9 @@ pub struct ModelLayout {
 impl ModelLayout {
     /// The layout of `model` for `world` ranks.
     pub fn new(model: &dyn UnitModel, world: usize) -> Self {
-        let units = (0..model.num_units()).map(|u| UnitLayout::new(model.unit_name(u), &model.unit_params(u), world)).collect();
+        let units = (0..model.num_units())
+            .map(|u| UnitLayout::new(model.unit_name(u), &model.unit_params(u), world))
+            .collect();
         ModelLayout { units, world }
     }
 

@@ -16,7 +16,11 @@ pub fn threads_per_rank(config: &Config, local_ranks: usize) -> usize {
     if config.train.threads > 0 {
         return config.train.threads;
     }
-    if let Some(n) = std::env::var("KILN_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0) {
+    if let Some(n) = std::env::var("KILN_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
         return n;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -59,7 +63,9 @@ fn lower_this_thread_priority() {
 /// Trains with `world` ranks as threads of this process; returns every rank's outcome.
 pub fn simulate(config: &Config, world: usize, opts: &RunOptions) -> Result<Vec<RunOutcome>> {
     if world == 0 {
-        return Err(KilnError::config("--simulate: the number of ranks must be at least 1"));
+        return Err(KilnError::config(
+            "--simulate: the number of ranks must be at least 1",
+        ));
     }
     if !matches!(config.comm.backend.as_str(), "auto" | "local") {
         return Err(KilnError::config(format!("key `comm.backend`: --simulate runs ranks as threads and needs `local` or `auto`, not `{}`", config.comm.backend)));
@@ -85,7 +91,13 @@ pub fn simulate(config: &Config, world: usize, opts: &RunOptions) -> Result<Vec<
                     .expect("spawning a rank thread")
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(KilnError::Comm("a rank thread panicked".into())))).collect()
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(KilnError::Comm("a rank thread panicked".into())))
+            })
+            .collect()
     });
     collect(results)
 }
@@ -104,7 +116,10 @@ pub fn collect<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
     if errors.is_empty() {
         return Ok(outcomes);
     }
-    let root = errors.iter().position(|e| !e.to_string().contains("another rank failed")).unwrap_or(0);
+    let root = errors
+        .iter()
+        .position(|e| !e.to_string().contains("another rank failed"))
+        .unwrap_or(0);
     Err(errors.swap_remove(root))
 }
 
@@ -114,7 +129,13 @@ pub fn run_process(config: &Config, opts: &RunOptions) -> Result<RunOutcome> {
     let (rank, world) = (comm.rank(), comm.world());
     let (_, local_ranks) = local_rank_and_size(rank, world);
     // Every rank validates the same config; rank 0 alone reports the error.
-    let plan = Plan::resolve(config, world).map_err(|e| if rank == 0 { e } else { KilnError::ReportedByRankZero(e.exit_code()) })?;
+    let plan = Plan::resolve(config, world).map_err(|e| {
+        if rank == 0 {
+            e
+        } else {
+            KilnError::ReportedByRankZero(e.exit_code())
+        }
+    })?;
     let threads = threads_per_rank(config, local_ranks);
     let outcome = with_threads(threads, || {
         let _span = tracing::info_span!("rank", r = rank).entered();

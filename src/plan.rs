@@ -50,8 +50,12 @@ impl Plan {
     /// Validates `config` for `world` ranks.
     pub fn resolve(config: &Config, world: usize) -> Result<Plan> {
         let m = &config.model;
-        let mut model = GptConfig::preset(&m.preset)
-            .ok_or_else(|| bad("model.preset", format!("`{}` is not one of {}", m.preset, GptConfig::PRESETS)))?;
+        let mut model = GptConfig::preset(&m.preset).ok_or_else(|| {
+            bad(
+                "model.preset",
+                format!("`{}` is not one of {}", m.preset, GptConfig::PRESETS),
+            )
+        })?;
         if let Some(v) = positive("model.d_model", m.d_model)? {
             model.d_model = v;
         }
@@ -70,24 +74,48 @@ impl Plan {
         }
         if let Some(v) = positive("model.seq_len", m.seq_len)? {
             if v > model.max_seq_len {
-                return Err(bad("model.seq_len", format!("{v} exceeds the model's maximum sequence length {}", model.max_seq_len)));
+                return Err(bad(
+                    "model.seq_len",
+                    format!(
+                        "{v} exceeds the model's maximum sequence length {}",
+                        model.max_seq_len
+                    ),
+                ));
             }
             model.seq_len = v;
         }
         if model.d_model % model.n_heads != 0 {
-            return Err(bad("model.n_heads", format!("{} does not divide model.d_model = {}", model.n_heads, model.d_model)));
+            return Err(bad(
+                "model.n_heads",
+                format!(
+                    "{} does not divide model.d_model = {}",
+                    model.n_heads, model.d_model
+                ),
+            ));
         }
 
         let d = &config.data;
         if !["markov", "text", "tokens"].contains(&d.source.as_str()) {
-            return Err(bad("data.source", format!("`{}` is not one of markov, text, tokens", d.source)));
+            return Err(bad(
+                "data.source",
+                format!("`{}` is not one of markov, text, tokens", d.source),
+            ));
         }
         if d.source == "markov" {
             if d.markov_symbols < 2 || d.markov_symbols > model.vocab {
-                return Err(bad("data.markov_symbols", format!("{} must be between 2 and the model's vocab ({})", d.markov_symbols, model.vocab)));
+                return Err(bad(
+                    "data.markov_symbols",
+                    format!(
+                        "{} must be between 2 and the model's vocab ({})",
+                        d.markov_symbols, model.vocab
+                    ),
+                ));
             }
             if !(d.markov_sharpness.is_finite() && d.markov_sharpness >= 0.0) {
-                return Err(bad("data.markov_sharpness", format!("{} must be a number ≥ 0", d.markov_sharpness)));
+                return Err(bad(
+                    "data.markov_sharpness",
+                    format!("{} must be a number ≥ 0", d.markov_sharpness),
+                ));
             }
         }
 
@@ -107,7 +135,13 @@ impl Plan {
                 ),
             ));
         }
-        let finite_positive = |key: &str, v: f64| if v.is_finite() && v > 0.0 { Ok(()) } else { Err(bad(key, format!("{v} must be a positive number"))) };
+        let finite_positive = |key: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(bad(key, format!("{v} must be a positive number")))
+            }
+        };
         finite_positive("train.lr", t.lr)?;
         finite_positive("train.eps", t.eps)?;
         for (key, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
@@ -116,34 +150,69 @@ impl Plan {
             }
         }
         if !(0.0..=1.0).contains(&t.min_lr_ratio) {
-            return Err(bad("train.min_lr_ratio", format!("{} must be in [0, 1]", t.min_lr_ratio)));
+            return Err(bad(
+                "train.min_lr_ratio",
+                format!("{} must be in [0, 1]", t.min_lr_ratio),
+            ));
         }
         if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
-            return Err(bad("train.weight_decay", format!("{} must be ≥ 0", t.weight_decay)));
+            return Err(bad(
+                "train.weight_decay",
+                format!("{} must be ≥ 0", t.weight_decay),
+            ));
         }
         if !(t.clip_grad.is_finite() && t.clip_grad >= 0.0) {
-            return Err(bad("train.clip_grad", format!("{} must be ≥ 0 (0 turns clipping off)", t.clip_grad)));
+            return Err(bad(
+                "train.clip_grad",
+                format!("{} must be ≥ 0 (0 turns clipping off)", t.clip_grad),
+            ));
         }
 
         let p = &config.parallel;
         if p.stage > 3 {
-            return Err(bad("parallel.stage", format!("{} must be 0 (DDP), 1, 2 or 3", p.stage)));
+            return Err(bad(
+                "parallel.stage",
+                format!("{} must be 0 (DDP), 1, 2 or 3", p.stage),
+            ));
         }
         if !(p.bucket_mb.is_finite() && p.bucket_mb > 0.0) {
-            return Err(bad("parallel.bucket_mb", format!("{} must be a positive number of MiB", p.bucket_mb)));
+            return Err(bad(
+                "parallel.bucket_mb",
+                format!("{} must be a positive number of MiB", p.bucket_mb),
+            ));
         }
         match config.offload.optimizer.as_str() {
             "none" => {}
             "cpu" | "nvme" => {
-                return Err(bad("offload.optimizer", format!("`{}` is not available in this build yet; use none", config.offload.optimizer)))
+                return Err(bad(
+                    "offload.optimizer",
+                    format!(
+                        "`{}` is not available in this build yet; use none",
+                        config.offload.optimizer
+                    ),
+                ))
             }
-            other => return Err(bad("offload.optimizer", format!("`{other}` is not one of none, cpu, nvme"))),
+            other => {
+                return Err(bad(
+                    "offload.optimizer",
+                    format!("`{other}` is not one of none, cpu, nvme"),
+                ))
+            }
         }
         if !config.checkpoint.dir.is_empty() {
-            return Err(bad("checkpoint.dir", "checkpoints are not available in this build yet; leave it empty"));
+            return Err(bad(
+                "checkpoint.dir",
+                "checkpoints are not available in this build yet; leave it empty",
+            ));
         }
         if !["auto", "local", "mpi", "nccl"].contains(&config.comm.backend.as_str()) {
-            return Err(bad("comm.backend", format!("`{}` is not one of auto, local, mpi, nccl", config.comm.backend)));
+            return Err(bad(
+                "comm.backend",
+                format!(
+                    "`{}` is not one of auto, local, mpi, nccl",
+                    config.comm.backend
+                ),
+            ));
         }
 
         Ok(Plan {
@@ -154,8 +223,18 @@ impl Plan {
             grad_accum: t.global_batch / (t.micro_batch * world),
             global_batch: t.global_batch,
             steps: t.steps,
-            schedule: LrSchedule { lr: t.lr, min_lr_ratio: t.min_lr_ratio, warmup: t.warmup_steps, steps: t.steps },
-            adamw: AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
+            schedule: LrSchedule {
+                lr: t.lr,
+                min_lr_ratio: t.min_lr_ratio,
+                warmup: t.warmup_steps,
+                steps: t.steps,
+            },
+            adamw: AdamWConfig {
+                beta1: t.beta1,
+                beta2: t.beta2,
+                eps: t.eps,
+                weight_decay: t.weight_decay,
+            },
             clip_grad: t.clip_grad,
             stage: p.stage,
             bucket_bytes: (p.bucket_mb * 1024.0 * 1024.0) as usize,

@@ -3,12 +3,26 @@
 use std::process::Command;
 
 fn kiln(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).env("KILN_LOG", "error").output().expect("run kiln");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_LOG", "error")
+        .output()
+        .expect("run kiln");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn train_with(sets: &[&str]) -> (i32, String) {
-    let mut args = vec!["train", "--quiet", "--set", "train.steps=1", "--set", "output.dir=/nonexistent-kiln-out"];
+    let mut args = vec![
+        "train",
+        "--quiet",
+        "--set",
+        "train.steps=1",
+        "--set",
+        "output.dir=/nonexistent-kiln-out",
+    ];
     for s in sets {
         args.push("--set");
         args.push(s);
@@ -62,7 +76,11 @@ fn out_of_range_values_are_named() {
 #[test]
 fn indivisible_batch_names_all_three_numbers() {
     let (code, err) = train_with(&["train.global_batch=12", "train.micro_batch=8"]);
-    assert_user_error(code, &err, &["train.global_batch", "12", "8", "world size (1)"]);
+    assert_user_error(
+        code,
+        &err,
+        &["train.global_batch", "12", "8", "world size (1)"],
+    );
 }
 
 #[test]
@@ -86,10 +104,21 @@ fn token_id_above_vocab_is_named_with_its_position() {
     let path = dir.join("bad.bin");
     let mut tokens: Vec<u16> = (0..1000).map(|i| (i % 200) as u16).collect();
     tokens[517] = 300;
-    std::fs::write(&path, tokens.iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    std::fs::write(
+        &path,
+        tokens
+            .iter()
+            .flat_map(|t| t.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
     let p = path.to_str().unwrap();
     let (code, err) = train_with(&["data.source=tokens", &format!("data.path={p}")]);
-    assert_user_error(code, &err, &[p, "token id 300", "position 517", "vocab (256)"]);
+    assert_user_error(
+        code,
+        &err,
+        &[p, "token id 300", "position 517", "vocab (256)"],
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -110,7 +139,17 @@ fn missing_and_malformed_config_files_are_named() {
 fn a_failed_start_writes_no_outputs() {
     let dir = std::env::temp_dir().join(format!("kiln-test-noout-{}", std::process::id()));
     let d = dir.to_str().unwrap().to_string();
-    let (code, _) = kiln(&["train", "--quiet", "--set", &format!("output.dir={d}"), "--set", "train.global_batch=7"]);
+    let (code, _) = kiln(&[
+        "train",
+        "--quiet",
+        "--set",
+        &format!("output.dir={d}"),
+        "--set",
+        "train.global_batch=7",
+    ]);
     assert_eq!(code, 2);
-    assert!(!dir.exists(), "a rejected config must not create output.dir");
+    assert!(
+        !dir.exists(),
+        "a rejected config must not create output.dir"
+    );
 }

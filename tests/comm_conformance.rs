@@ -6,7 +6,10 @@ use kiln::comm::{conformance, simulate_group, Communicator};
 use kiln::launch;
 use std::sync::Arc;
 
-fn on_every_rank<T: Send>(comms: Vec<Arc<dyn Communicator>>, f: impl Fn(&dyn Communicator) -> kiln::error::Result<T> + Sync) -> Vec<T> {
+fn on_every_rank<T: Send>(
+    comms: Vec<Arc<dyn Communicator>>,
+    f: impl Fn(&dyn Communicator) -> kiln::error::Result<T> + Sync,
+) -> Vec<T> {
     let results = std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .iter()
@@ -21,7 +24,10 @@ fn on_every_rank<T: Send>(comms: Vec<Arc<dyn Communicator>>, f: impl Fn(&dyn Com
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
     });
     launch::collect(results).expect("every rank passes")
 }
@@ -29,8 +35,13 @@ fn on_every_rank<T: Send>(comms: Vec<Arc<dyn Communicator>>, f: impl Fn(&dyn Com
 #[test]
 fn local_backend_passes_the_suite_at_world_sizes_1_to_4() {
     for world in 1..=4 {
-        let passed = on_every_rank(simulate_group(world, false), |c| conformance::run_suite(c, true));
-        assert!(passed[0].len() >= conformance::suite_lengths(world, true).len(), "world {world}: {passed:?}");
+        let passed = on_every_rank(simulate_group(world, false), |c| {
+            conformance::run_suite(c, true)
+        });
+        assert!(
+            passed[0].len() >= conformance::suite_lengths(world, true).len(),
+            "world {world}: {passed:?}"
+        );
     }
 }
 
@@ -40,7 +51,10 @@ fn verify_names_the_operation_the_ranks_and_the_lengths() {
         let errors = on_every_rank(simulate_group(world, true), conformance::provoke_mismatch);
         for e in errors {
             let msg = e.to_string();
-            for needle in ["rank 0: all_reduce(Sum, len 10)", &format!("rank 1: all_gather(len {})", 2 * world)] {
+            for needle in [
+                "rank 0: all_reduce(Sum, len 10)",
+                &format!("rank 1: all_gather(len {})", 2 * world),
+            ] {
                 assert!(msg.contains(needle), "`{needle}` missing from: {msg}");
             }
         }
@@ -52,9 +66,15 @@ fn a_failing_rank_releases_the_others() {
     // Rank 1 aborts instead of joining the collective; rank 0 must get an error, not hang.
     let comms = simulate_group(2, false);
     let (c0, c1) = (comms[0].clone(), comms[1].clone());
-    let waiter = std::thread::spawn(move || c0.all_reduce(vec![1.0; 4], kiln::comm::ReduceOp::Sum).wait());
+    let waiter = std::thread::spawn(move || {
+        c0.all_reduce(vec![1.0; 4], kiln::comm::ReduceOp::Sum)
+            .wait()
+    });
     std::thread::sleep(std::time::Duration::from_millis(50));
     c1.abort("test failure");
-    let err = waiter.join().unwrap().expect_err("rank 0 must see the failure");
+    let err = waiter
+        .join()
+        .unwrap()
+        .expect_err("rank 0 must see the failure");
     assert!(err.to_string().contains("test failure"), "{err}");
 }

@@ -43,7 +43,10 @@ fn markov_entropy_rate_is_exact_at_the_extremes_and_matches_samples() {
             empirical -= c as f64 / total as f64 * (c as f64 / n as f64).ln();
         }
     }
-    assert!((empirical - h).abs() < 0.01, "empirical {empirical} vs H {h}");
+    assert!(
+        (empirical - h).abs() < 0.01,
+        "empirical {empirical} vs H {h}"
+    );
 }
 
 #[test]
@@ -54,7 +57,10 @@ fn text_and_token_files_are_read_as_written() {
     std::fs::write(&text, "abcdefghijklmnopqrstuvwxyz").unwrap();
     let src = FileSource::text(text.to_str().unwrap(), 1, 256, 7).unwrap();
     let r = row(&src, 0, 0, 8);
-    assert!(r.windows(2).all(|w| w[1] == w[0] + 1), "a window of consecutive letters: {r:?}");
+    assert!(
+        r.windows(2).all(|w| w[1] == w[0] + 1),
+        "a window of consecutive letters: {r:?}"
+    );
 
     // llm.c: 256 int32 header (magic 20240520, version 1, token count), then uint16 tokens.
     let tokens: Vec<u16> = (0..100).collect();
@@ -68,11 +74,17 @@ fn text_and_token_files_are_read_as_written() {
     let src = FileSource::tokens(llmc.to_str().unwrap(), 1, 256, 9).unwrap();
     assert!(src.describe().contains("100 tokens"));
     let r = row(&src, 2, 3, 10);
-    assert!(r.windows(2).all(|w| w[1] == w[0] + 1) && r[9] < 100, "{r:?}");
+    assert!(
+        r.windows(2).all(|w| w[1] == w[0] + 1) && r[9] < 100,
+        "{r:?}"
+    );
 
     let truncated = dir.join("short.bin");
     std::fs::write(&truncated, &bytes[..1024 + 20]).unwrap();
-    let err = FileSource::tokens(truncated.to_str().unwrap(), 1, 256, 9).err().unwrap().to_string();
+    let err = FileSource::tokens(truncated.to_str().unwrap(), 1, 256, 9)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("announces 100 tokens"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -16,15 +16,29 @@ mod common;
 use kiln::launch;
 use kiln::train::{RunOptions, RunOutcome};
 
-const OPTS: RunOptions = RunOptions { quiet: true, no_outputs: true };
+const OPTS: RunOptions = RunOptions {
+    quiet: true,
+    no_outputs: true,
+};
 
 /// The tiny preset with short sequences, so that the matrix runs in CI time.
 fn run(world: usize, micro_batch: usize, global_batch: usize, extra: &[&str]) -> RunOutcome {
     let mb = format!("train.micro_batch={micro_batch}");
     let gb = format!("train.global_batch={global_batch}");
-    let mut sets = vec!["model.preset=tiny", "model.seq_len=32", "train.steps=30", "train.lr=2e-3", "train.warmup_steps=5", "train.threads=1", &mb, &gb];
+    let mut sets = vec![
+        "model.preset=tiny",
+        "model.seq_len=32",
+        "train.steps=30",
+        "train.lr=2e-3",
+        "train.warmup_steps=5",
+        "train.threads=1",
+        &mb,
+        &gb,
+    ];
     sets.extend_from_slice(extra);
-    launch::simulate(&common::config(&sets), world, &OPTS).expect("run").swap_remove(0)
+    launch::simulate(&common::config(&sets), world, &OPTS)
+        .expect("run")
+        .swap_remove(0)
 }
 
 /// The criteria above; `tol` is the loss and whole-model tolerance.
@@ -32,17 +46,27 @@ fn assert_close(got: &RunOutcome, want: &RunOutcome, tol: f64, what: &str) {
     assert_eq!(got.losses.len(), want.losses.len());
     for (step, (a, b)) in got.losses.iter().zip(&want.losses).enumerate() {
         let d = ((a - b) / b).abs() as f64;
-        assert!(d <= tol, "{what}: loss of step {step} differs: {a} vs {b} ({d:e})");
+        assert!(
+            d <= tol,
+            "{what}: loss of step {step} differs: {a} vs {b} ({d:e})"
+        );
     }
     let all_got: Vec<f32> = got.params.concat();
     let all_want: Vec<f32> = want.params.concat();
     let whole = common::rel_l2(&all_got, &all_want);
-    assert!(whole <= tol, "{what}: parameters differ by {whole:e} (relative L2 over the model)");
+    assert!(
+        whole <= tol,
+        "{what}: parameters differ by {whole:e} (relative L2 over the model)"
+    );
     for (unit, (a, b)) in got.params.iter().zip(&want.params).enumerate() {
         for p in &got.layout.units[unit].params {
             let l2 = common::rel_l2(&a[p.range()], &b[p.range()]);
             let max = common::rel_diff(&a[p.range()], &b[p.range()]);
-            assert!(l2 <= 10.0 * tol && max <= 100.0 * tol, "{what}: parameter {} differs by {l2:e} (L2), {max:e} (max)", p.path);
+            assert!(
+                l2 <= 10.0 * tol && max <= 100.0 * tol,
+                "{what}: parameter {} differs by {l2:e} (L2), {max:e} (max)",
+                p.path
+            );
         }
     }
 }
@@ -57,14 +81,20 @@ fn ddp_matches_one_process_at_every_world_size_and_accumulation() {
         for accum in [1, 4] {
             let global = micro * accum * world;
             let reference = run(1, micro, global, &[]);
-            assert!(reference.losses[29] < reference.losses[0] - 0.5, "the reference run should learn");
+            assert!(
+                reference.losses[29] < reference.losses[0] - 0.5,
+                "the reference run should learn"
+            );
             let got = run(world, micro, global, &[]);
             assert_close(&got, &reference, 1e-5, &format!("N={world} accum={accum}"));
             if accum == 1 && world <= 3 {
                 // Two or three terms are added in the same order as in one process
                 // ((g0 + g1) + g2), so the result must be bitwise the same.
                 for (a, b) in got.params.iter().zip(&reference.params) {
-                    assert!(common::bitwise_equal(a, b), "N={world} accum=1 should equal one process bitwise");
+                    assert!(
+                        common::bitwise_equal(a, b),
+                        "N={world} accum=1 should equal one process bitwise"
+                    );
                 }
             }
         }

@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn mpirun_available() -> bool {
-    let found = Command::new("mpirun").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let found = Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !found && std::env::var("CI").as_deref() == Ok("true") {
         panic!("mpirun is required when CI=true (apt-get install openmpi-bin libopenmpi-dev)");
     }
@@ -18,7 +22,13 @@ fn mpirun_available() -> bool {
 
 fn mpirun(np: usize, args: &[&str]) -> Output {
     Command::new("mpirun")
-        .args(["-np", &np.to_string(), "--oversubscribe", "--bind-to", "none"])
+        .args([
+            "-np",
+            &np.to_string(),
+            "--oversubscribe",
+            "--bind-to",
+            "none",
+        ])
         .arg(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
@@ -29,7 +39,12 @@ fn mpirun(np: usize, args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("status {:?}\nstdout:\n{}\nstderr:\n{}", o.status.code(), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[test]
@@ -41,7 +56,12 @@ fn mpi_backend_passes_the_conformance_suite_at_2_3_and_4_ranks() {
         let out = mpirun(np, &["check", "comm", "--large"]);
         let t = text(&out);
         assert!(out.status.success(), "np {np}: {t}");
-        assert!(t.contains(&format!("every check agreed with the float64 reference (world {np}, backend mpi)")), "np {np}: {t}");
+        assert!(
+            t.contains(&format!(
+                "every check agreed with the float64 reference (world {np}, backend mpi)"
+            )),
+            "np {np}: {t}"
+        );
     }
 }
 
@@ -53,7 +73,10 @@ fn mpi_verify_turns_a_mismatch_into_an_error() {
     let out = mpirun(2, &["check", "comm", "--mismatch"]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    assert!(t.contains("rank 0: all_reduce(Sum, len 10)") && t.contains("rank 1: all_gather(len 4)"), "{t}");
+    assert!(
+        t.contains("rank 0: all_reduce(Sum, len 10)") && t.contains("rank 1: all_gather(len 4)"),
+        "{t}"
+    );
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -101,12 +124,19 @@ fn ddp_over_mpi_equals_ddp_over_local_threads_bitwise() {
 
     let mut local = train_args(&dir, local_file.to_str().unwrap());
     local.extend(["--simulate".into(), "2".into()]);
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(&local).env("KILN_LOG", "warn").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(&local)
+        .env("KILN_LOG", "warn")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out));
 
     let a = std::fs::read(&mpi_file).unwrap();
     let b = std::fs::read(&local_file).unwrap();
-    assert!(a.len() > 13_000_000 && a == b, "MPI and local exports differ");
+    assert!(
+        a.len() > 13_000_000 && a == b,
+        "MPI and local exports differ"
+    );
     let summary = std::fs::read_to_string(dir.join("summary.json")).unwrap();
     assert!(summary.contains("\"world\": 2"), "{summary}");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -120,18 +150,35 @@ fn zero_stages_over_mpi_equal_ddp_over_local_threads_bitwise() {
     let dir = tmp("zero");
     let reference = dir.join("ddp-local.safetensors");
     let mut local = train_args(&dir, reference.to_str().unwrap());
-    local.extend(["--simulate".into(), "2".into(), "--set".into(), "train.steps=10".into()]);
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(&local).env("KILN_LOG", "warn").output().unwrap();
+    local.extend([
+        "--simulate".into(),
+        "2".into(),
+        "--set".into(),
+        "train.steps=10".into(),
+    ]);
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(&local)
+        .env("KILN_LOG", "warn")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let want = std::fs::read(&reference).unwrap();
     for stage in [1, 2, 3] {
         let file = dir.join(format!("zero{stage}-mpi.safetensors"));
         let mut args = train_args(&dir, file.to_str().unwrap());
-        args.extend(["--set".into(), "train.steps=10".into(), "--set".into(), format!("parallel.stage={stage}")]);
+        args.extend([
+            "--set".into(),
+            "train.steps=10".into(),
+            "--set".into(),
+            format!("parallel.stage={stage}"),
+        ]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = mpirun(2, &args);
         assert!(out.status.success(), "stage {stage}: {}", text(&out));
-        assert!(std::fs::read(&file).unwrap() == want, "stage {stage} over MPI differs from DDP over local threads");
+        assert!(
+            std::fs::read(&file).unwrap() == want,
+            "stage {stage} over MPI differs from DDP over local threads"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -47,17 +47,38 @@ impl Strategy for Recorder {
 }
 
 fn small_gpt() -> GptConfig {
-    GptConfig { vocab: 64, d_model: 64, n_layers: 3, n_heads: 4, max_seq_len: 32, seq_len: 24 }
+    GptConfig {
+        vocab: 64,
+        d_model: 64,
+        n_layers: 3,
+        n_heads: 4,
+        max_seq_len: 32,
+        seq_len: 24,
+    }
 }
 
-fn whole_model_grads(model: &Gpt, layout: &ModelLayout, params: &[Vec<f32>], batch: &kiln::model::MicroBatch) -> Vec<Vec<f32>> {
+fn whole_model_grads(
+    model: &Gpt,
+    layout: &ModelLayout,
+    params: &[Vec<f32>],
+    batch: &kiln::model::MicroBatch,
+) -> Vec<Vec<f32>> {
     let device = Device::flex().autodiff();
     let leaves: Vec<Vec<Tensor<1>>> = layout
         .units
         .iter()
         .zip(params)
         .map(|(u, flat)| {
-            u.params.iter().map(|p| Tensor::<1>::from_data(TensorData::new(flat[p.range()].to_vec(), [p.len]), &device).require_grad()).collect()
+            u.params
+                .iter()
+                .map(|p| {
+                    Tensor::<1>::from_data(
+                        TensorData::new(flat[p.range()].to_vec(), [p.len]),
+                        &device,
+                    )
+                    .require_grad()
+                })
+                .collect()
         })
         .collect();
     let mut x = None;
@@ -72,7 +93,13 @@ fn whole_model_grads(model: &Gpt, layout: &ModelLayout, params: &[Vec<f32>], bat
         .map(|(u, ls)| {
             let mut flat = vec![0.0f32; u.padded_len];
             for (p, leaf) in u.params.iter().zip(ls) {
-                flat[p.range()].copy_from_slice(leaf.grad(&grads).unwrap().into_data().as_slice::<f32>().unwrap());
+                flat[p.range()].copy_from_slice(
+                    leaf.grad(&grads)
+                        .unwrap()
+                        .into_data()
+                        .as_slice::<f32>()
+                        .unwrap(),
+                );
             }
             flat
         })
@@ -84,22 +111,49 @@ fn unit_wise_gradients_equal_whole_model_gradients() {
     let cfg = small_gpt();
     let model = Gpt::new(cfg);
     let layout = ModelLayout::new(&model, 1);
-    let params: Vec<Vec<f32>> = (0..model.num_units()).map(|u| init_unit(&model.unit_params(u), &layout.units[u], 7)).collect();
+    let params: Vec<Vec<f32>> = (0..model.num_units())
+        .map(|u| init_unit(&model.unit_params(u), &layout.units[u], 7))
+        .collect();
     let source = kiln::data::MarkovSource::new(3, 64, 1.0);
     let device = Device::flex();
     let batch = kiln::data::micro_batch(&source, 0, 0, 3, cfg.seq_len, &device);
     let reference = whole_model_grads(&model, &layout, &params, &batch);
 
     for recompute in [false, true] {
-        let mut rec = Recorder { params: params.clone(), grads: vec![Vec::new(); model.num_units()], order: Vec::new() };
-        let mut engine = Engine::new(Box::new(model.clone()), layout.clone(), device.clone(), recompute);
-        let loss = engine.micro_step(&mut rec, &batch, MicroStep { index: 0, count: 1 }).unwrap();
-        assert!(loss.is_finite() && loss > 3.0, "loss {loss} should be near ln(64) for a fresh model");
-        assert_eq!(rec.order, (0..model.num_units()).rev().collect::<Vec<_>>(), "backward visits units last to first");
+        let mut rec = Recorder {
+            params: params.clone(),
+            grads: vec![Vec::new(); model.num_units()],
+            order: Vec::new(),
+        };
+        let mut engine = Engine::new(
+            Box::new(model.clone()),
+            layout.clone(),
+            device.clone(),
+            recompute,
+        );
+        let loss = engine
+            .micro_step(&mut rec, &batch, MicroStep { index: 0, count: 1 })
+            .unwrap();
+        assert!(
+            loss.is_finite() && loss > 3.0,
+            "loss {loss} should be near ln(64) for a fresh model"
+        );
+        assert_eq!(
+            rec.order,
+            (0..model.num_units()).rev().collect::<Vec<_>>(),
+            "backward visits units last to first"
+        );
         for (u, (got, want)) in rec.grads.iter().zip(&reference).enumerate() {
             let d = common::rel_diff(got, want);
-            assert!(d <= 1e-5, "recompute={recompute}: unit {} gradients differ by {d:e}", layout.units[u].name);
-            assert!(want.iter().any(|g| *g != 0.0), "unit {u} has all-zero reference gradients");
+            assert!(
+                d <= 1e-5,
+                "recompute={recompute}: unit {} gradients differ by {d:e}",
+                layout.units[u].name
+            );
+            assert!(
+                want.iter().any(|g| *g != 0.0),
+                "unit {u} has all-zero reference gradients"
+            );
         }
     }
 }
@@ -109,18 +163,34 @@ fn recompute_gives_bitwise_the_same_gradients() {
     let cfg = small_gpt();
     let model = Gpt::new(cfg);
     let layout = ModelLayout::new(&model, 1);
-    let params: Vec<Vec<f32>> = (0..model.num_units()).map(|u| init_unit(&model.unit_params(u), &layout.units[u], 9)).collect();
+    let params: Vec<Vec<f32>> = (0..model.num_units())
+        .map(|u| init_unit(&model.unit_params(u), &layout.units[u], 9))
+        .collect();
     let source = kiln::data::MarkovSource::new(5, 64, 1.0);
     let device = Device::flex();
     let batch = kiln::data::micro_batch(&source, 2, 0, 2, cfg.seq_len, &device);
     let run = |recompute: bool| {
-        let mut rec = Recorder { params: params.clone(), grads: vec![Vec::new(); model.num_units()], order: Vec::new() };
-        let mut engine = Engine::new(Box::new(model.clone()), layout.clone(), device.clone(), recompute);
-        engine.micro_step(&mut rec, &batch, MicroStep { index: 0, count: 1 }).unwrap();
+        let mut rec = Recorder {
+            params: params.clone(),
+            grads: vec![Vec::new(); model.num_units()],
+            order: Vec::new(),
+        };
+        let mut engine = Engine::new(
+            Box::new(model.clone()),
+            layout.clone(),
+            device.clone(),
+            recompute,
+        );
+        engine
+            .micro_step(&mut rec, &batch, MicroStep { index: 0, count: 1 })
+            .unwrap();
         rec.grads
     };
     let (kept, recomputed) = (run(false), run(true));
     for (a, b) in kept.iter().zip(&recomputed) {
-        assert!(common::bitwise_equal(a, b), "recompute changed the gradients");
+        assert!(
+            common::bitwise_equal(a, b),
+            "recompute changed the gradients"
+        );
     }
 }

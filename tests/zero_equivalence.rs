@@ -8,7 +8,10 @@ mod common;
 use kiln::launch;
 use kiln::train::{RunOptions, RunOutcome};
 
-const OPTS: RunOptions = RunOptions { quiet: true, no_outputs: true };
+const OPTS: RunOptions = RunOptions {
+    quiet: true,
+    no_outputs: true,
+};
 
 /// vocab 61, d 21, 3 heads, 37 positions: the embedding unit has 2058 parameters and the head
 /// 1323, neither a multiple of 2 or 4.
@@ -37,7 +40,9 @@ fn run_with(stage: u8, world: usize, accum: usize, extra: &[&str]) -> RunOutcome
     ];
     sets.extend(extra.iter().map(|s| s.to_string()));
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-    launch::simulate(&common::config(&sets), world, &OPTS).expect("run").swap_remove(0)
+    launch::simulate(&common::config(&sets), world, &OPTS)
+        .expect("run")
+        .swap_remove(0)
 }
 
 #[test]
@@ -47,12 +52,21 @@ fn stages_are_bitwise_equal_to_ddp_at_every_world_size_and_accumulation() {
             let ddp = run(0, world, accum);
             let single = run(0, 1, accum * world);
             let whole = common::rel_l2(&ddp.params.concat(), &single.params.concat());
-            assert!(whole <= 1e-5, "N={world} accum={accum}: DDP differs from one process by {whole:e}");
+            assert!(
+                whole <= 1e-5,
+                "N={world} accum={accum}: DDP differs from one process by {whole:e}"
+            );
             for stage in [1, 2, 3] {
                 let zero = run(stage, world, accum);
-                assert_eq!(zero.losses, ddp.losses, "stage {stage} N={world} accum={accum}: losses differ");
+                assert_eq!(
+                    zero.losses, ddp.losses,
+                    "stage {stage} N={world} accum={accum}: losses differ"
+                );
                 for (u, (a, b)) in zero.params.iter().zip(&ddp.params).enumerate() {
-                    assert!(common::bitwise_equal(a, b), "stage {stage} N={world} accum={accum}: unit {u} differs from DDP");
+                    assert!(
+                        common::bitwise_equal(a, b),
+                        "stage {stage} N={world} accum={accum}: unit {u} differs from DDP"
+                    );
                 }
             }
         }
@@ -74,7 +88,10 @@ fn sharded_stages_hold_less_optimizer_state() {
     assert_eq!(zero1.summary.memory.grads, 4 * padded);
     assert_eq!(zero2.summary.memory.grads, 4 * padded / 4);
     let buffers = zero2.summary.memory.comm_buffers;
-    assert!(buffers > 0 && buffers < 4 * padded, "pool of {buffers} bytes for {padded} padded parameters");
+    assert!(
+        buffers > 0 && buffers < 4 * padded,
+        "pool of {buffers} bytes for {padded} padded parameters"
+    );
 }
 
 #[test]
@@ -84,12 +101,28 @@ fn stage_three_keeps_shards_and_persistent_units() {
     let m = zero3.summary.memory;
     assert_eq!(m.params_full, 0);
     assert_eq!(m.param_shards, 4 * padded / 4);
-    assert!(m.gathered > 0 && m.gathered < 4 * padded, "gathered {} of {}", m.gathered, 4 * padded);
+    assert!(
+        m.gathered > 0 && m.gathered < 4 * padded,
+        "gathered {} of {}",
+        m.gathered,
+        4 * padded
+    );
 
     // The head (1323 parameters) and the embedding (2058) stay whole under a 3000 threshold;
     // the blocks (5544 each) are still sharded. The result does not change by a bit.
-    let persisted = run_with(3, 4, 1, &["parallel.persist_threshold=3000", "parallel.prefetch=2"]);
-    let whole: usize = persisted.layout.units.iter().filter(|u| u.numel < 3000).map(|u| u.padded_len).sum();
+    let persisted = run_with(
+        3,
+        4,
+        1,
+        &["parallel.persist_threshold=3000", "parallel.prefetch=2"],
+    );
+    let whole: usize = persisted
+        .layout
+        .units
+        .iter()
+        .filter(|u| u.numel < 3000)
+        .map(|u| u.padded_len)
+        .sum();
     assert_eq!(persisted.summary.memory.params_full, 4 * whole);
     for (a, b) in persisted.params.iter().zip(&zero3.params) {
         assert!(common::bitwise_equal(a, b));

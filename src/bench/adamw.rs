@@ -15,7 +15,12 @@ pub fn kiln_mparams_per_s(params: usize, threads: usize, repeats: usize) -> f64 
         let g = vec![0.01f32; params];
         let mut m = vec![0.0f32; params];
         let mut v = vec![0.0f32; params];
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
         let mut times = Vec::with_capacity(repeats);
         for t in 1..=repeats as u64 + 2 {
             let s = StepScalars::new(&cfg, t, 1e-3, 1.0);
@@ -46,13 +51,33 @@ print(n / statistics.median(times) / 1e6)
 "#;
 
 /// Median Mparam/s of PyTorch's fused CPU AdamW, run by `python`.
-pub fn torch_mparams_per_s(python: &str, params: usize, threads: usize, repeats: usize) -> Result<f64> {
+pub fn torch_mparams_per_s(
+    python: &str,
+    params: usize,
+    threads: usize,
+    repeats: usize,
+) -> Result<f64> {
     let out = Command::new(python)
-        .args(["-c", TORCH_SNIPPET, &params.to_string(), &threads.to_string(), &repeats.to_string()])
+        .args([
+            "-c",
+            TORCH_SNIPPET,
+            &params.to_string(),
+            &threads.to_string(),
+            &repeats.to_string(),
+        ])
         .output()
         .map_err(|e| KilnError::config(format!("--torch-python {python}: cannot start it: {e}")))?;
     if !out.status.success() {
-        return Err(KilnError::config(format!("--torch-python {python}: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""))));
+        return Err(KilnError::config(format!(
+            "--torch-python {python}: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        )));
     }
-    String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|_| KilnError::config(format!("--torch-python {python}: unexpected output")))
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| KilnError::config(format!("--torch-python {python}: unexpected output")))
 }

@@ -64,7 +64,13 @@ pub fn measure(comm: &dyn Communicator) -> Result<Vec<CommRow>> {
                 }
                 .wait()?;
                 let elapsed = start.elapsed().as_secs_f64();
-                reference = comm.start(Collective::Reference { kind, buf: reference, iterations: 1 }).wait()?;
+                reference = comm
+                    .start(Collective::Reference {
+                        kind,
+                        buf: reference,
+                        iterations: 1,
+                    })
+                    .wait()?;
                 if i >= 2 {
                     times.push(elapsed);
                     reference_times.push(reference[0] as f64);
@@ -77,7 +83,15 @@ pub fn measure(comm: &dyn Communicator) -> Result<Vec<CommRow>> {
             let reference_s = reference_times[reference_times.len() / 2];
             let moved = (len * 4) as f64 * factor * (world - 1) as f64 / world as f64;
             let (k, r) = (moved / kiln_s / 1e9, moved / reference_s / 1e9);
-            rows.push(CommRow { op, bytes, kiln_s, reference_s, kiln_busbw_gbs: k, reference_busbw_gbs: r, ratio: k / r });
+            rows.push(CommRow {
+                op,
+                bytes,
+                kiln_s,
+                reference_s,
+                kiln_busbw_gbs: k,
+                reference_busbw_gbs: r,
+                ratio: k / r,
+            });
         }
     }
     Ok(rows)
@@ -85,10 +99,20 @@ pub fn measure(comm: &dyn Communicator) -> Result<Vec<CommRow>> {
 
 /// Formats the table for humans.
 pub fn table(rows: &[CommRow], world: usize) -> String {
-    let mut out = format!("world {world}: bus bandwidth, GB/s (median per call)\n{:<15} {:>9} {:>10} {:>10} {:>7}\n", "op", "size", "kiln", "MPI", "ratio");
+    let mut out = format!(
+        "world {world}: bus bandwidth, GB/s (median per call)\n{:<15} {:>9} {:>10} {:>10} {:>7}\n",
+        "op", "size", "kiln", "MPI", "ratio"
+    );
     for r in rows {
-        let size = if r.bytes >= 1 << 20 { format!("{} MiB", r.bytes >> 20) } else { format!("{} KiB", r.bytes >> 10) };
-        out += &format!("{:<15} {:>9} {:>10.3} {:>10.3} {:>7.2}\n", r.op, size, r.kiln_busbw_gbs, r.reference_busbw_gbs, r.ratio);
+        let size = if r.bytes >= 1 << 20 {
+            format!("{} MiB", r.bytes >> 20)
+        } else {
+            format!("{} KiB", r.bytes >> 10)
+        };
+        out += &format!(
+            "{:<15} {:>9} {:>10.3} {:>10.3} {:>7.2}\n",
+            r.op, size, r.kiln_busbw_gbs, r.reference_busbw_gbs, r.ratio
+        );
     }
     out
 }

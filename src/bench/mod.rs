@@ -71,7 +71,13 @@ pub struct ShapeArgs {
 
 impl ShapeArgs {
     fn shape(self) -> train::BenchShape {
-        train::BenchShape { config: self.config, sets: self.sets, steps: self.steps, repeats: self.repeats, micro_batch: self.micro_batch }
+        train::BenchShape {
+            config: self.config,
+            sets: self.sets,
+            steps: self.steps,
+            repeats: self.repeats,
+            micro_batch: self.micro_batch,
+        }
     }
 }
 
@@ -81,19 +87,28 @@ pub fn run(what: BenchCommand) -> Result<()> {
         BenchCommand::Comm { json } => {
             let comm = crate::comm::open("auto", false)?;
             if comm.world() < 2 {
-                return Err(KilnError::config("bench comm needs at least 2 ranks: run it under mpirun -np N"));
+                return Err(KilnError::config(
+                    "bench comm needs at least 2 ranks: run it under mpirun -np N",
+                ));
             }
             let rows = comm::measure(comm.as_ref())?;
             if comm.rank() == 0 {
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&rows).expect("rows serialise"));
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&rows).expect("rows serialise")
+                    );
                 } else {
                     print!("{}", comm::table(&rows, comm.world()));
                 }
             }
             Ok(())
         }
-        BenchCommand::Adamw { params, rounds, torch_python } => {
+        BenchCommand::Adamw {
+            params,
+            rounds,
+            torch_python,
+        } => {
             for threads in [1, 2] {
                 let mut kiln = Vec::new();
                 let mut torch = Vec::new();
@@ -113,10 +128,16 @@ pub fn run(what: BenchCommand) -> Result<()> {
             }
             Ok(())
         }
-        BenchCommand::Step { torch_python, shape } => {
+        BenchCommand::Step {
+            torch_python,
+            shape,
+        } => {
             let results = train::step(&shape.shape(), torch_python.as_deref())?;
             let kiln = results[0].median_ms();
-            println!("kiln (burn flex)  median {kiln:.1} ms/step over {} runs", results[0].step_ms.len());
+            println!(
+                "kiln (burn flex)  median {kiln:.1} ms/step over {} runs",
+                results[0].step_ms.len()
+            );
             if let Some(torch) = results.get(1) {
                 let t = torch.median_ms();
                 println!("PyTorch           median {t:.1} ms/step");

@@ -40,7 +40,11 @@ fn median(v: &[f64]) -> f64 {
 
 impl Contender {
     fn new(name: impl Into<String>) -> Self {
-        Contender { name: name.into(), step_ms: Vec::new(), comm_wait_ms: Vec::new() }
+        Contender {
+            name: name.into(),
+            step_ms: Vec::new(),
+            comm_wait_ms: Vec::new(),
+        }
     }
 
     /// Median over runs of the per-run median step time.
@@ -50,9 +54,17 @@ impl Contender {
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd.output().map_err(|e| KilnError::config(format!("bench: cannot start {what}: {e}")))?;
+    let out = cmd
+        .output()
+        .map_err(|e| KilnError::config(format!("bench: cannot start {what}: {e}")))?;
     if !out.status.success() {
-        return Err(KilnError::Comm(format!("bench: {what} failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""))));
+        return Err(KilnError::Comm(format!(
+            "bench: {what} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -65,7 +77,8 @@ fn read_run(dir: &Path, skip: usize) -> Result<(f64, f64)> {
     let mut steps = Vec::new();
     let mut waits = Vec::new();
     for line in text.lines().skip(skip) {
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| KilnError::file(&path, e.to_string()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| KilnError::file(&path, e.to_string()))?;
         steps.push(v["step_ms"].as_f64().unwrap_or(f64::NAN));
         waits.push(v["comm_wait_ms"].as_f64().unwrap_or(f64::NAN));
     }
@@ -87,7 +100,8 @@ pub struct BenchShape {
 }
 
 fn kiln_train(shape: &BenchShape, world: usize, out: &Path) -> Result<Command> {
-    let exe = std::env::current_exe().map_err(|e| KilnError::Comm(format!("bench: cannot find the kiln binary: {e}")))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| KilnError::Comm(format!("bench: cannot find the kiln binary: {e}")))?;
     let mut cmd = if world == 1 {
         Command::new(&exe)
     } else {
@@ -99,11 +113,13 @@ fn kiln_train(shape: &BenchShape, world: usize, out: &Path) -> Result<Command> {
         } else {
             c.args(["--bind-to", "core"]);
         }
-        c.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
         c.arg(&exe);
         c
     };
-    cmd.args(["train", "--quiet", "--config"]).arg(&shape.config);
+    cmd.args(["train", "--quiet", "--config"])
+        .arg(&shape.config);
     let mut sets = vec![
         format!("train.steps={}", shape.steps),
         format!("train.micro_batch={}", shape.micro_batch),
@@ -141,13 +157,24 @@ pub fn ddp(shape: &BenchShape, world: usize) -> Result<[Contender; 3]> {
             let (ms, wait) = read_run(&out, 2)?;
             c.step_ms.push(ms);
             c.comm_wait_ms.push(wait);
-            eprintln!("  run {}: {:<28} {ms:8.1} ms/step  (comm wait {wait:.2} ms)", r + 1, c.name);
+            eprintln!(
+                "  run {}: {:<28} {ms:8.1} ms/step  (comm wait {wait:.2} ms)",
+                r + 1,
+                c.name
+            );
         }
-        let outs: Vec<PathBuf> = (0..world).map(|i| dir.join(format!("side{i}-r{r}"))).collect();
+        let outs: Vec<PathBuf> = (0..world)
+            .map(|i| dir.join(format!("side{i}-r{r}")))
+            .collect();
         let mut children = Vec::new();
         for out in &outs {
-            let child = kiln_train(shape, 1, out)?.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn();
-            children.push(child.map_err(|e| KilnError::config(format!("bench: cannot start kiln: {e}")))?);
+            let child = kiln_train(shape, 1, out)?
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn();
+            children.push(
+                child.map_err(|e| KilnError::config(format!("bench: cannot start kiln: {e}")))?,
+            );
         }
         for mut child in children {
             let _ = child.wait();
@@ -155,7 +182,11 @@ pub fn ddp(shape: &BenchShape, world: usize) -> Result<[Contender; 3]> {
         let times: Result<Vec<f64>> = outs.iter().map(|o| read_run(o, 2).map(|t| t.0)).collect();
         let ms = median(&times?);
         side_by_side.step_ms.push(ms);
-        eprintln!("  run {}: {:<28} {ms:8.1} ms/step", r + 1, side_by_side.name);
+        eprintln!(
+            "  run {}: {:<28} {ms:8.1} ms/step",
+            r + 1,
+            side_by_side.name
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok([single, multi, side_by_side])
@@ -175,7 +206,15 @@ pub fn step(shape: &BenchShape, python: Option<&str>) -> Result<Vec<Contender>> 
         eprintln!("  run {}: kiln    {ms:8.1} ms/step", r + 1);
         if let Some(py) = python {
             let text = run(
-                Command::new(py).arg(&script).args(["bench", "--threads", "1", "--micro-batch", &shape.micro_batch.to_string(), "--steps", &shape.steps.to_string()]),
+                Command::new(py).arg(&script).args([
+                    "bench",
+                    "--threads",
+                    "1",
+                    "--micro-batch",
+                    &shape.micro_batch.to_string(),
+                    "--steps",
+                    &shape.steps.to_string(),
+                ]),
                 "scripts/torch_gpt.py",
             )?;
             let ms: f64 = text
@@ -183,11 +222,19 @@ pub fn step(shape: &BenchShape, python: Option<&str>) -> Result<Vec<Contender>> 
                 .nth(1)
                 .and_then(|t| t.split(" ms").next())
                 .and_then(|t| t.parse().ok())
-                .ok_or_else(|| KilnError::Comm(format!("bench: unexpected output from torch_gpt.py: {text}")))?;
+                .ok_or_else(|| {
+                    KilnError::Comm(format!(
+                        "bench: unexpected output from torch_gpt.py: {text}"
+                    ))
+                })?;
             torch.step_ms.push(ms);
             eprintln!("  run {}: PyTorch {ms:8.1} ms/step", r + 1);
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(if python.is_some() { vec![kiln, torch] } else { vec![kiln] })
+    Ok(if python.is_some() {
+        vec![kiln, torch]
+    } else {
+        vec![kiln]
+    })
 }

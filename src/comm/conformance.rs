@@ -20,7 +20,9 @@ pub fn suite_lengths(world: usize, large: bool) -> Vec<usize> {
 /// Rank `rank`'s contribution to test case `case` of length `len`.
 fn contribution(rank: usize, len: usize, case: u64) -> Vec<f32> {
     let mut rng = Rng::derive(0x636f6e66, &[rank as u64, len as u64, case]);
-    (0..len).map(|_| (rng.next_f64() * 2.0 - 1.0) as f32).collect()
+    (0..len)
+        .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+        .collect()
 }
 
 fn fail(what: String) -> KilnError {
@@ -29,15 +31,30 @@ fn fail(what: String) -> KilnError {
 
 /// Checks `got` against the f64 sum of every rank's contribution, with the bound of an f32 sum
 /// of `world` terms: |err| ≤ world · 2⁻²³ · Σ|x|.
-fn check_reduced(op_name: &str, got: &[f32], range: std::ops::Range<usize>, world: usize, len: usize, case: u64, op: ReduceOp) -> Result<()> {
+fn check_reduced(
+    op_name: &str,
+    got: &[f32],
+    range: std::ops::Range<usize>,
+    world: usize,
+    len: usize,
+    case: u64,
+    op: ReduceOp,
+) -> Result<()> {
     let all: Vec<Vec<f32>> = (0..world).map(|q| contribution(q, len, case)).collect();
-    let scale = if op == ReduceOp::Average { world as f64 } else { 1.0 };
+    let scale = if op == ReduceOp::Average {
+        world as f64
+    } else {
+        1.0
+    };
     for (k, i) in range.enumerate() {
         let exact: f64 = all.iter().map(|c| c[i] as f64).sum::<f64>() / scale;
         let magnitude: f64 = all.iter().map(|c| (c[i] as f64).abs()).sum::<f64>() / scale;
         let bound = world as f64 * f32::EPSILON as f64 * magnitude + f32::MIN_POSITIVE as f64;
         if (got[k] as f64 - exact).abs() > bound {
-            return Err(fail(format!("{op_name} len {len}: element {i} is {} but the float64 reference is {exact}", got[k])));
+            return Err(fail(format!(
+                "{op_name} len {len}: element {i} is {} but the float64 reference is {exact}",
+                got[k]
+            )));
         }
     }
     Ok(())
@@ -52,7 +69,10 @@ pub fn run_suite(comm: &dyn Communicator, large: bool) -> Result<Vec<String>> {
         for op in [ReduceOp::Sum, ReduceOp::Average] {
             let got = comm.all_reduce(contribution(rank, len, case), op).wait()?;
             if got.len() != len {
-                return Err(fail(format!("all_reduce len {len} returned {} elements", got.len())));
+                return Err(fail(format!(
+                    "all_reduce len {len} returned {} elements",
+                    got.len()
+                )));
             }
             check_reduced("all_reduce", &got, 0..len, world, len, case, op)?;
 
@@ -70,31 +90,52 @@ pub fn run_suite(comm: &dyn Communicator, large: bool) -> Result<Vec<String>> {
         let shard = padded / world;
         let mut input = vec![f32::NAN; padded];
         let own = contribution(rank, padded, case + 1000);
-        input[rank * shard..(rank + 1) * shard].copy_from_slice(&own[rank * shard..(rank + 1) * shard]);
+        input[rank * shard..(rank + 1) * shard]
+            .copy_from_slice(&own[rank * shard..(rank + 1) * shard]);
         let got = comm.all_gather(input).wait()?;
         for q in 0..world {
             let theirs = contribution(q, padded, case + 1000);
-            if got[q * shard..(q + 1) * shard].iter().zip(&theirs[q * shard..(q + 1) * shard]).any(|(a, b)| a.to_bits() != b.to_bits()) {
-                return Err(fail(format!("all_gather len {padded}: shard {q} differs from rank {q}'s data")));
+            if got[q * shard..(q + 1) * shard]
+                .iter()
+                .zip(&theirs[q * shard..(q + 1) * shard])
+                .any(|(a, b)| a.to_bits() != b.to_bits())
+            {
+                return Err(fail(format!(
+                    "all_gather len {padded}: shard {q} differs from rank {q}'s data"
+                )));
             }
         }
 
         // broadcast from the last rank.
         let root = world - 1;
-        let input = if rank == root { contribution(root, len, case + 2000) } else { vec![0.0; len] };
+        let input = if rank == root {
+            contribution(root, len, case + 2000)
+        } else {
+            vec![0.0; len]
+        };
         let got = comm.broadcast(input, root).wait()?;
-        if got.iter().zip(&contribution(root, len, case + 2000)).any(|(a, b)| a.to_bits() != b.to_bits()) {
-            return Err(fail(format!("broadcast len {len}: result differs from the root's data")));
+        if got
+            .iter()
+            .zip(&contribution(root, len, case + 2000))
+            .any(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            return Err(fail(format!(
+                "broadcast len {len}: result differs from the root's data"
+            )));
         }
 
         // all_reduce must be bitwise reduce_scatter followed by all_gather.
-        let ar = comm.all_reduce(contribution(rank, len, case), ReduceOp::Sum).wait()?;
+        let ar = comm
+            .all_reduce(contribution(rank, len, case), ReduceOp::Sum)
+            .wait()?;
         let mut input = contribution(rank, len, case);
         input.resize(padded, 0.0);
         let rs = comm.reduce_scatter(input, ReduceOp::Sum).wait()?;
         let ag = comm.all_gather(rs).wait()?;
         if ar.iter().zip(&ag).any(|(a, b)| a.to_bits() != b.to_bits()) {
-            return Err(fail(format!("len {len}: all_reduce differs bitwise from reduce_scatter + all_gather")));
+            return Err(fail(format!(
+                "len {len}: all_reduce differs bitwise from reduce_scatter + all_gather"
+            )));
         }
         passed.push(format!("len {len:>9}: all_reduce sum/avg, reduce_scatter sum/avg, all_gather, broadcast, all_reduce ≡ reduce_scatter+all_gather"));
     }
@@ -108,13 +149,35 @@ pub fn run_suite(comm: &dyn Communicator, large: bool) -> Result<Vec<String>> {
         busy += (i as f64).sqrt();
     }
     std::hint::black_box(busy);
-    check_reduced("overlapped all_reduce", &first.wait()?, 0..len, world, len, 7000, ReduceOp::Sum)?;
-    check_reduced("overlapped all_reduce", &second.wait()?, 0..len, world, len, 7001, ReduceOp::Sum)?;
-    passed.push(format!("len {len:>9}: two all_reduce calls in flight during computation"));
+    check_reduced(
+        "overlapped all_reduce",
+        &first.wait()?,
+        0..len,
+        world,
+        len,
+        7000,
+        ReduceOp::Sum,
+    )?;
+    check_reduced(
+        "overlapped all_reduce",
+        &second.wait()?,
+        0..len,
+        world,
+        len,
+        7001,
+        ReduceOp::Sum,
+    )?;
+    passed.push(format!(
+        "len {len:>9}: two all_reduce calls in flight during computation"
+    ));
 
     // Byte gathers and barrier.
     let bytes = comm.all_gather_bytes(format!("rank {rank}").as_bytes())?;
-    if bytes.iter().enumerate().any(|(q, b)| *b != format!("rank {q}").into_bytes()) {
+    if bytes
+        .iter()
+        .enumerate()
+        .any(|(q, b)| *b != format!("rank {q}").into_bytes())
+    {
         return Err(fail("all_gather_bytes returned the wrong strings".into()));
     }
     comm.barrier()?;
@@ -132,6 +195,8 @@ pub fn provoke_mismatch(comm: &dyn Communicator) -> Result<KilnError> {
     };
     match pending.wait() {
         Err(e) => Ok(e),
-        Ok(_) => Err(fail("a mismatched collective completed; is comm.verify on?".into())),
+        Ok(_) => Err(fail(
+            "a mismatched collective completed; is comm.verify on?".into(),
+        )),
     }
 }

@@ -68,7 +68,11 @@ impl LocalGroup {
         LocalGroup {
             world,
             barrier: AbortableBarrier {
-                state: Mutex::new(BarrierState { arrived: 0, generation: 0, aborted: None }),
+                state: Mutex::new(BarrierState {
+                    arrived: 0,
+                    generation: 0,
+                    aborted: None,
+                }),
                 cv: Condvar::new(),
                 world,
             },
@@ -86,9 +90,21 @@ pub fn simulate_group(world: usize, verify: bool) -> Vec<Arc<dyn Communicator>> 
         .map(|rank| {
             let g = group.clone();
             let hook_group = group.clone();
-            let hook: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(move |why: &str| hook_group.barrier.abort(&format!("rank {rank}: {why}")));
-            let comm = WorkerComm::spawn("local", verify, move || Ok(LocalTransport { rank, group: g, scratch: Vec::new() }), hook)
-                .expect("spawning a thread for the local backend");
+            let hook: Arc<dyn Fn(&str) + Send + Sync> =
+                Arc::new(move |why: &str| hook_group.barrier.abort(&format!("rank {rank}: {why}")));
+            let comm = WorkerComm::spawn(
+                "local",
+                verify,
+                move || {
+                    Ok(LocalTransport {
+                        rank,
+                        group: g,
+                        scratch: Vec::new(),
+                    })
+                },
+                hook,
+            )
+            .expect("spawning a thread for the local backend");
             Arc::new(comm) as Arc<dyn Communicator>
         })
         .collect()
@@ -111,9 +127,16 @@ impl LocalTransport {
         for q in 0..self.group.world {
             if self.group.lens[q].load(Ordering::Acquire) != len {
                 // Finish the protocol before failing so that no rank is left reading this buffer.
-                let lens: Vec<usize> = self.group.lens.iter().map(|l| l.load(Ordering::Acquire)).collect();
+                let lens: Vec<usize> = self
+                    .group
+                    .lens
+                    .iter()
+                    .map(|l| l.load(Ordering::Acquire))
+                    .collect();
                 self.group.barrier.wait()?;
-                return Err(KilnError::Comm(format!("ranks passed buffers of different lengths {lens:?}")));
+                return Err(KilnError::Comm(format!(
+                    "ranks passed buffers of different lengths {lens:?}"
+                )));
             }
         }
         Ok(())

@@ -23,7 +23,7 @@ mod local;
 mod mpi;
 mod worker;
 
-pub use local::{LocalGroup, simulate_group};
+pub use local::{simulate_group, LocalGroup};
 #[cfg(feature = "mpi")]
 pub use mpi::mpi_communicator;
 pub use worker::{Collective, Pending, ReferenceKind, Transport, WorkerComm};
@@ -86,7 +86,12 @@ pub fn padded_len(len: usize, world: usize) -> usize {
 
 /// Sums shard `rank` of every rank's buffer in rank order into `out`: `out[i] = b0[i] + b1[i] +
 /// … + b(N-1)[i]`, starting from rank 0's value. The one summation every backend uses.
-pub fn sum_shard_in_rank_order<'a>(world: usize, block: impl Fn(usize) -> &'a [f32], out: &mut [f32], op: ReduceOp) {
+pub fn sum_shard_in_rank_order<'a>(
+    world: usize,
+    block: impl Fn(usize) -> &'a [f32],
+    out: &mut [f32],
+    op: ReduceOp,
+) {
     const CHUNK: usize = 2048;
     let mut acc = [0.0f32; CHUNK];
     let len = out.len();
@@ -111,16 +116,38 @@ pub fn sum_shard_in_rank_order<'a>(world: usize, block: impl Fn(usize) -> &'a [f
 
 /// Whether this process was started by mpirun/srun (a launcher's rank variables are set).
 pub fn running_under_launcher() -> bool {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_STEP_ID", "MPI_LOCALNRANKS"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some())
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_RANK",
+        "SLURM_STEP_ID",
+        "MPI_LOCALNRANKS",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some())
 }
 
 /// Rank within this node and ranks on this node, from the launcher's environment.
 pub fn local_rank_and_size(rank: usize, world: usize) -> (usize, usize) {
-    let read = |names: &[&str]| names.iter().find_map(|n| std::env::var(n).ok()?.parse::<usize>().ok());
-    let local_rank = read(&["OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"]).unwrap_or(rank);
-    let local_size = read(&["OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"]).unwrap_or(world);
+    let read = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| std::env::var(n).ok()?.parse::<usize>().ok())
+    };
+    let local_rank = read(&[
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "SLURM_LOCALID",
+        "MPI_LOCALRANKID",
+        "PMI_LOCAL_RANK",
+    ])
+    .unwrap_or(rank);
+    let local_size = read(&[
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "SLURM_NTASKS_PER_NODE",
+        "MPI_LOCALNRANKS",
+        "PMI_LOCAL_SIZE",
+    ])
+    .unwrap_or(world);
     (local_rank, local_size.max(1))
 }
 
@@ -142,10 +169,14 @@ pub fn open(backend: &str, verify: bool) -> Result<Arc<dyn Communicator>> {
         #[cfg(feature = "mpi")]
         return mpi_communicator(verify);
         #[cfg(not(feature = "mpi"))]
-        return Err(KilnError::config("key `comm.backend`: `mpi` was asked for but kiln was built without the `mpi` feature"));
+        return Err(KilnError::config(
+            "key `comm.backend`: `mpi` was asked for but kiln was built without the `mpi` feature",
+        ));
     }
     if running_under_launcher() && backend == "local" {
-        tracing::warn!("comm.backend = local under a launcher: every process trains alone as world 1");
+        tracing::warn!(
+            "comm.backend = local under a launcher: every process trains alone as world 1"
+        );
     }
     Ok(simulate_group(1, verify).pop().expect("one rank"))
 }

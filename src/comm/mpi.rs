@@ -50,7 +50,9 @@ impl MpiTransport {
         let (universe, provided) = mpi::initialize_with_threading(Threading::Funneled)
             .ok_or_else(|| KilnError::Comm("MPI was already initialised in this process".into()))?;
         if provided < Threading::Funneled {
-            return Err(KilnError::Comm(format!("MPI provides thread level {provided:?}; kiln needs Funneled")));
+            return Err(KilnError::Comm(format!(
+                "MPI provides thread level {provided:?}; kiln needs Funneled"
+            )));
         }
         let world_comm = universe.world();
         let rank = world_comm.rank() as usize;
@@ -65,7 +67,14 @@ impl MpiTransport {
         } else {
             None
         };
-        Ok(MpiTransport { world_comm, rank, world, scratch: Vec::new(), in_place, _universe: universe })
+        Ok(MpiTransport {
+            world_comm,
+            rank,
+            world,
+            scratch: Vec::new(),
+            in_place,
+            _universe: universe,
+        })
     }
 }
 
@@ -81,11 +90,17 @@ impl Transport for MpiTransport {
     fn reduce_scatter(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
         let shard = buf.len() / self.world;
         self.scratch.resize(buf.len(), 0.0);
-        self.world_comm.all_to_all_into(&buf[..], &mut self.scratch[..]);
+        self.world_comm
+            .all_to_all_into(&buf[..], &mut self.scratch[..]);
         // After the all-to-all, block q of `scratch` is rank q's contribution to our shard.
         let received = &self.scratch;
         let start = self.rank * shard;
-        sum_shard_in_rank_order(self.world, |q| &received[q * shard..(q + 1) * shard], &mut buf[start..start + shard], op);
+        sum_shard_in_rank_order(
+            self.world,
+            |q| &received[q * shard..(q + 1) * shard],
+            &mut buf[start..start + shard],
+            op,
+        );
         Ok(())
     }
 
@@ -98,10 +113,20 @@ impl Transport for MpiTransport {
             // writes every block of `buf`, which holds world × shard f32 and is exclusively
             // borrowed for the call; the send count and type are ignored in place.
             let code = unsafe {
-                mpi::ffi::MPI_Allgather(in_place, 0, datatype, buf.as_mut_ptr().cast(), shard as i32, datatype, self.world_comm.as_raw())
+                mpi::ffi::MPI_Allgather(
+                    in_place,
+                    0,
+                    datatype,
+                    buf.as_mut_ptr().cast(),
+                    shard as i32,
+                    datatype,
+                    self.world_comm.as_raw(),
+                )
             };
             if code != 0 {
-                return Err(KilnError::Comm(format!("MPI_Allgather failed with code {code}")));
+                return Err(KilnError::Comm(format!(
+                    "MPI_Allgather failed with code {code}"
+                )));
             }
             return Ok(());
         }
@@ -113,13 +138,16 @@ impl Transport for MpiTransport {
     }
 
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
-        self.world_comm.process_at_rank(root as i32).broadcast_into(buf);
+        self.world_comm
+            .process_at_rank(root as i32)
+            .broadcast_into(buf);
         Ok(())
     }
 
     fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
         let mut lens = vec![0u64; self.world];
-        self.world_comm.all_gather_into(&(mine.len() as u64), &mut lens[..]);
+        self.world_comm
+            .all_gather_into(&(mine.len() as u64), &mut lens[..]);
         let max = lens.iter().copied().max().unwrap_or(0) as usize;
         let mut padded = mine.to_vec();
         padded.resize(max, 0);
@@ -127,7 +155,11 @@ impl Transport for MpiTransport {
         if max > 0 {
             self.world_comm.all_gather_into(&padded[..], &mut all[..]);
         }
-        Ok(lens.iter().enumerate().map(|(q, &l)| all[q * max..q * max + l as usize].to_vec()).collect())
+        Ok(lens
+            .iter()
+            .enumerate()
+            .map(|(q, &l)| all[q * max..q * max + l as usize].to_vec())
+            .collect())
     }
 
     fn barrier(&mut self) -> Result<()> {
@@ -135,7 +167,12 @@ impl Transport for MpiTransport {
         Ok(())
     }
 
-    fn reference(&mut self, kind: ReferenceKind, buf: &mut [f32], iterations: usize) -> Result<f64> {
+    fn reference(
+        &mut self,
+        kind: ReferenceKind,
+        buf: &mut [f32],
+        iterations: usize,
+    ) -> Result<f64> {
         use mpi::collective::SystemOperation;
         let shard = buf.len() / self.world;
         let mut out = vec![0.0f32; buf.len()];
@@ -146,11 +183,18 @@ impl Transport for MpiTransport {
             self.world_comm.barrier();
             let start = mpi::time();
             match kind {
-                ReferenceKind::AllReduce => self.world_comm.all_reduce_into(&buf[..], &mut out[..], SystemOperation::sum()),
-                ReferenceKind::ReduceScatter => {
-                    self.world_comm.reduce_scatter_block_into(&buf[..], &mut out[..shard], SystemOperation::sum())
+                ReferenceKind::AllReduce => {
+                    self.world_comm
+                        .all_reduce_into(&buf[..], &mut out[..], SystemOperation::sum())
                 }
-                ReferenceKind::AllGather => self.world_comm.all_gather_into(&buf[..shard], &mut out[..]),
+                ReferenceKind::ReduceScatter => self.world_comm.reduce_scatter_block_into(
+                    &buf[..],
+                    &mut out[..shard],
+                    SystemOperation::sum(),
+                ),
+                ReferenceKind::AllGather => {
+                    self.world_comm.all_gather_into(&buf[..shard], &mut out[..])
+                }
             }
             if i >= warmup {
                 times.push(mpi::time() - start);

@@ -91,7 +91,9 @@ impl Collective {
                 format!("{}({:?}, len {})", self.name(), op, self.len())
             }
             Collective::AllGather { .. } => format!("all_gather(len {})", self.len()),
-            Collective::Broadcast { root, .. } => format!("broadcast(root {root}, len {})", self.len()),
+            Collective::Broadcast { root, .. } => {
+                format!("broadcast(root {root}, len {})", self.len())
+            }
             Collective::Reference { kind, .. } => format!("reference {kind:?}(len {})", self.len()),
         }
     }
@@ -114,9 +116,16 @@ pub trait Transport {
     /// Barrier.
     fn barrier(&mut self) -> Result<()>;
     /// Times the library's own collective: median seconds per call over `iterations` calls.
-    fn reference(&mut self, kind: ReferenceKind, buf: &mut [f32], iterations: usize) -> Result<f64> {
+    fn reference(
+        &mut self,
+        kind: ReferenceKind,
+        buf: &mut [f32],
+        iterations: usize,
+    ) -> Result<f64> {
         let _ = (kind, buf, iterations);
-        Err(KilnError::Comm("this backend has no library collective to compare with".into()))
+        Err(KilnError::Comm(
+            "this backend has no library collective to compare with".into(),
+        ))
     }
 }
 
@@ -135,7 +144,9 @@ pub struct Pending {
 impl Pending {
     /// Blocks until the collective has finished and returns its buffer.
     pub fn wait(self) -> Result<Vec<f32>> {
-        self.rx.recv().unwrap_or_else(|_| Err(KilnError::Comm("the communication thread stopped".into())))
+        self.rx
+            .recv()
+            .unwrap_or_else(|_| Err(KilnError::Comm("the communication thread stopped".into())))
     }
 }
 
@@ -151,7 +162,12 @@ pub struct WorkerComm {
 
 impl WorkerComm {
     /// Starts the communication thread; `make` builds the transport on that thread.
-    pub fn spawn<F, T>(backend: &'static str, verify: bool, make: F, abort_hook: Arc<dyn Fn(&str) + Send + Sync>) -> Result<Self>
+    pub fn spawn<F, T>(
+        backend: &'static str,
+        verify: bool,
+        make: F,
+        abort_hook: Arc<dyn Fn(&str) + Send + Sync>,
+    ) -> Result<Self>
     where
         F: FnOnce() -> Result<T> + Send + 'static,
         T: Transport,
@@ -172,8 +188,17 @@ impl WorkerComm {
                 run_jobs(&mut transport, job_rx, verify);
             })
             .map_err(|e| KilnError::Comm(format!("cannot start the communication thread: {e}")))?;
-        let (rank, world) = ready_rx.recv().map_err(|_| KilnError::Comm(format!("the {backend} backend failed to start")))??;
-        Ok(WorkerComm { rank, world, backend, jobs: Mutex::new(Some(job_tx)), thread: Mutex::new(Some(thread)), abort_hook })
+        let (rank, world) = ready_rx
+            .recv()
+            .map_err(|_| KilnError::Comm(format!("the {backend} backend failed to start")))??;
+        Ok(WorkerComm {
+            rank,
+            world,
+            backend,
+            jobs: Mutex::new(Some(job_tx)),
+            thread: Mutex::new(Some(thread)),
+            abort_hook,
+        })
     }
 
     fn send(&self, job: Job) {
@@ -203,12 +228,22 @@ fn run_jobs<T: Transport>(t: &mut T, jobs: Receiver<Job>, verify: bool) {
 fn check_agreement<T: Transport>(t: &mut T, c: &Collective) -> Result<()> {
     let mine = c.descriptor();
     let all = t.all_gather_bytes(mine.as_bytes())?;
-    let all: Vec<String> = all.into_iter().map(|b| String::from_utf8_lossy(&b).into_owned()).collect();
+    let all: Vec<String> = all
+        .into_iter()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .collect();
     if all.iter().all(|d| *d == all[0]) {
         return Ok(());
     }
-    let detail: Vec<String> = all.iter().enumerate().map(|(r, d)| format!("rank {r}: {d}")).collect();
-    Err(KilnError::Comm(format!("ranks called different collectives ({})", detail.join("; "))))
+    let detail: Vec<String> = all
+        .iter()
+        .enumerate()
+        .map(|(r, d)| format!("rank {r}: {d}"))
+        .collect();
+    Err(KilnError::Comm(format!(
+        "ranks called different collectives ({})",
+        detail.join("; ")
+    )))
 }
 
 fn run_collective<T: Transport>(t: &mut T, c: Collective, verify: bool) -> Result<Vec<f32>> {
@@ -218,7 +253,9 @@ fn run_collective<T: Transport>(t: &mut T, c: Collective, verify: bool) -> Resul
     let world = t.world();
     let check_multiple = |len: usize, name: &str| {
         if len % world != 0 {
-            return Err(KilnError::Comm(format!("{name}: length {len} is not a multiple of the world size {world}")));
+            return Err(KilnError::Comm(format!(
+                "{name}: length {len} is not a multiple of the world size {world}"
+            )));
         }
         Ok(())
     };
@@ -247,7 +284,11 @@ fn run_collective<T: Transport>(t: &mut T, c: Collective, verify: bool) -> Resul
             }
             Ok(buf)
         }
-        Collective::Reference { kind, mut buf, iterations } => {
+        Collective::Reference {
+            kind,
+            mut buf,
+            iterations,
+        } => {
             check_multiple(buf.len(), "reference")?;
             let seconds = t.reference(kind, &mut buf, iterations)?;
             buf[0] = seconds as f32;
@@ -255,7 +296,9 @@ fn run_collective<T: Transport>(t: &mut T, c: Collective, verify: bool) -> Resul
         }
         Collective::Broadcast { mut buf, root } => {
             if root >= world {
-                return Err(KilnError::Comm(format!("broadcast: root {root} is not a rank of a world of {world}")));
+                return Err(KilnError::Comm(format!(
+                    "broadcast: root {root} is not a rank of a world of {world}"
+                )));
             }
             if world > 1 {
                 t.broadcast(&mut buf, root)?;
@@ -287,13 +330,15 @@ impl Communicator for WorkerComm {
     fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         let (tx, rx) = channel();
         self.send(Job::Bytes(bytes.to_vec(), tx));
-        rx.recv().unwrap_or_else(|_| Err(KilnError::Comm("the communication thread stopped".into())))
+        rx.recv()
+            .unwrap_or_else(|_| Err(KilnError::Comm("the communication thread stopped".into())))
     }
 
     fn barrier(&self) -> Result<()> {
         let (tx, rx) = channel();
         self.send(Job::Barrier(tx));
-        rx.recv().unwrap_or_else(|_| Err(KilnError::Comm("the communication thread stopped".into())))
+        rx.recv()
+            .unwrap_or_else(|_| Err(KilnError::Comm("the communication thread stopped".into())))
     }
 
     fn abort(&self, why: &str) {

@@ -9,14 +9,18 @@ use std::path::Path;
 pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Config> {
     let mut table = match path {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| KilnError::file(p, format!("cannot read config: {e}")))?;
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| KilnError::file(p, format!("cannot read config: {e}")))?;
             text.parse::<toml::Table>().map_err(|e| {
                 let msg = one_line(e.message());
                 let line = e.span().map(|s| text[..s.start].lines().count().max(1));
-                KilnError::file(p, match line {
-                    Some(l) => format!("line {l}: {msg}"),
-                    None => msg,
-                })
+                KilnError::file(
+                    p,
+                    match line {
+                        Some(l) => format!("line {l}: {msg}"),
+                        None => msg,
+                    },
+                )
             })?
         }
         None => toml::Table::new(),
@@ -29,7 +33,13 @@ pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Config> {
     serde_path_to_error::deserialize::<_, Config>(de).map_err(|e| {
         let path = e.path().to_string();
         // toml's own message repeats the key on a second line; kiln names the key itself.
-        let inner = e.inner().to_string().lines().next().unwrap_or_default().to_string();
+        let inner = e
+            .inner()
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
         // serde reports an unknown field at its parent; name the field itself.
         if let Some(rest) = inner.strip_prefix("unknown field `") {
             let (field, expected) = rest.split_once('`').unwrap_or((rest, ""));
@@ -40,7 +50,10 @@ pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Config> {
             } else {
                 format!("{path}.{field}")
             };
-            return KilnError::config(format!("unknown key `{full}`{}", expected.trim_start_matches(',')));
+            return KilnError::config(format!(
+                "unknown key `{full}`{}",
+                expected.trim_start_matches(',')
+            ));
         }
         KilnError::config(format!("key `{path}`: {inner}"))
     })
@@ -54,7 +67,9 @@ pub fn parse_set(set: &str) -> Result<(String, toml::Value)> {
         .ok_or_else(|| KilnError::config(format!("--set `{set}`: expected section.key=value")))?;
     let key = key.trim().to_string();
     if key.is_empty() || key.split('.').any(str::is_empty) {
-        return Err(KilnError::config(format!("--set `{set}`: expected section.key=value")));
+        return Err(KilnError::config(format!(
+            "--set `{set}`: expected section.key=value"
+        )));
     }
     let raw = raw.trim();
     let value = format!("v = {raw}")
@@ -70,9 +85,14 @@ fn insert(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<()> 
     let last = parts.pop().expect("parse_set rejects empty keys");
     let mut node = table;
     for (i, part) in parts.iter().enumerate() {
-        let entry = node.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = node
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         node = entry.as_table_mut().ok_or_else(|| {
-            KilnError::config(format!("--set {key}: `{}` is a value, not a section", parts[..=i].join(".")))
+            KilnError::config(format!(
+                "--set {key}: `{}` is a value, not a section",
+                parts[..=i].join(".")
+            ))
         })?;
     }
     node.insert(last.to_string(), value);
@@ -80,5 +100,9 @@ fn insert(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<()> 
 }
 
 fn one_line(msg: &str) -> String {
-    msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+    msg.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }

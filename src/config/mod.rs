@@ -165,7 +165,13 @@ pub struct ParallelConfig {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        ParallelConfig { stage: 0, bucket_mb: 25.0, static_graph: true, prefetch: 1, persist_threshold: 0 }
+        ParallelConfig {
+            stage: 0,
+            bucket_mb: 25.0,
+            static_graph: true,
+            prefetch: 1,
+            persist_threshold: 0,
+        }
     }
 }
 
@@ -208,7 +214,11 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig { dir: String::new(), every: 0, keep: 3 }
+        CheckpointConfig {
+            dir: String::new(),
+            every: 0,
+            keep: 3,
+        }
     }
 }
 
@@ -224,7 +234,10 @@ pub struct OutputConfig {
 
 impl Default for OutputConfig {
     fn default() -> Self {
-        OutputConfig { dir: "runs/latest".into(), export: String::new() }
+        OutputConfig {
+            dir: "runs/latest".into(),
+            export: String::new(),
+        }
     }
 }
 
@@ -241,6 +254,9 @@ pub struct CommConfig {
 
 impl Default for CommConfig {
     fn default() -> Self {
-        CommConfig { backend: "auto".into(), verify: false }
+        CommConfig {
+            backend: "auto".into(),
+            verify: false,
+        }
     }
 }

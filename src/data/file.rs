@@ -18,11 +18,22 @@ fn check(path: &str, tokens: &[u16], vocab: usize, seq_len: usize, what: &str) -
     if tokens.len() < seq_len + 1 {
         return Err(KilnError::file(
             path,
-            format!("holds {} {what}; training needs at least seq_len + 1 = {}", tokens.len(), seq_len + 1),
+            format!(
+                "holds {} {what}; training needs at least seq_len + 1 = {}",
+                tokens.len(),
+                seq_len + 1
+            ),
         ));
     }
-    if let Some((i, &t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
-        return Err(KilnError::file(path, format!("token id {t} at position {i} is not below the model's vocab ({vocab})")));
+    if let Some((i, &t)) = tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t as usize >= vocab)
+    {
+        return Err(KilnError::file(
+            path,
+            format!("token id {t} at position {i} is not below the model's vocab ({vocab})"),
+        ));
     }
     Ok(())
 }
@@ -38,34 +49,56 @@ impl FileSource {
     /// A UTF-8 text file, one token per byte; errors name the file.
     pub fn text(path: &str, seed: u64, vocab: usize, seq_len: usize) -> Result<Self> {
         let bytes = read(path)?;
-        std::str::from_utf8(&bytes).map_err(|e| KilnError::file(path, format!("is not UTF-8 text ({e})")))?;
+        std::str::from_utf8(&bytes)
+            .map_err(|e| KilnError::file(path, format!("is not UTF-8 text ({e})")))?;
         let tokens: Vec<u16> = bytes.iter().map(|&b| b as u16).collect();
         check(path, &tokens, vocab, seq_len, "bytes")?;
         let description = format!("text source {path}: {} bytes", tokens.len());
-        Ok(FileSource { tokens, seed, description })
+        Ok(FileSource {
+            tokens,
+            seed,
+            description,
+        })
     }
 
     /// A uint16 token file (raw, or with llm.c's header); errors name the file.
     pub fn tokens(path: &str, seed: u64, vocab: usize, seq_len: usize) -> Result<Self> {
         let bytes = read(path)?;
-        let is_llmc = bytes.len() >= LLMC_HEADER_BYTES && i32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) == LLMC_MAGIC;
+        let is_llmc = bytes.len() >= LLMC_HEADER_BYTES
+            && i32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) == LLMC_MAGIC;
         let body = if is_llmc {
             let count = i32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
             let body = &bytes[LLMC_HEADER_BYTES..];
             if body.len() < count * 2 {
-                return Err(KilnError::file(path, format!("llm.c header announces {count} tokens but the file holds {}", body.len() / 2)));
+                return Err(KilnError::file(
+                    path,
+                    format!(
+                        "llm.c header announces {count} tokens but the file holds {}",
+                        body.len() / 2
+                    ),
+                ));
             }
             &body[..count * 2]
         } else {
             &bytes[..]
         };
         if body.len() % 2 != 0 {
-            return Err(KilnError::file(path, "length is odd; expected little-endian uint16 tokens"));
+            return Err(KilnError::file(
+                path,
+                "length is odd; expected little-endian uint16 tokens",
+            ));
         }
-        let tokens: Vec<u16> = body.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        let tokens: Vec<u16> = body
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
         check(path, &tokens, vocab, seq_len, "tokens")?;
         let description = format!("token file {path}: {} tokens", tokens.len());
-        Ok(FileSource { tokens, seed, description })
+        Ok(FileSource {
+            tokens,
+            seed,
+            description,
+        })
     }
 }
 

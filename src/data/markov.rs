@@ -44,15 +44,27 @@ impl MarkovSource {
         let stationary = stationary(n, &probs);
         let entropy_rate = (0..n * n)
             .map(|ctx| {
-                let h: f64 = probs[ctx * n..(ctx + 1) * n].iter().filter(|&&p| p > 0.0).map(|&p| -p * p.ln()).sum();
+                let h: f64 = probs[ctx * n..(ctx + 1) * n]
+                    .iter()
+                    .filter(|&&p| p > 0.0)
+                    .map(|&p| -p * p.ln())
+                    .sum();
                 stationary[ctx] * h
             })
             .sum();
-        MarkovSource { seed, symbols, cumulative: running_sums(&probs, n), start_cumulative: running_sums(&stationary, n * n), entropy_rate }
+        MarkovSource {
+            seed,
+            symbols,
+            cumulative: running_sums(&probs, n),
+            start_cumulative: running_sums(&stationary, n * n),
+            entropy_rate,
+        }
     }
 
     fn pick(cumulative: &[f64], u: f64) -> usize {
-        cumulative.partition_point(|&c| c <= u).min(cumulative.len() - 1)
+        cumulative
+            .partition_point(|&c| c <= u)
+            .min(cumulative.len() - 1)
     }
 }
 
@@ -115,7 +127,10 @@ impl TokenSource for MarkovSource {
     }
 
     fn describe(&self) -> String {
-        format!("markov order-2 source: {} symbols, entropy rate H = {:.4} nats/token", self.symbols, self.entropy_rate)
+        format!(
+            "markov order-2 source: {} symbols, entropy rate H = {:.4} nats/token",
+            self.symbols, self.entropy_rate
+        )
     }
 
     fn entropy_rate(&self) -> Option<f64> {

@@ -28,22 +28,48 @@ pub trait TokenSource: Send + Sync {
 /// Builds the source `[data]` asks for; file errors name the file.
 pub fn open(cfg: &DataConfig, vocab: usize, seq_len: usize) -> Result<Box<dyn TokenSource>> {
     match cfg.source.as_str() {
-        "markov" => Ok(Box::new(MarkovSource::new(cfg.seed, cfg.markov_symbols, cfg.markov_sharpness))),
-        "text" => Ok(Box::new(FileSource::text(required_path(cfg)?, cfg.seed, vocab, seq_len)?)),
-        "tokens" => Ok(Box::new(FileSource::tokens(required_path(cfg)?, cfg.seed, vocab, seq_len)?)),
-        other => Err(KilnError::config(format!("key `data.source`: `{other}` is not one of markov, text, tokens"))),
+        "markov" => Ok(Box::new(MarkovSource::new(
+            cfg.seed,
+            cfg.markov_symbols,
+            cfg.markov_sharpness,
+        ))),
+        "text" => Ok(Box::new(FileSource::text(
+            required_path(cfg)?,
+            cfg.seed,
+            vocab,
+            seq_len,
+        )?)),
+        "tokens" => Ok(Box::new(FileSource::tokens(
+            required_path(cfg)?,
+            cfg.seed,
+            vocab,
+            seq_len,
+        )?)),
+        other => Err(KilnError::config(format!(
+            "key `data.source`: `{other}` is not one of markov, text, tokens"
+        ))),
     }
 }
 
 fn required_path(cfg: &DataConfig) -> Result<&str> {
     if cfg.path.is_empty() {
-        return Err(KilnError::config(format!("key `data.path`: data.source = \"{}\" needs a file", cfg.source)));
+        return Err(KilnError::config(format!(
+            "key `data.path`: data.source = \"{}\" needs a file",
+            cfg.source
+        )));
     }
     Ok(&cfg.path)
 }
 
 /// Builds the micro-batch of rows `[first_row, first_row + rows)` of step `step` on `device`.
-pub fn micro_batch(source: &dyn TokenSource, step: u64, first_row: u64, rows: usize, seq_len: usize, device: &Device) -> MicroBatch {
+pub fn micro_batch(
+    source: &dyn TokenSource,
+    step: u64,
+    first_row: u64,
+    rows: usize,
+    seq_len: usize,
+    device: &Device,
+) -> MicroBatch {
     let mut row = vec![0u32; seq_len + 1];
     let mut inputs = Vec::with_capacity(rows * seq_len);
     let mut targets = Vec::with_capacity(rows * seq_len);
@@ -52,6 +78,10 @@ pub fn micro_batch(source: &dyn TokenSource, step: u64, first_row: u64, rows: us
         inputs.extend(row[..seq_len].iter().map(|&t| t as i64));
         targets.extend(row[1..].iter().map(|&t| t as i64));
     }
-    let tensor = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [rows, seq_len]), device);
-    MicroBatch { inputs: tensor(inputs), targets: tensor(targets) }
+    let tensor =
+        |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [rows, seq_len]), device);
+    MicroBatch {
+        inputs: tensor(inputs),
+        targets: tensor(targets),
+    }
 }

@@ -34,7 +34,14 @@ impl GptConfig {
             "gpt2-124m" => (50304, 768, 12, 12, 1024),
             _ => return None,
         };
-        Some(GptConfig { vocab, d_model, n_layers, n_heads, max_seq_len: seq, seq_len: seq })
+        Some(GptConfig {
+            vocab,
+            d_model,
+            n_layers,
+            n_heads,
+            max_seq_len: seq,
+            seq_len: seq,
+        })
     }
 
     /// Names of the presets, for error messages.
@@ -43,7 +50,10 @@ impl GptConfig {
     /// Total parameter count.
     pub fn num_params(&self) -> usize {
         let gpt = Gpt::new(*self);
-        (0..gpt.num_units()).flat_map(|u| gpt.unit_params(u)).map(|p| p.numel()).sum()
+        (0..gpt.num_units())
+            .flat_map(|u| gpt.unit_params(u))
+            .map(|p| p.numel())
+            .sum()
     }
 }
 
@@ -81,19 +91,39 @@ impl Gpt {
         vec![
             p("ln1.weight", vec![d], Init::Ones, false),
             p("ln1.bias", vec![d], Init::Zeros, false),
-            p("attn.qkv.weight", vec![d, 3 * d], Init::Normal(INIT_STD), true),
+            p(
+                "attn.qkv.weight",
+                vec![d, 3 * d],
+                Init::Normal(INIT_STD),
+                true,
+            ),
             // Query and value biases only: a key bias adds the same score to every key of a query,
             // which softmax cancels, so its gradient is exactly zero in exact arithmetic and pure
             // rounding noise in f32 — noise that Adam would normalise into full-size updates
             // (Whisper drops it for the same reason).
             p("attn.qv.bias", vec![2 * d], Init::Zeros, false),
-            p("attn.proj.weight", vec![d, d], Init::Normal(resid_std), true),
+            p(
+                "attn.proj.weight",
+                vec![d, d],
+                Init::Normal(resid_std),
+                true,
+            ),
             p("attn.proj.bias", vec![d], Init::Zeros, false),
             p("ln2.weight", vec![d], Init::Ones, false),
             p("ln2.bias", vec![d], Init::Zeros, false),
-            p("mlp.fc.weight", vec![d, 4 * d], Init::Normal(INIT_STD), true),
+            p(
+                "mlp.fc.weight",
+                vec![d, 4 * d],
+                Init::Normal(INIT_STD),
+                true,
+            ),
             p("mlp.fc.bias", vec![4 * d], Init::Zeros, false),
-            p("mlp.proj.weight", vec![4 * d, d], Init::Normal(resid_std), true),
+            p(
+                "mlp.proj.weight",
+                vec![4 * d, d],
+                Init::Normal(resid_std),
+                true,
+            ),
             p("mlp.proj.bias", vec![d], Init::Zeros, false),
         ]
     }
@@ -103,17 +133,43 @@ impl Gpt {
         let h = self.cfg.n_heads;
         let hd = d / h;
         let w2 = |i: usize, rows: usize, cols: usize| params[i].clone().reshape([rows, cols]);
-        let a = layer_norm(x.clone(), params[0].clone(), Some(params[1].clone()), LN_EPS);
+        let a = layer_norm(
+            x.clone(),
+            params[0].clone(),
+            Some(params[1].clone()),
+            LN_EPS,
+        );
         let qv_bias = &params[3];
         let zeros = Tensor::<1>::zeros([d], &qv_bias.device());
-        let qkv_bias = Tensor::cat(vec![qv_bias.clone().narrow(0, 0, d), zeros, qv_bias.clone().narrow(0, d, d)], 0);
+        let qkv_bias = Tensor::cat(
+            vec![
+                qv_bias.clone().narrow(0, 0, d),
+                zeros,
+                qv_bias.clone().narrow(0, d, d),
+            ],
+            0,
+        );
         let qkv = dense(a, w2(2, d, 3 * d), &qkv_bias);
-        let heads = |i: usize| qkv.clone().narrow(2, i * d, d).reshape([b, t, h, hd]).swap_dims(1, 2);
-        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+        let heads = |i: usize| {
+            qkv.clone()
+                .narrow(2, i * d, d)
+                .reshape([b, t, h, hd])
+                .swap_dims(1, 2)
+        };
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
         let att = attention(heads(0), heads(1), heads(2), None, None, options);
         let att = att.swap_dims(1, 2).reshape([b, t, d]);
         let x = x + dense(att, w2(4, d, d), &params[5]);
-        let m = layer_norm(x.clone(), params[6].clone(), Some(params[7].clone()), LN_EPS);
+        let m = layer_norm(
+            x.clone(),
+            params[6].clone(),
+            Some(params[7].clone()),
+            LN_EPS,
+        );
         let m = gelu_tanh(dense(m, w2(8, d, 4 * d), &params[9]));
         x + dense(m, w2(10, 4 * d, d), &params[11])
     }
@@ -153,24 +209,55 @@ impl UnitModel for Gpt {
     }
 
     fn unit_params(&self, unit: usize) -> Vec<ParamSpec> {
-        let GptConfig { vocab, d_model: d, max_seq_len, .. } = self.cfg;
-        let p = |path: &str, shape: Vec<usize>, init: Init, decay: bool| ParamSpec { path: path.into(), shape, init, decay };
+        let GptConfig {
+            vocab,
+            d_model: d,
+            max_seq_len,
+            ..
+        } = self.cfg;
+        let p = |path: &str, shape: Vec<usize>, init: Init, decay: bool| ParamSpec {
+            path: path.into(),
+            shape,
+            init,
+            decay,
+        };
         match unit {
             0 => vec![
                 p("wte.weight", vec![vocab, d], Init::Normal(INIT_STD), true),
-                p("wpe.weight", vec![max_seq_len, d], Init::Normal(INIT_STD), true),
+                p(
+                    "wpe.weight",
+                    vec![max_seq_len, d],
+                    Init::Normal(INIT_STD),
+                    true,
+                ),
             ],
             u if u <= self.cfg.n_layers => self.block_params(u - 1),
             _ => vec![
                 p("ln_f.weight", vec![d], Init::Ones, false),
                 p("ln_f.bias", vec![d], Init::Zeros, false),
-                p("lm_head.weight", vec![d, vocab], Init::Normal(INIT_STD), true),
+                p(
+                    "lm_head.weight",
+                    vec![d, vocab],
+                    Init::Normal(INIT_STD),
+                    true,
+                ),
             ],
         }
     }
 
-    fn forward_unit(&self, unit: usize, params: &[Tensor<1>], input: Option<Tensor<3>>, batch: &MicroBatch) -> Tensor<3> {
-        let GptConfig { vocab, d_model: d, max_seq_len, .. } = self.cfg;
+    fn forward_unit(
+        &self,
+        unit: usize,
+        params: &[Tensor<1>],
+        input: Option<Tensor<3>>,
+        batch: &MicroBatch,
+    ) -> Tensor<3> {
+        let GptConfig {
+            vocab,
+            d_model: d,
+            max_seq_len,
+            ..
+        } = self.cfg;
         match unit {
             0 => {
                 let [_, t] = batch.inputs.dims();
@@ -178,12 +265,17 @@ impl UnitModel for Gpt {
                 let pos = params[1].clone().reshape([max_seq_len, d]).narrow(0, 0, t);
                 tok + pos.unsqueeze::<3>()
             }
-            u if u <= self.cfg.n_layers => self.block_forward(params, input.expect("a block needs the previous unit's output")),
+            u if u <= self.cfg.n_layers => self.block_forward(
+                params,
+                input.expect("a block needs the previous unit's output"),
+            ),
             _ => {
                 let x = input.expect("the head needs the last block's output");
                 let [b, t, _] = x.dims();
                 let x = layer_norm(x, params[0].clone(), Some(params[1].clone()), LN_EPS);
-                let logits = x.reshape([b * t, d]).matmul(params[2].clone().reshape([d, vocab]));
+                let logits = x
+                    .reshape([b * t, d])
+                    .matmul(params[2].clone().reshape([d, vocab]));
                 let logp = log_softmax(logits, 1);
                 let targets = batch.targets.clone().reshape([b * t, 1]);
                 let nll = logp.gather(1, targets).neg();

@@ -58,7 +58,13 @@ pub trait UnitModel: Send + Sync {
     /// The unit's parameters in module-path order: this fixes the flat layout.
     fn unit_params(&self, unit: usize) -> Vec<ParamSpec>;
     /// Runs one unit. `params` follow `unit_params(unit)`, each as a flat `Tensor<1>`.
-    fn forward_unit(&self, unit: usize, params: &[Tensor<1>], input: Option<Tensor<3>>, batch: &MicroBatch) -> Tensor<3>;
+    fn forward_unit(
+        &self,
+        unit: usize,
+        params: &[Tensor<1>],
+        input: Option<Tensor<3>>,
+        batch: &MicroBatch,
+    ) -> Tensor<3>;
     /// Sequence length the model is trained with.
     fn seq_len(&self) -> usize;
     /// Vocabulary size.

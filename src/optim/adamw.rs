@@ -61,8 +61,18 @@ const CHUNK: usize = 1 << 15;
 
 /// Updates `p`, `m`, `v` in place from `g`. All four slices have the same length. `decay` says
 /// whether weight decay applies to this range.
-pub fn adamw_step(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars, decay: bool) {
-    assert!(p.len() == g.len() && p.len() == m.len() && p.len() == v.len(), "adamw_step: slice lengths differ");
+pub fn adamw_step(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    s: &StepScalars,
+    decay: bool,
+) {
+    assert!(
+        p.len() == g.len() && p.len() == m.len() && p.len() == v.len(),
+        "adamw_step: slice lengths differ"
+    );
     if p.len() <= CHUNK {
         dispatch(p, g, m, v, s, decay);
         return;
@@ -94,13 +104,27 @@ fn dispatch(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScal
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn kernel_avx512(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars, decay: bool) {
+fn kernel_avx512(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    s: &StepScalars,
+    decay: bool,
+) {
     kernel(p, g, m, v, s, decay)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn kernel_avx2(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars, decay: bool) {
+fn kernel_avx2(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    s: &StepScalars,
+    decay: bool,
+) {
     kernel(p, g, m, v, s, decay)
 }
 

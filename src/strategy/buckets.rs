@@ -37,7 +37,14 @@ impl Bucket {
     }
 
     /// Copies (or adds, when `accumulate`) a unit's padded gradients into the rank-major layout.
-    pub fn write(&self, buf: &mut [f32], slot: &BucketSlot, grads: &[f32], world: usize, accumulate: bool) {
+    pub fn write(
+        &self,
+        buf: &mut [f32],
+        slot: &BucketSlot,
+        grads: &[f32],
+        world: usize,
+        accumulate: bool,
+    ) {
         for q in 0..world {
             let dst = &mut buf[q * self.shard_len + slot.offset..][..slot.shard_len];
             let src = &grads[q * slot.shard_len..(q + 1) * slot.shard_len];
@@ -68,16 +75,38 @@ pub const FIRST_BUCKET_BYTES: usize = 1 << 20;
 
 impl BucketPlan {
     /// Packs `arrivals` (unit, padded gradient length) in order for `world` ranks.
-    pub fn build(arrivals: &[(usize, usize)], num_units: usize, bucket_bytes: usize, world: usize) -> Self {
+    pub fn build(
+        arrivals: &[(usize, usize)],
+        num_units: usize,
+        bucket_bytes: usize,
+        world: usize,
+    ) -> Self {
         let mut buckets: Vec<Bucket> = Vec::new();
-        let mut current = Bucket { slots: Vec::new(), shard_len: 0 };
+        let mut current = Bucket {
+            slots: Vec::new(),
+            shard_len: 0,
+        };
         for &(unit, len) in arrivals {
-            let cap = if buckets.is_empty() { FIRST_BUCKET_BYTES.min(bucket_bytes) } else { bucket_bytes } / 4;
+            let cap = if buckets.is_empty() {
+                FIRST_BUCKET_BYTES.min(bucket_bytes)
+            } else {
+                bucket_bytes
+            } / 4;
             if !current.slots.is_empty() && (current.shard_len * world + len) > cap {
-                buckets.push(std::mem::replace(&mut current, Bucket { slots: Vec::new(), shard_len: 0 }));
+                buckets.push(std::mem::replace(
+                    &mut current,
+                    Bucket {
+                        slots: Vec::new(),
+                        shard_len: 0,
+                    },
+                ));
             }
             let shard_len = len / world;
-            current.slots.push(BucketSlot { unit, offset: current.shard_len, shard_len });
+            current.slots.push(BucketSlot {
+                unit,
+                offset: current.shard_len,
+                shard_len,
+            });
             current.shard_len += shard_len;
         }
         if !current.slots.is_empty() {
@@ -89,7 +118,12 @@ impl BucketPlan {
                 slot_of_unit[slot.unit] = Some((b, s));
             }
         }
-        BucketPlan { buckets, order: arrivals.iter().map(|a| a.0).collect(), slot_of_unit, world }
+        BucketPlan {
+            buckets,
+            order: arrivals.iter().map(|a| a.0).collect(),
+            slot_of_unit,
+            world,
+        }
     }
 
     /// Where shard `q` of `unit`'s gradient lives: bucket index and range in its buffer.

@@ -42,9 +42,17 @@ pub const POOL_BUFFERS: usize = 2;
 /// Where reduced gradients live.
 enum Storage {
     /// One buffer per bucket for the whole step; `None` while a collective owns it.
-    PerBucket { buffers: Vec<Option<Vec<f32>>>, in_flight: Vec<Option<Pending>> },
+    PerBucket {
+        buffers: Vec<Option<Vec<f32>>>,
+        in_flight: Vec<Option<Pending>>,
+    },
     /// A recycled pool; this rank's shard of every unit kept in `shards`.
-    Pooled { free: Vec<Vec<f32>>, assigned: Vec<Option<Vec<f32>>>, in_flight: VecDeque<(usize, Pending)>, shards: Vec<Vec<f32>> },
+    Pooled {
+        free: Vec<Vec<f32>>,
+        assigned: Vec<Option<Vec<f32>>>,
+        in_flight: VecDeque<(usize, Pending)>,
+        shards: Vec<Vec<f32>>,
+    },
 }
 
 /// Bucketed gradient reduction.
@@ -73,7 +81,14 @@ pub struct GradBuckets {
 
 impl GradBuckets {
     /// Bucketing for `layout` with the given collective; `grad_accum` micro-steps per step.
-    pub fn new(comm: Arc<dyn Communicator>, layout: &ModelLayout, reduction: Reduction, grad_accum: usize, static_graph: bool, bucket_bytes: usize) -> Self {
+    pub fn new(
+        comm: Arc<dyn Communicator>,
+        layout: &ModelLayout,
+        reduction: Reduction,
+        grad_accum: usize,
+        static_graph: bool,
+        bucket_bytes: usize,
+    ) -> Self {
         let world = comm.world();
         GradBuckets {
             comm,
@@ -84,7 +99,10 @@ impl GradBuckets {
             static_graph,
             bucket_bytes,
             plan: None,
-            storage: Storage::PerBucket { buffers: Vec::new(), in_flight: Vec::new() },
+            storage: Storage::PerBucket {
+                buffers: Vec::new(),
+                in_flight: Vec::new(),
+            },
             arrived: Vec::new(),
             cursor: 0,
             arrivals: Vec::new(),
@@ -107,14 +125,27 @@ impl GradBuckets {
     /// Bytes of gradients kept between backward and the step: every bucket, or this rank's
     /// shards when pooled.
     pub fn grad_bytes(&self) -> usize {
-        let Some(plan) = self.plan.as_ref() else { return 0 };
-        4 * if self.pooled { self.shard_lens.iter().sum::<usize>() } else { plan.buckets.iter().map(|b| b.len(plan.world)).sum() }
+        let Some(plan) = self.plan.as_ref() else {
+            return 0;
+        };
+        4 * if self.pooled {
+            self.shard_lens.iter().sum::<usize>()
+        } else {
+            plan.buckets.iter().map(|b| b.len(plan.world)).sum()
+        }
     }
 
     /// Bytes of the recycled bucket buffers (pooled storage only).
     pub fn buffer_bytes(&self) -> usize {
-        let Some(plan) = self.plan.as_ref().filter(|_| self.pooled) else { return 0 };
-        let largest = plan.buckets.iter().map(|b| b.len(plan.world)).max().unwrap_or(0);
+        let Some(plan) = self.plan.as_ref().filter(|_| self.pooled) else {
+            return 0;
+        };
+        let largest = plan
+            .buckets
+            .iter()
+            .map(|b| b.len(plan.world))
+            .max()
+            .unwrap_or(0);
         4 * largest * POOL_BUFFERS.min(plan.buckets.len())
     }
 
@@ -128,15 +159,23 @@ impl GradBuckets {
     fn launch(&mut self, bucket: usize) {
         match &mut self.storage {
             Storage::PerBucket { buffers, .. } => {
-                let buf = buffers[bucket].take().expect("a bucket is launched once per step");
+                let buf = buffers[bucket]
+                    .take()
+                    .expect("a bucket is launched once per step");
                 let pending = self.start(buf);
-                let Storage::PerBucket { in_flight, .. } = &mut self.storage else { unreachable!() };
+                let Storage::PerBucket { in_flight, .. } = &mut self.storage else {
+                    unreachable!()
+                };
                 in_flight[bucket] = Some(pending);
             }
             Storage::Pooled { assigned, .. } => {
-                let buf = assigned[bucket].take().expect("a bucket is launched once per step");
+                let buf = assigned[bucket]
+                    .take()
+                    .expect("a bucket is launched once per step");
                 let pending = self.start(buf);
-                let Storage::Pooled { in_flight, .. } = &mut self.storage else { unreachable!() };
+                let Storage::Pooled { in_flight, .. } = &mut self.storage else {
+                    unreachable!()
+                };
                 in_flight.push_back((bucket, pending));
             }
         }
@@ -146,8 +185,18 @@ impl GradBuckets {
     fn retire_oldest(&mut self) -> Result<bool> {
         let plan = self.plan.as_ref().expect("pooled storage has a plan");
         let rank = self.comm.rank();
-        let Storage::Pooled { free, in_flight, shards, .. } = &mut self.storage else { unreachable!("pooled only") };
-        let Some((b, pending)) = in_flight.pop_front() else { return Ok(false) };
+        let Storage::Pooled {
+            free,
+            in_flight,
+            shards,
+            ..
+        } = &mut self.storage
+        else {
+            unreachable!("pooled only")
+        };
+        let Some((b, pending)) = in_flight.pop_front() else {
+            return Ok(false);
+        };
         let buf = pending.wait()?;
         let bucket = &plan.buckets[b];
         for slot in &bucket.slots {
@@ -160,14 +209,17 @@ impl GradBuckets {
 
     /// Makes sure bucket `b` has a buffer this step, taking one from the pool if needed.
     fn ensure_buffer(&mut self, b: usize) -> Result<()> {
-        let needs = matches!(&self.storage, Storage::Pooled { assigned, .. } if assigned[b].is_none());
+        let needs =
+            matches!(&self.storage, Storage::Pooled { assigned, .. } if assigned[b].is_none());
         if needs {
             let len = {
                 let plan = self.plan.as_ref().expect("plan");
                 plan.buckets[b].len(plan.world)
             };
             loop {
-                let Storage::Pooled { free, assigned, .. } = &mut self.storage else { unreachable!() };
+                let Storage::Pooled { free, assigned, .. } = &mut self.storage else {
+                    unreachable!()
+                };
                 if let Some(mut buf) = free.pop() {
                     // Pool buffers have the largest bucket's capacity: no reallocation here.
                     buf.resize(len, 0.0);
@@ -190,14 +242,19 @@ impl GradBuckets {
                 self.staged[unit].clear();
                 self.staged[unit].extend_from_slice(grads);
             } else {
-                self.staged[unit].iter_mut().zip(grads).for_each(|(a, g)| *a += g);
+                self.staged[unit]
+                    .iter_mut()
+                    .zip(grads)
+                    .for_each(|(a, g)| *a += g);
             }
             return Ok(());
         }
         let plan = self.plan.as_ref().expect("checked above");
         let expected = plan.order.get(self.cursor).copied();
         if expected != Some(unit) {
-            let wanted = expected.map_or("no unit".to_string(), |e| format!("`{}`", self.unit_names[e]));
+            let wanted = expected.map_or("no unit".to_string(), |e| {
+                format!("`{}`", self.unit_names[e])
+            });
             return Err(KilnError::Comm(format!(
                 "unit `{}` delivered gradients where the static bucket plan expects {wanted} (parallel.static_graph = true requires the same units in the same order every step)",
                 self.unit_names[unit]
@@ -219,8 +276,12 @@ impl GradBuckets {
         self.ensure_buffer(b)?;
         let plan = self.plan.as_ref().expect("plan");
         let buf = match &mut self.storage {
-            Storage::PerBucket { buffers, .. } => buffers[b].as_mut().expect("buckets are home between steps"),
-            Storage::Pooled { assigned, .. } => assigned[b].as_mut().expect("assigned by ensure_buffer"),
+            Storage::PerBucket { buffers, .. } => {
+                buffers[b].as_mut().expect("buckets are home between steps")
+            }
+            Storage::Pooled { assigned, .. } => {
+                assigned[b].as_mut().expect("assigned by ensure_buffer")
+            }
         };
         let bucket = &plan.buckets[b];
         bucket.write(buf, &bucket.slots[s], grads, plan.world, accumulate);
@@ -231,10 +292,20 @@ impl GradBuckets {
     /// the staged gradients into the buckets and launches every bucket.
     fn finish_recording(&mut self) -> Result<()> {
         let world = self.comm.world();
-        let plan = BucketPlan::build(&self.arrivals, self.unit_names.len(), self.bucket_bytes, world);
+        let plan = BucketPlan::build(
+            &self.arrivals,
+            self.unit_names.len(),
+            self.bucket_bytes,
+            world,
+        );
         let hashes = self.comm.all_gather_bytes(&plan.hash().to_le_bytes())?;
         if hashes.iter().any(|h| *h != hashes[0]) {
-            let ranks: Vec<String> = hashes.iter().enumerate().filter(|(_, h)| **h != hashes[0]).map(|(r, _)| r.to_string()).collect();
+            let ranks: Vec<String> = hashes
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| **h != hashes[0])
+                .map(|(r, _)| r.to_string())
+                .collect();
             return Err(KilnError::Comm(format!(
                 "the gradient bucket plan of rank(s) {} differs from rank 0's (different arrival order or sizes)",
                 ranks.join(", ")
@@ -244,14 +315,20 @@ impl GradBuckets {
         self.storage = if self.pooled {
             let largest = plan.buckets.iter().map(|b| b.len(world)).max().unwrap_or(0);
             Storage::Pooled {
-                free: (0..POOL_BUFFERS.min(num_buckets)).map(|_| Vec::with_capacity(largest)).collect(),
+                free: (0..POOL_BUFFERS.min(num_buckets))
+                    .map(|_| Vec::with_capacity(largest))
+                    .collect(),
                 assigned: (0..num_buckets).map(|_| None).collect(),
                 in_flight: VecDeque::new(),
                 shards: self.shard_lens.iter().map(|&len| vec![0.0; len]).collect(),
             }
         } else {
             Storage::PerBucket {
-                buffers: plan.buckets.iter().map(|b| Some(vec![0.0f32; b.len(world)])).collect(),
+                buffers: plan
+                    .buckets
+                    .iter()
+                    .map(|b| Some(vec![0.0f32; b.len(world)]))
+                    .collect(),
                 in_flight: (0..num_buckets).map(|_| None).collect(),
             }
         };
@@ -260,7 +337,11 @@ impl GradBuckets {
         self.plan = Some(plan);
         let staged = std::mem::take(&mut self.staged);
         for b in 0..num_buckets {
-            let units: Vec<usize> = self.plan.as_ref().expect("plan").buckets[b].slots.iter().map(|s| s.unit).collect();
+            let units: Vec<usize> = self.plan.as_ref().expect("plan").buckets[b]
+                .slots
+                .iter()
+                .map(|s| s.unit)
+                .collect();
             for (s, unit) in units.into_iter().enumerate() {
                 self.write_slot(b, s, &staged[unit], false)?;
             }
@@ -297,7 +378,8 @@ impl GradBuckets {
             Storage::Pooled { .. } => while self.retire_oldest()? {},
         }
         self.arrived.iter_mut().for_each(|a| *a = 0);
-        let waited = started.elapsed().as_secs_f64() * 1e3 + std::mem::take(&mut self.waited_in_backward_ms);
+        let waited =
+            started.elapsed().as_secs_f64() * 1e3 + std::mem::take(&mut self.waited_in_backward_ms);
         let plan = self.plan.as_ref().expect("plan");
         match &mut self.storage {
             Storage::PerBucket { buffers, .. } => {
@@ -306,12 +388,16 @@ impl GradBuckets {
                     // After a reduce-scatter only this rank's shard of the bucket holds sums.
                     let valid = match self.reduction {
                         Reduction::AllReduce => &mut buf[..],
-                        Reduction::ReduceScatter => &mut buf[rank * bucket.shard_len..(rank + 1) * bucket.shard_len],
+                        Reduction::ReduceScatter => {
+                            &mut buf[rank * bucket.shard_len..(rank + 1) * bucket.shard_len]
+                        }
                     };
                     valid.iter_mut().for_each(|g| *g /= divisor);
                 }
             }
-            Storage::Pooled { shards, .. } => shards.iter_mut().flatten().for_each(|g| *g /= divisor),
+            Storage::Pooled { shards, .. } => {
+                shards.iter_mut().flatten().for_each(|g| *g /= divisor)
+            }
         }
         Ok(waited)
     }
@@ -319,14 +405,22 @@ impl GradBuckets {
     /// Shard `q` of `unit`'s reduced gradient (after [`finish`](Self::finish)); empty if the unit
     /// has no gradients. With `ReduceScatter` only `q == rank` is available.
     pub fn shard(&self, unit: usize, q: usize) -> &[f32] {
-        let Some(plan) = self.plan.as_ref() else { return &[] };
+        let Some(plan) = self.plan.as_ref() else {
+            return &[];
+        };
         match &self.storage {
             Storage::PerBucket { buffers, .. } => match plan.shard_of(unit, q) {
-                Some((b, range)) => &buffers[b].as_ref().expect("buckets are home after finish")[range],
+                Some((b, range)) => {
+                    &buffers[b].as_ref().expect("buckets are home after finish")[range]
+                }
                 None => &[],
             },
             Storage::Pooled { shards, .. } => {
-                assert_eq!(q, self.comm.rank(), "a reduce-scatter keeps only this rank's shard");
+                assert_eq!(
+                    q,
+                    self.comm.rank(),
+                    "a reduce-scatter keeps only this rank's shard"
+                );
                 if plan.slot_of_unit[unit].is_some() {
                     &shards[unit]
                 } else {

@@ -70,7 +70,12 @@ pub struct MemoryReport {
 impl MemoryReport {
     /// Model-state bytes: everything above.
     pub fn total(&self) -> usize {
-        self.params_full + self.param_shards + self.grads + self.optimizer + self.comm_buffers + self.gathered
+        self.params_full
+            + self.param_shards
+            + self.grads
+            + self.optimizer
+            + self.comm_buffers
+            + self.gathered
     }
 }
 
@@ -118,8 +123,19 @@ pub(crate) fn finish_step(
     let rank = comm.rank();
     let grads = &*grads;
     let grad_norm = global_grad_norm(comm, layout, |u| grads.shard(u, rank))?;
-    let scalars = crate::optim::StepScalars::new(adamw, step + 1, lr, crate::optim::clip_factor(grad_norm, clip_grad));
-    Ok((StepStats { grad_norm, comm_wait_ms }, scalars))
+    let scalars = crate::optim::StepScalars::new(
+        adamw,
+        step + 1,
+        lr,
+        crate::optim::clip_factor(grad_norm, clip_grad),
+    );
+    Ok((
+        StepStats {
+            grad_norm,
+            comm_wait_ms,
+        },
+        scalars,
+    ))
 }
 
 /// AdamW on shard `q` of one unit: `params`, `g`, `m` and `v` all cover exactly that shard.
@@ -137,12 +153,24 @@ pub(crate) fn update_shard(
     let shard = unit.shard(q, world);
     for (piece, decay) in unit.pieces_in(shard) {
         let local = piece.start - shard.start.0..piece.end - shard.start.0;
-        crate::optim::adamw_step(&mut params[local.clone()], &g[local.clone()], &mut m[local.clone()], &mut v[local], s, decay);
+        crate::optim::adamw_step(
+            &mut params[local.clone()],
+            &g[local.clone()],
+            &mut m[local.clone()],
+            &mut v[local],
+            s,
+            decay,
+        );
     }
 }
 
 /// Builds the strategy the plan asks for, with initial parameters from the seed.
-pub fn build(plan: &Plan, comm: Arc<dyn Communicator>, layout: &ModelLayout, model: &dyn crate::model::UnitModel) -> Result<Box<dyn Strategy>> {
+pub fn build(
+    plan: &Plan,
+    comm: Arc<dyn Communicator>,
+    layout: &ModelLayout,
+    model: &dyn crate::model::UnitModel,
+) -> Result<Box<dyn Strategy>> {
     let stage = match plan.stage {
         0 => ReplicatedStage::Ddp,
         1 => ReplicatedStage::Zero1,

@@ -11,7 +11,9 @@
 //! `comm`), the same division, the same clip factor (see `norm`), the same AdamW — so the stages
 //! are bitwise equal to each other at the same world size.
 
-use super::{finish_step, update_shard, GradBuckets, MemoryReport, MicroStep, Reduction, StepStats, Strategy};
+use super::{
+    finish_step, update_shard, GradBuckets, MemoryReport, MicroStep, Reduction, StepStats, Strategy,
+};
 use crate::comm::Communicator;
 use crate::error::{KilnError, Result};
 use crate::flat::{init_unit, ModelLayout};
@@ -52,7 +54,13 @@ pub struct Replicated {
 
 impl Replicated {
     /// Initialises parameters from the seed (identical on every rank; checked by hash).
-    pub fn new(plan: &Plan, comm: Arc<dyn Communicator>, layout: &ModelLayout, model: &dyn UnitModel, stage: ReplicatedStage) -> Result<Self> {
+    pub fn new(
+        plan: &Plan,
+        comm: Arc<dyn Communicator>,
+        layout: &ModelLayout,
+        model: &dyn UnitModel,
+        stage: ReplicatedStage,
+    ) -> Result<Self> {
         let (rank, world) = (comm.rank(), comm.world());
         let (reduction, shards, gather_after_step) = match stage {
             ReplicatedStage::Ddp => (Reduction::AllReduce, 0..world, false),
@@ -60,10 +68,23 @@ impl Replicated {
             ReplicatedStage::Zero2 => (Reduction::ReduceScatter, rank..rank + 1, true),
         };
         let seed = plan.config.train.seed;
-        let params: Vec<Vec<f32>> = (0..layout.units.len()).map(|u| init_unit(&model.unit_params(u), &layout.units[u], seed)).collect();
+        let params: Vec<Vec<f32>> = (0..layout.units.len())
+            .map(|u| init_unit(&model.unit_params(u), &layout.units[u], seed))
+            .collect();
         check_same_on_all_ranks(comm.as_ref(), "initial parameters", params_hash(&params))?;
-        let state: Vec<Vec<f32>> = layout.units.iter().map(|u| vec![0.0; u.padded_len / world * shards.len()]).collect();
-        let grads = GradBuckets::new(comm.clone(), layout, reduction, plan.grad_accum, plan.config.parallel.static_graph, plan.bucket_bytes);
+        let state: Vec<Vec<f32>> = layout
+            .units
+            .iter()
+            .map(|u| vec![0.0; u.padded_len / world * shards.len()])
+            .collect();
+        let grads = GradBuckets::new(
+            comm.clone(),
+            layout,
+            reduction,
+            plan.grad_accum,
+            plan.config.parallel.static_graph,
+            plan.bucket_bytes,
+        );
         Ok(Replicated {
             comm,
             layout: layout.clone(),
@@ -90,7 +111,11 @@ impl Replicated {
     }
 
     fn gather_params(&mut self) -> Result<()> {
-        let pending: Vec<_> = self.params.iter_mut().map(|p| self.comm.all_gather(std::mem::take(p))).collect();
+        let pending: Vec<_> = self
+            .params
+            .iter_mut()
+            .map(|p| self.comm.all_gather(std::mem::take(p)))
+            .collect();
         for (slot, p) in self.params.iter_mut().zip(pending) {
             *slot = p.wait()?;
         }
@@ -99,17 +124,34 @@ impl Replicated {
 }
 
 fn params_hash(params: &[Vec<f32>]) -> u64 {
-    params.iter().flatten().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ x.to_bits() as u64).wrapping_mul(0x100_0000_01b3))
+    params
+        .iter()
+        .flatten()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+            (h ^ x.to_bits() as u64).wrapping_mul(0x100_0000_01b3)
+        })
 }
 
 /// Errors unless every rank passes the same `hash`, naming the ranks that differ.
-pub(crate) fn check_same_on_all_ranks(comm: &dyn Communicator, what: &str, hash: u64) -> Result<()> {
+pub(crate) fn check_same_on_all_ranks(
+    comm: &dyn Communicator,
+    what: &str,
+    hash: u64,
+) -> Result<()> {
     let all = comm.all_gather_bytes(&hash.to_le_bytes())?;
-    let differing: Vec<String> = all.iter().enumerate().filter(|(_, h)| **h != all[0]).map(|(r, _)| r.to_string()).collect();
+    let differing: Vec<String> = all
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| **h != all[0])
+        .map(|(r, _)| r.to_string())
+        .collect();
     if differing.is_empty() {
         Ok(())
     } else {
-        Err(KilnError::Comm(format!("{what} of rank(s) {} differ from rank 0's", differing.join(", "))))
+        Err(KilnError::Comm(format!(
+            "{what} of rank(s) {} differ from rank 0's",
+            differing.join(", ")
+        )))
     }
 }
 
@@ -136,7 +178,16 @@ impl Strategy for Replicated {
 
     fn step(&mut self, step: u64, lr: f64) -> Result<StepStats> {
         let world = self.comm.world();
-        let (stats, scalars) = finish_step(&mut self.grads, self.comm.as_ref(), &self.layout, self.grad_divisor, &self.adamw, self.clip_grad, step, lr)?;
+        let (stats, scalars) = finish_step(
+            &mut self.grads,
+            self.comm.as_ref(),
+            &self.layout,
+            self.grad_divisor,
+            &self.adamw,
+            self.clip_grad,
+            step,
+            lr,
+        )?;
         let grads = &self.grads;
         for (u, unit) in self.layout.units.iter().enumerate() {
             let shard_len = unit.padded_len / world;
@@ -147,7 +198,16 @@ impl Strategy for Replicated {
                 }
                 let state = i * shard_len..(i + 1) * shard_len;
                 let params = &mut self.params[u][unit.shard(q, world).range()];
-                update_shard(unit, q, world, params, g, &mut self.m[u][state.clone()], &mut self.v[u][state], &scalars);
+                update_shard(
+                    unit,
+                    q,
+                    world,
+                    params,
+                    g,
+                    &mut self.m[u][state.clone()],
+                    &mut self.v[u][state],
+                    &scalars,
+                );
             }
         }
         if self.gather_after_step {
@@ -157,13 +217,24 @@ impl Strategy for Replicated {
     }
 
     fn full_params(&mut self) -> Result<Vec<Vec<f32>>> {
-        Ok(self.params.iter().zip(&self.layout.units).map(|(p, u)| p[..u.numel].to_vec()).collect())
+        Ok(self
+            .params
+            .iter()
+            .zip(&self.layout.units)
+            .map(|(p, u)| p[..u.numel].to_vec())
+            .collect())
     }
 
     fn memory(&self) -> MemoryReport {
         let f = std::mem::size_of::<f32>();
         let padded: usize = self.layout.units.iter().map(|u| u.padded_len).sum();
         let state: usize = self.m.iter().map(Vec::len).sum();
-        MemoryReport { params_full: padded * f, grads: self.grads.grad_bytes(), optimizer: 2 * state * f, comm_buffers: self.grads.buffer_bytes(), ..Default::default() }
+        MemoryReport {
+            params_full: padded * f,
+            grads: self.grads.grad_bytes(),
+            optimizer: 2 * state * f,
+            comm_buffers: self.grads.buffer_bytes(),
+            ..Default::default()
+        }
     }
 }

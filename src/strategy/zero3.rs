@@ -10,7 +10,9 @@
 //! recompute, the same rank-ordered sums, norm and AdamW), so stage 3 is bitwise equal to the
 //! other stages at the same world size.
 
-use super::{finish_step, update_shard, GradBuckets, MemoryReport, MicroStep, Reduction, StepStats, Strategy};
+use super::{
+    finish_step, update_shard, GradBuckets, MemoryReport, MicroStep, Reduction, StepStats, Strategy,
+};
 use crate::comm::{Communicator, Pending};
 use crate::error::Result;
 use crate::flat::{init_unit, ModelLayout};
@@ -52,7 +54,12 @@ pub struct Zero3 {
 impl Zero3 {
     /// Initialises one unit at a time, keeping only this rank's shard (and whole persistent
     /// units): the whole model is never materialised, and the values equal a single process's.
-    pub fn new(plan: &Plan, comm: Arc<dyn Communicator>, layout: &ModelLayout, model: &dyn UnitModel) -> Result<Self> {
+    pub fn new(
+        plan: &Plan,
+        comm: Arc<dyn Communicator>,
+        layout: &ModelLayout,
+        model: &dyn UnitModel,
+    ) -> Result<Self> {
         let (rank, world) = (comm.rank(), comm.world());
         let seed = plan.config.train.seed;
         let threshold = plan.config.parallel.persist_threshold;
@@ -64,10 +71,21 @@ impl Zero3 {
             shards.push(full[unit.shard(rank, world).range()].to_vec());
             let keep = unit.numel < threshold;
             persistent.push(keep);
-            gathered.push(if keep { Gathered::Full(full) } else { Gathered::Released });
+            gathered.push(if keep {
+                Gathered::Full(full)
+            } else {
+                Gathered::Released
+            });
         }
         let state: Vec<Vec<f32>> = shards.iter().map(|s| vec![0.0; s.len()]).collect();
-        let grads = GradBuckets::new(comm.clone(), layout, Reduction::ReduceScatter, plan.grad_accum, plan.config.parallel.static_graph, plan.bucket_bytes);
+        let grads = GradBuckets::new(
+            comm.clone(),
+            layout,
+            Reduction::ReduceScatter,
+            plan.grad_accum,
+            plan.config.parallel.static_graph,
+            plan.bucket_bytes,
+        );
         Ok(Zero3 {
             comm,
             layout: layout.clone(),
@@ -101,14 +119,29 @@ impl Zero3 {
     fn gather(&mut self, unit: usize, next: impl Iterator<Item = usize>) -> Result<()> {
         self.start_gather(unit);
         if let Gathered::InFlight(_) = self.gathered[unit] {
-            let Gathered::InFlight(p) = std::mem::replace(&mut self.gathered[unit], Gathered::Released) else { unreachable!() };
+            let Gathered::InFlight(p) =
+                std::mem::replace(&mut self.gathered[unit], Gathered::Released)
+            else {
+                unreachable!()
+            };
             self.gathered[unit] = Gathered::Full(p.wait()?);
         }
         for u in next.take(self.prefetch) {
             self.start_gather(u);
         }
-        let held: usize = self.gathered.iter().zip(&self.persistent).filter(|(g, p)| !**p && !matches!(g, Gathered::Released)).count();
-        let largest = self.layout.units.iter().map(|u| u.padded_len).max().unwrap_or(0);
+        let held: usize = self
+            .gathered
+            .iter()
+            .zip(&self.persistent)
+            .filter(|(g, p)| !**p && !matches!(g, Gathered::Released))
+            .count();
+        let largest = self
+            .layout
+            .units
+            .iter()
+            .map(|u| u.padded_len)
+            .max()
+            .unwrap_or(0);
         self.peak_gathered = self.peak_gathered.max(held * largest * 4);
         Ok(())
     }
@@ -153,11 +186,29 @@ impl Strategy for Zero3 {
 
     fn step(&mut self, step: u64, lr: f64) -> Result<StepStats> {
         let (rank, world) = (self.comm.rank(), self.comm.world());
-        let (stats, scalars) = finish_step(&mut self.grads, self.comm.as_ref(), &self.layout, self.grad_divisor, &self.adamw, self.clip_grad, step, lr)?;
+        let (stats, scalars) = finish_step(
+            &mut self.grads,
+            self.comm.as_ref(),
+            &self.layout,
+            self.grad_divisor,
+            &self.adamw,
+            self.clip_grad,
+            step,
+            lr,
+        )?;
         for (u, unit) in self.layout.units.iter().enumerate() {
             let g = self.grads.shard(u, rank);
             if !g.is_empty() {
-                update_shard(unit, rank, world, &mut self.shards[u], g, &mut self.m[u], &mut self.v[u], &scalars);
+                update_shard(
+                    unit,
+                    rank,
+                    world,
+                    &mut self.shards[u],
+                    g,
+                    &mut self.m[u],
+                    &mut self.v[u],
+                    &scalars,
+                );
             }
         }
         // Persistent units are whole on every rank: refresh them from the updated shards.
@@ -183,7 +234,14 @@ impl Strategy for Zero3 {
     fn memory(&self) -> MemoryReport {
         let f = std::mem::size_of::<f32>();
         let shard: usize = self.shards.iter().map(Vec::len).sum();
-        let persistent: usize = self.layout.units.iter().zip(&self.persistent).filter(|(_, p)| **p).map(|(u, _)| u.padded_len).sum();
+        let persistent: usize = self
+            .layout
+            .units
+            .iter()
+            .zip(&self.persistent)
+            .filter(|(_, p)| **p)
+            .map(|(u, _)| u.padded_len)
+            .sum();
         MemoryReport {
             params_full: persistent * f,
             param_shards: shard * f,

@@ -71,16 +71,22 @@ pub struct MetricsWriter {
 impl MetricsWriter {
     /// Creates `dir` and `dir/metrics.jsonl`.
     pub fn create(dir: &str) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| KilnError::file(dir, format!("cannot create output.dir: {e}")))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| KilnError::file(dir, format!("cannot create output.dir: {e}")))?;
         let path = Path::new(dir).join("metrics.jsonl");
         let file = std::fs::File::create(&path).map_err(|e| KilnError::io(&path, e))?;
-        Ok(MetricsWriter { file: std::io::BufWriter::new(file), path })
+        Ok(MetricsWriter {
+            file: std::io::BufWriter::new(file),
+            path,
+        })
     }
 
     /// Writes one line and flushes it, so a crashed run keeps its metrics.
     pub fn write(&mut self, record: &StepRecord) -> Result<()> {
         let line = serde_json::to_string(record).expect("records serialise");
-        writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|e| KilnError::io(&self.path, e))
+        writeln!(self.file, "{line}")
+            .and_then(|_| self.file.flush())
+            .map_err(|e| KilnError::io(&self.path, e))
     }
 }
 
@@ -95,6 +101,10 @@ pub fn write_summary(dir: &str, summary: &Summary) -> Result<()> {
 pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map_or(0, |kb| kb * 1024)
 }

@@ -75,9 +75,18 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
     }
     let mut strategy = strategy::build(plan, comm.clone(), &layout, &model)?;
     let device = Device::flex();
-    let mut engine = Engine::new(Box::new(model), layout.clone(), device, plan.config.train.recompute);
+    let mut engine = Engine::new(
+        Box::new(model),
+        layout.clone(),
+        device,
+        plan.config.train.recompute,
+    );
 
-    let mut writer = if lead && !opts.no_outputs { Some(MetricsWriter::create(&plan.config.output.dir)?) } else { None };
+    let mut writer = if lead && !opts.no_outputs {
+        Some(MetricsWriter::create(&plan.config.output.dir)?)
+    } else {
+        None
+    };
     let bar = progress_bar(lead && !opts.quiet, plan.steps);
     let seq_len = plan.model.seq_len;
     let rows_per_rank = (plan.micro_batch * plan.grad_accum) as u64;
@@ -92,8 +101,22 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         let mut loss_sum = 0.0f32;
         for index in 0..plan.grad_accum {
             let first_row = rank as u64 * rows_per_rank + (index * plan.micro_batch) as u64;
-            let batch = data::micro_batch(source.as_ref(), step, first_row, plan.micro_batch, seq_len, engine.device());
-            loss_sum += engine.micro_step(strategy.as_mut(), &batch, MicroStep { index, count: plan.grad_accum })?;
+            let batch = data::micro_batch(
+                source.as_ref(),
+                step,
+                first_row,
+                plan.micro_batch,
+                seq_len,
+                engine.device(),
+            );
+            loss_sum += engine.micro_step(
+                strategy.as_mut(),
+                &batch,
+                MicroStep {
+                    index,
+                    count: plan.grad_accum,
+                },
+            )?;
         }
         let lr = plan.schedule.at(step);
         let stats = strategy.step(step, lr)?;
@@ -128,7 +151,11 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
 
     let params = strategy.full_params()?;
     let tail = losses.len().min(20);
-    let final_loss = losses[losses.len() - tail..].iter().map(|&l| l as f64).sum::<f64>() / tail as f64;
+    let final_loss = losses[losses.len() - tail..]
+        .iter()
+        .map(|&l| l as f64)
+        .sum::<f64>()
+        / tail as f64;
     let mut sorted_ms = step_ms.clone();
     sorted_ms.sort_by(f64::total_cmp);
     let median_ms = sorted_ms[sorted_ms.len() / 2];
@@ -140,7 +167,10 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         final_loss,
         final_loss_window: tail,
         entropy_rate: source.entropy_rate(),
-        loss_over_entropy: source.entropy_rate().filter(|&h| h > 0.0).map(|h| final_loss / h),
+        loss_over_entropy: source
+            .entropy_rate()
+            .filter(|&h| h > 0.0)
+            .map(|h| final_loss / h),
         num_params: layout.num_params(),
         median_step_ms: median_ms,
         tokens_per_s: tokens_per_step / (median_ms / 1e3),
@@ -158,13 +188,22 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
             "done: {} steps, final loss {:.4}{}, {:.0} tokens/s, peak RSS {:.0} MiB, {:.1} s",
             plan.steps,
             final_loss,
-            summary.loss_over_entropy.map_or(String::new(), |r| format!(" ({r:.3} × entropy rate {:.4})", final_loss / r)),
+            summary.loss_over_entropy.map_or(String::new(), |r| format!(
+                " ({r:.3} × entropy rate {:.4})",
+                final_loss / r
+            )),
             summary.tokens_per_s,
             summary.peak_rss_mb,
             summary.wall_s
         );
     }
-    Ok(RunOutcome { losses, grad_norms, params, layout, summary })
+    Ok(RunOutcome {
+        losses,
+        grad_norms,
+        params,
+        layout,
+        summary,
+    })
 }
 
 fn progress_bar(show: bool, steps: u64) -> ProgressBar {
@@ -173,9 +212,11 @@ fn progress_bar(show: bool, steps: u64) -> ProgressBar {
     }
     let bar = ProgressBar::new(steps);
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len}  {msg}  eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] step {pos}/{len}  {msg}  eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar
 }

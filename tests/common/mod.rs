@@ -13,14 +13,26 @@ pub fn config(sets: &[&str]) -> Config {
 /// relative difference: elementwise ratios are meaningless for values that pass through zero).
 pub fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "lengths differ");
-    let scale = b.iter().map(|x| x.abs() as f64).fold(0.0, f64::max).max(1e-30);
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
+    let scale = b
+        .iter()
+        .map(|x| x.abs() as f64)
+        .fold(0.0, f64::max)
+        .max(1e-30);
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, f64::max)
+        / scale
 }
 
 /// ‖a − b‖₂ ÷ ‖b‖₂ over a tensor.
 pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "lengths differ");
-    let diff: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let diff: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
     let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (diff / norm.max(1e-300)).sqrt()
 }
