@@ -68,7 +68,6 @@ pub fn measure(comm: &dyn Communicator) -> Result<Vec<CommRow>> {
                     .start(Collective::Reference {
                         kind,
                         buf: reference,
-                        iterations: 1,
                     })
                     .wait()?;
                 if i >= 2 {

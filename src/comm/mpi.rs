@@ -167,40 +167,26 @@ impl Transport for MpiTransport {
         Ok(())
     }
 
-    fn reference(
-        &mut self,
-        kind: ReferenceKind,
-        buf: &mut [f32],
-        iterations: usize,
-    ) -> Result<f64> {
+    fn reference(&mut self, kind: ReferenceKind, buf: &mut [f32]) -> Result<f64> {
         use mpi::collective::SystemOperation;
         let shard = buf.len() / self.world;
         let mut out = vec![0.0f32; buf.len()];
-        let mut times = Vec::with_capacity(iterations);
-        // With more than one iteration the first two warm up connections and caches.
-        let warmup = if iterations > 1 { 2 } else { 0 };
-        for i in 0..iterations + warmup {
-            self.world_comm.barrier();
-            let start = mpi::time();
-            match kind {
-                ReferenceKind::AllReduce => {
-                    self.world_comm
-                        .all_reduce_into(&buf[..], &mut out[..], SystemOperation::sum())
-                }
-                ReferenceKind::ReduceScatter => self.world_comm.reduce_scatter_block_into(
-                    &buf[..],
-                    &mut out[..shard],
-                    SystemOperation::sum(),
-                ),
-                ReferenceKind::AllGather => {
-                    self.world_comm.all_gather_into(&buf[..shard], &mut out[..])
-                }
+        self.world_comm.barrier();
+        let start = mpi::time();
+        match kind {
+            ReferenceKind::AllReduce => {
+                self.world_comm
+                    .all_reduce_into(&buf[..], &mut out[..], SystemOperation::sum())
             }
-            if i >= warmup {
-                times.push(mpi::time() - start);
+            ReferenceKind::ReduceScatter => self.world_comm.reduce_scatter_block_into(
+                &buf[..],
+                &mut out[..shard],
+                SystemOperation::sum(),
+            ),
+            ReferenceKind::AllGather => {
+                self.world_comm.all_gather_into(&buf[..shard], &mut out[..])
             }
         }
-        times.sort_by(f64::total_cmp);
-        Ok(times[times.len() / 2])
+        Ok(mpi::time() - start)
     }
 }

@@ -38,16 +38,14 @@ pub enum Collective {
         /// Sending rank.
         root: usize,
     },
-    /// The backend library's own collective (e.g. `MPI_Allreduce`) run `iterations` times on the
-    /// communication thread, for `kiln bench comm`; the buffer comes back with the median
-    /// seconds per call in element 0. Errors on backends that have no library of their own.
+    /// One call of the backend library's own collective (e.g. `MPI_Allreduce`), timed on the
+    /// communication thread after a barrier, for `kiln bench comm`; the buffer comes back with
+    /// the seconds it took in element 0. Errors on backends that have no library of their own.
     Reference {
         /// Which collective.
         kind: ReferenceKind,
         /// Data (contents irrelevant); length a multiple of the world size.
         buf: Vec<f32>,
-        /// Timed calls.
-        iterations: usize,
     },
 }
 
@@ -115,14 +113,9 @@ pub trait Transport {
     fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>>;
     /// Barrier.
     fn barrier(&mut self) -> Result<()>;
-    /// Times the library's own collective: median seconds per call over `iterations` calls.
-    fn reference(
-        &mut self,
-        kind: ReferenceKind,
-        buf: &mut [f32],
-        iterations: usize,
-    ) -> Result<f64> {
-        let _ = (kind, buf, iterations);
+    /// Times one call of the library's own collective, in seconds.
+    fn reference(&mut self, kind: ReferenceKind, buf: &mut [f32]) -> Result<f64> {
+        let _ = (kind, buf);
         Err(KilnError::Comm(
             "this backend has no library collective to compare with".into(),
         ))
@@ -284,13 +277,9 @@ fn run_collective<T: Transport>(t: &mut T, c: Collective, verify: bool) -> Resul
             }
             Ok(buf)
         }
-        Collective::Reference {
-            kind,
-            mut buf,
-            iterations,
-        } => {
+        Collective::Reference { kind, mut buf } => {
             check_multiple(buf.len(), "reference")?;
-            let seconds = t.reference(kind, &mut buf, iterations)?;
+            let seconds = t.reference(kind, &mut buf)?;
             buf[0] = seconds as f32;
             Ok(buf)
         }
