@@ -149,34 +149,23 @@ impl GradBuckets {
         4 * largest * POOL_BUFFERS.min(plan.buckets.len())
     }
 
-    fn start(&self, buf: Vec<f32>) -> Pending {
-        match self.reduction {
-            Reduction::AllReduce => self.comm.all_reduce(buf, ReduceOp::Sum),
-            Reduction::ReduceScatter => self.comm.reduce_scatter(buf, ReduceOp::Sum),
-        }
-    }
-
     fn launch(&mut self, bucket: usize) {
+        let (comm, reduction) = (&self.comm, self.reduction);
+        let start = |buf: Vec<f32>| match reduction {
+            Reduction::AllReduce => comm.all_reduce(buf, ReduceOp::Sum),
+            Reduction::ReduceScatter => comm.reduce_scatter(buf, ReduceOp::Sum),
+        };
+        const ONCE: &str = "a bucket is launched once per step";
         match &mut self.storage {
-            Storage::PerBucket { buffers, .. } => {
-                let buf = buffers[bucket]
-                    .take()
-                    .expect("a bucket is launched once per step");
-                let pending = self.start(buf);
-                let Storage::PerBucket { in_flight, .. } = &mut self.storage else {
-                    unreachable!()
-                };
-                in_flight[bucket] = Some(pending);
+            Storage::PerBucket { buffers, in_flight } => {
+                in_flight[bucket] = Some(start(buffers[bucket].take().expect(ONCE)));
             }
-            Storage::Pooled { assigned, .. } => {
-                let buf = assigned[bucket]
-                    .take()
-                    .expect("a bucket is launched once per step");
-                let pending = self.start(buf);
-                let Storage::Pooled { in_flight, .. } = &mut self.storage else {
-                    unreachable!()
-                };
-                in_flight.push_back((bucket, pending));
+            Storage::Pooled {
+                assigned,
+                in_flight,
+                ..
+            } => {
+                in_flight.push_back((bucket, start(assigned[bucket].take().expect(ONCE))));
             }
         }
     }
