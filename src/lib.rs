@@ -3,7 +3,8 @@
 //!
 //! The seams (see DESIGN.md): [`config`] → [`plan::Plan`]; [`comm::Communicator`] (local threads
 //! or MPI); [`engine::Engine`] running a [`model::UnitModel`] unit by unit; a
-//! [`strategy::Strategy`] per stage; the fused AdamW in [`optim`].
+//! [`strategy::Strategy`] per stage; the fused AdamW in [`optim`],
+//! reaching the optimizer states through an [`offload::StateStore`].
 
 pub mod bench;
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod error;
 pub mod flat;
 pub mod launch;
 pub mod model;
+pub mod offload;
 pub mod optim;
 pub mod plan;
 pub mod rng;

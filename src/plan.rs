@@ -1,6 +1,7 @@
 //! Config as resolved: [`Plan`] is validated once at start-up against the world size and holds
 //! everything the run needs as plain values. Errors name the key and what was expected.
 
+use crate::offload::Tier;
 use crate::config::Config;
 use crate::error::{KilnError, Result};
 use crate::model::GptConfig;
@@ -33,6 +34,8 @@ pub struct Plan {
     pub stage: u8,
     /// Bucket size in bytes (after the first, 1 MiB, bucket).
     pub bucket_bytes: usize,
+    /// Where optimizer states live.
+    pub offload: Tier,
 }
 
 fn bad(key: &str, msg: impl std::fmt::Display) -> KilnError {
@@ -181,23 +184,24 @@ impl Plan {
                 format!("{} must be a positive number of MiB", p.bucket_mb),
             ));
         }
-        match config.offload.optimizer.as_str() {
-            "none" => {}
-            "cpu" | "nvme" => {
-                return Err(bad(
-                    "offload.optimizer",
-                    format!(
-                        "`{}` is not available in this build yet; use none",
-                        config.offload.optimizer
-                    ),
-                ))
-            }
-            other => {
-                return Err(bad(
-                    "offload.optimizer",
-                    format!("`{other}` is not one of none, cpu, nvme"),
-                ))
-            }
+        let offload = Tier::parse(&config.offload.optimizer).ok_or_else(|| {
+            bad(
+                "offload.optimizer",
+                format!("`{}` is not one of none, cpu, nvme", config.offload.optimizer),
+            )
+        })?;
+        let o = &config.offload;
+        if !(o.chunk_mb.is_finite() && o.chunk_mb > 0.0) {
+            return Err(bad(
+                "offload.chunk_mb",
+                format!("{} must be a positive number of MiB", o.chunk_mb),
+            ));
+        }
+        if o.buffer_count == 0 {
+            return Err(bad("offload.buffer_count", "must be at least 1"));
+        }
+        if offload == Tier::Nvme && o.nvme_path.is_empty() {
+            return Err(bad("offload.nvme_path", "must name a directory for the nvme tier"));
         }
         if !config.checkpoint.dir.is_empty() {
             return Err(bad(
@@ -238,6 +242,7 @@ impl Plan {
             clip_grad: t.clip_grad,
             stage: p.stage,
             bucket_bytes: (p.bucket_mb * 1024.0 * 1024.0) as usize,
+            offload,
         })
     }
 }

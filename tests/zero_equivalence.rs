@@ -5,44 +5,14 @@
 
 mod common;
 
-use kiln::launch;
-use kiln::train::{RunOptions, RunOutcome};
+use kiln::train::RunOutcome;
 
-const OPTS: RunOptions = RunOptions {
-    quiet: true,
-    no_outputs: true,
-};
-
-/// vocab 61, d 21, 3 heads, 37 positions: the embedding unit has 2058 parameters and the head
-/// 1323, neither a multiple of 2 or 4.
 fn run(stage: u8, world: usize, accum: usize) -> RunOutcome {
-    run_with(stage, world, accum, &[])
+    common::small_run(stage, world, accum, &[])
 }
 
 fn run_with(stage: u8, world: usize, accum: usize, extra: &[&str]) -> RunOutcome {
-    let micro = 2;
-    let mut sets = vec![
-        "model.vocab=61".to_string(),
-        "model.d_model=21".into(),
-        "model.n_heads=3".into(),
-        "model.n_layers=2".into(),
-        "model.max_seq_len=37".into(),
-        "model.seq_len=16".into(),
-        "data.markov_symbols=16".into(),
-        "train.steps=30".into(),
-        "train.lr=1e-2".into(),
-        "train.warmup_steps=3".into(),
-        "train.threads=1".into(),
-        "parallel.bucket_mb=0.01".into(),
-        format!("parallel.stage={stage}"),
-        format!("train.micro_batch={micro}"),
-        format!("train.global_batch={}", micro * accum * world),
-    ];
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-    launch::simulate(&common::config(&sets), world, &OPTS)
-        .expect("run")
-        .swap_remove(0)
+    common::small_run(stage, world, accum, extra)
 }
 
 #[test]

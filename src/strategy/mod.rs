@@ -16,7 +16,8 @@ pub use zero3::Zero3;
 
 use crate::comm::Communicator;
 use crate::error::Result;
-use crate::flat::ModelLayout;
+use crate::flat::{ModelLayout, ShardRange, UnitOffset};
+use crate::offload::{Access, StateLayout, StateStore};
 use crate::plan::Plan;
 use serde::Serialize;
 use std::sync::Arc;
@@ -59,8 +60,10 @@ pub struct MemoryReport {
     pub param_shards: usize,
     /// Gradients (full or sharded).
     pub grads: usize,
-    /// Optimizer states (AdamW m and v).
+    /// Optimizer states (AdamW m and v) in memory.
     pub optimizer: usize,
+    /// Optimizer states in files (nvme tier): not in memory, not part of `total`.
+    pub optimizer_offloaded: usize,
     /// Communication buffers other than gradient buckets.
     pub comm_buffers: usize,
     /// Units gathered temporarily (stage 3), at their peak.
@@ -138,30 +141,60 @@ pub(crate) fn finish_step(
     ))
 }
 
-/// AdamW on shard `q` of one unit: `params`, `g`, `m` and `v` all cover exactly that shard.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn update_shard(
-    unit: &crate::flat::UnitLayout,
-    q: usize,
-    world: usize,
-    params: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
+/// How a strategy holds the parameters that the optimizer state belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ParamsHeld {
+    /// `params[u]` is unit u's whole (padded) buffer.
+    FullUnits,
+    /// `params[u]` is only this rank's shard of unit u.
+    OwnShards,
+}
+
+/// The AdamW step over a rank's optimizer state: streams the store chunk by chunk (whatever its
+/// tier) and updates, for every element of state, the parameter element it belongs to. Chunk
+/// boundaries do not matter: the update is element-wise, so every tier gives the same bits.
+pub(crate) fn adamw_over_store(
+    store: &mut dyn StateStore,
+    state: &StateLayout,
+    layout: &ModelLayout,
+    params: &mut [Vec<f32>],
+    held: ParamsHeld,
+    grads: &GradBuckets,
     s: &crate::optim::StepScalars,
-) {
-    let shard = unit.shard(q, world);
-    for (piece, decay) in unit.pieces_in(shard) {
-        let local = piece.start - shard.start.0..piece.end - shard.start.0;
-        crate::optim::adamw_step(
-            &mut params[local.clone()],
-            &g[local.clone()],
-            &mut m[local.clone()],
-            &mut v[local],
-            s,
-            decay,
-        );
-    }
+) -> Result<()> {
+    let world = layout.world;
+    store.stream(Access::ReadWrite, &mut |chunk, m, v| {
+        for (seg, sub) in state.split(chunk.clone()) {
+            let g = grads.shard(seg.unit, seg.shard);
+            if g.is_empty() {
+                continue;
+            }
+            let unit = &layout.units[seg.unit];
+            let shard = unit.shard(seg.shard, world);
+            let touched = ShardRange {
+                start: UnitOffset(shard.start.0 + sub.start),
+                end: UnitOffset(shard.start.0 + sub.end),
+            };
+            let params_base = match held {
+                ParamsHeld::FullUnits => shard.start.0,
+                ParamsHeld::OwnShards => 0,
+            };
+            for (piece, decay) in unit.pieces_in(touched) {
+                // Offsets of the piece inside the shard, the parameter buffer and the chunk.
+                let local = piece.start - shard.start.0..piece.end - shard.start.0;
+                let in_chunk = seg.start + local.start - chunk.start..seg.start + local.end - chunk.start;
+                crate::optim::adamw_step(
+                    &mut params[seg.unit][params_base + local.start..params_base + local.end],
+                    &g[local],
+                    &mut m[in_chunk.clone()],
+                    &mut v[in_chunk],
+                    s,
+                    decay,
+                );
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Builds the strategy the plan asks for, with initial parameters from the seed.

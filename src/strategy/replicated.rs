@@ -12,15 +12,16 @@
 //! are bitwise equal to each other at the same world size.
 
 use super::{
-    finish_step, update_shard, GradBuckets, MemoryReport, MicroStep, Reduction, StepStats, Strategy,
+    adamw_over_store, finish_step, GradBuckets, MemoryReport, MicroStep, ParamsHeld, Reduction,
+    StepStats, Strategy,
 };
 use crate::comm::Communicator;
 use crate::error::{KilnError, Result};
 use crate::flat::{init_unit, ModelLayout};
 use crate::model::UnitModel;
+use crate::offload::{self, StateLayout, StateStore};
 use crate::optim::AdamWConfig;
 use crate::plan::Plan;
-use std::ops::Range;
 use std::sync::Arc;
 
 /// Which of the replicated-parameter stages.
@@ -39,11 +40,9 @@ pub struct Replicated {
     comm: Arc<dyn Communicator>,
     layout: ModelLayout,
     params: Vec<Vec<f32>>,
-    /// AdamW moments per unit for the shards in `shards`, in shard order.
-    m: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    /// Shards this rank updates: every one (DDP) or its own (ZeRO).
-    shards: Range<usize>,
+    /// AdamW moments of the shards this rank updates: every one (DDP) or its own (ZeRO).
+    state: StateLayout,
+    store: Box<dyn StateStore>,
     gather_after_step: bool,
     adamw: AdamWConfig,
     clip_grad: f64,
@@ -72,11 +71,8 @@ impl Replicated {
             .map(|u| init_unit(&model.unit_params(u), &layout.units[u], seed))
             .collect();
         check_same_on_all_ranks(comm.as_ref(), "initial parameters", params_hash(&params))?;
-        let state: Vec<Vec<f32>> = layout
-            .units
-            .iter()
-            .map(|u| vec![0.0; u.padded_len / world * shards.len()])
-            .collect();
+        let state = StateLayout::new(layout, shards);
+        let store = offload::open(plan.offload, &plan.config.offload, rank, state.len)?;
         let grads = GradBuckets::new(
             comm.clone(),
             layout,
@@ -89,9 +85,8 @@ impl Replicated {
             comm,
             layout: layout.clone(),
             params,
-            m: state.clone(),
-            v: state,
-            shards,
+            state,
+            store,
             gather_after_step,
             adamw: plan.adamw,
             clip_grad: plan.clip_grad,
@@ -177,7 +172,6 @@ impl Strategy for Replicated {
     }
 
     fn step(&mut self, step: u64, lr: f64) -> Result<StepStats> {
-        let world = self.comm.world();
         let (stats, scalars) = finish_step(
             &mut self.grads,
             self.comm.as_ref(),
@@ -188,28 +182,15 @@ impl Strategy for Replicated {
             step,
             lr,
         )?;
-        let grads = &self.grads;
-        for (u, unit) in self.layout.units.iter().enumerate() {
-            let shard_len = unit.padded_len / world;
-            for (i, q) in self.shards.clone().enumerate() {
-                let g = grads.shard(u, q);
-                if g.is_empty() {
-                    continue;
-                }
-                let state = i * shard_len..(i + 1) * shard_len;
-                let params = &mut self.params[u][unit.shard(q, world).range()];
-                update_shard(
-                    unit,
-                    q,
-                    world,
-                    params,
-                    g,
-                    &mut self.m[u][state.clone()],
-                    &mut self.v[u][state],
-                    &scalars,
-                );
-            }
-        }
+        adamw_over_store(
+            self.store.as_mut(),
+            &self.state,
+            &self.layout,
+            &mut self.params,
+            ParamsHeld::FullUnits,
+            &self.grads,
+            &scalars,
+        )?;
         if self.gather_after_step {
             self.gather_params()?;
         }
@@ -228,11 +209,11 @@ impl Strategy for Replicated {
     fn memory(&self) -> MemoryReport {
         let f = std::mem::size_of::<f32>();
         let padded: usize = self.layout.units.iter().map(|u| u.padded_len).sum();
-        let state: usize = self.m.iter().map(Vec::len).sum();
         MemoryReport {
             params_full: padded * f,
             grads: self.grads.grad_bytes(),
-            optimizer: 2 * state * f,
+            optimizer: self.store.resident_bytes(),
+            optimizer_offloaded: self.store.offloaded_bytes(),
             comm_buffers: self.grads.buffer_bytes(),
             ..Default::default()
         }

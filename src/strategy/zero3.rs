@@ -11,12 +11,14 @@
 //! other stages at the same world size.
 
 use super::{
-    finish_step, update_shard, GradBuckets, MemoryReport, MicroStep, Reduction, StepStats, Strategy,
+    adamw_over_store, finish_step, GradBuckets, MemoryReport, MicroStep, ParamsHeld, Reduction,
+    StepStats, Strategy,
 };
 use crate::comm::{Communicator, Pending};
 use crate::error::Result;
 use crate::flat::{init_unit, ModelLayout};
 use crate::model::UnitModel;
+use crate::offload::{self, StateLayout, StateStore};
 use crate::optim::AdamWConfig;
 use crate::plan::Plan;
 use std::sync::Arc;
@@ -40,8 +42,9 @@ pub struct Zero3 {
     /// Units kept whole on every rank.
     persistent: Vec<bool>,
     gathered: Vec<Gathered>,
-    m: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    /// AdamW moments of this rank's shards.
+    state: StateLayout,
+    store: Box<dyn StateStore>,
     prefetch: usize,
     adamw: AdamWConfig,
     clip_grad: f64,
@@ -77,7 +80,8 @@ impl Zero3 {
                 Gathered::Released
             });
         }
-        let state: Vec<Vec<f32>> = shards.iter().map(|s| vec![0.0; s.len()]).collect();
+        let state = StateLayout::new(layout, rank..rank + 1);
+        let store = offload::open(plan.offload, &plan.config.offload, rank, state.len)?;
         let grads = GradBuckets::new(
             comm.clone(),
             layout,
@@ -92,8 +96,8 @@ impl Zero3 {
             shards,
             persistent,
             gathered,
-            m: state.clone(),
-            v: state,
+            state,
+            store,
             prefetch: plan.config.parallel.prefetch,
             adamw: plan.adamw,
             clip_grad: plan.clip_grad,
@@ -185,7 +189,6 @@ impl Strategy for Zero3 {
     }
 
     fn step(&mut self, step: u64, lr: f64) -> Result<StepStats> {
-        let (rank, world) = (self.comm.rank(), self.comm.world());
         let (stats, scalars) = finish_step(
             &mut self.grads,
             self.comm.as_ref(),
@@ -196,21 +199,15 @@ impl Strategy for Zero3 {
             step,
             lr,
         )?;
-        for (u, unit) in self.layout.units.iter().enumerate() {
-            let g = self.grads.shard(u, rank);
-            if !g.is_empty() {
-                update_shard(
-                    unit,
-                    rank,
-                    world,
-                    &mut self.shards[u],
-                    g,
-                    &mut self.m[u],
-                    &mut self.v[u],
-                    &scalars,
-                );
-            }
-        }
+        adamw_over_store(
+            self.store.as_mut(),
+            &self.state,
+            &self.layout,
+            &mut self.shards,
+            ParamsHeld::OwnShards,
+            &self.grads,
+            &scalars,
+        )?;
         // Persistent units are whole on every rank: refresh them from the updated shards.
         for u in 0..self.layout.units.len() {
             if self.persistent[u] {
@@ -246,7 +243,8 @@ impl Strategy for Zero3 {
             params_full: persistent * f,
             param_shards: shard * f,
             grads: self.grads.grad_bytes(),
-            optimizer: 2 * shard * f,
+            optimizer: self.store.resident_bytes(),
+            optimizer_offloaded: self.store.offloaded_bytes(),
             comm_buffers: self.grads.buffer_bytes(),
             gathered: self.peak_gathered,
         }

@@ -2,6 +2,70 @@
 #![allow(dead_code)]
 
 use kiln::config::{self, Config};
+use kiln::launch;
+use kiln::train::{RunOptions, RunOutcome};
+use std::path::PathBuf;
+
+/// In-process runs: no progress bar, no files.
+pub const QUIET: RunOptions = RunOptions {
+    quiet: true,
+    no_outputs: true,
+};
+
+/// `world` local ranks train a model small enough for test matrices, 30 steps, micro-batch 2:
+/// vocab 61, d 21, 3 heads, 37 positions — the embedding unit has 2058 parameters and the head
+/// 1323, neither a multiple of 2, 3 or 4, so shards carry padding. `extra` are more `--set`s.
+pub fn small_run(stage: u8, world: usize, accum: usize, extra: &[&str]) -> RunOutcome {
+    let micro = 2;
+    let mut sets = vec![
+        "model.vocab=61".to_string(),
+        "model.d_model=21".into(),
+        "model.n_heads=3".into(),
+        "model.n_layers=2".into(),
+        "model.max_seq_len=37".into(),
+        "model.seq_len=16".into(),
+        "data.markov_symbols=16".into(),
+        "train.steps=30".into(),
+        "train.lr=1e-2".into(),
+        "train.warmup_steps=3".into(),
+        "train.threads=1".into(),
+        "parallel.bucket_mb=0.01".into(),
+        format!("parallel.stage={stage}"),
+        format!("train.micro_batch={micro}"),
+        format!("train.global_batch={}", micro * accum * world),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    launch::simulate(&config(&sets), world, &QUIET)
+        .expect("run")
+        .swap_remove(0)
+}
+
+/// A fresh, empty scratch directory for one test (removed when dropped).
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("kiln-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+
+    pub fn str(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp path")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// A config from `--set` style overrides on top of the defaults.
 pub fn config(sets: &[&str]) -> Config {

@@ -1,0 +1,273 @@
+//! Tier `nvme`: the rank's m and v in one preallocated file, streamed through a few page-aligned
+//! buffers at every step (ZeRO-Infinity's optimizer offload; DeepSpeed's `offload_optimizer`
+//! with `device: nvme`).
+//!
+//! The file is a sequence of chunks, chunk k holding m then v of state elements
+//! `[k·chunk, (k+1)·chunk)`, so each chunk is one sequential transfer each way. `stream` runs a
+//! reader thread and a writer thread around the caller: while the caller updates chunk k, the
+//! reader fills chunk k+1 (and beyond, while buffers are free) and the writer drains chunk k−1.
+//! Only `buffer_count` chunks are ever in memory. Transfers use O_DIRECT where the filesystem
+//! takes it, so the state does not pass through (or evict) the page cache.
+
+use super::aligned::{AlignedBuf, ALIGN};
+use super::{Access, ChunkFn, StateStore, Tier};
+use crate::config::OffloadConfig;
+use crate::error::{KilnError, Result};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver};
+
+/// Elements per chunk are a multiple of this, so every chunk's bytes and offset are aligned.
+const CHUNK_GRAIN: usize = ALIGN / std::mem::size_of::<f32>();
+
+/// Optimizer state in a file.
+pub struct NvmeStore {
+    path: PathBuf,
+    file: File,
+    len: usize,
+    /// Elements of m (and of v) per chunk.
+    chunk: usize,
+    buffer_count: usize,
+    /// Buffers kept between steps (each holds one chunk of m and one of v).
+    idle: Vec<AlignedBuf>,
+    direct: bool,
+}
+
+impl NvmeStore {
+    /// Creates rank `rank`'s zeroed file of `len` elements of m and v under `offload.nvme_path`.
+    pub fn create(config: &OffloadConfig, rank: usize, len: usize) -> Result<Self> {
+        let dir = Path::new(&config.nvme_path);
+        if !dir.is_dir() {
+            return Err(KilnError::file(
+                dir,
+                "offload.nvme_path must be an existing directory",
+            ));
+        }
+        let path = dir.join(format!("kiln-{}-rank{rank}.optim", std::process::id()));
+        let wanted = (config.chunk_mb * (1 << 20) as f64 / 8.0) as usize;
+        let chunk = (wanted / CHUNK_GRAIN)
+            .max(1)
+            .min(len.div_ceil(CHUNK_GRAIN).max(1))
+            * CHUNK_GRAIN;
+        let bytes = (len.div_ceil(chunk) * chunk * 8) as u64;
+        let (file, direct) = open_new(&path)?;
+        let mut store = NvmeStore {
+            path,
+            file,
+            len,
+            chunk,
+            buffer_count: config.buffer_count.max(1),
+            idle: Vec::new(),
+            direct,
+        };
+        store.preallocate(bytes)?;
+        if store.direct && bytes > 0 && !store.direct_io_works() {
+            tracing::warn!(
+                "{}: the filesystem refused O_DIRECT transfers; using buffered I/O",
+                store.path.display()
+            );
+            store.file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&store.path)
+                .map_err(|e| cannot(&store.path, e))?;
+            store.direct = false;
+        }
+        Ok(store)
+    }
+
+    /// Whether transfers bypass the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// The state file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Elements of m (and of v) per chunk.
+    pub fn chunk_len(&self) -> usize {
+        self.chunk
+    }
+
+    fn chunks(&self) -> usize {
+        self.len.div_ceil(self.chunk)
+    }
+
+    /// Reserves the blocks now, so that a full disk fails at start with the path named, not in
+    /// the middle of a step.
+    fn preallocate(&self, bytes: u64) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: a valid open descriptor and in-range lengths.
+        let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, bytes as libc::off_t) };
+        match rc {
+            0 => Ok(()),
+            libc::ENOSPC => Err(KilnError::file(
+                &self.path,
+                format!(
+                    "no space left for {:.1} MiB of optimizer state (offload.nvme_path)",
+                    bytes as f64 / (1 << 20) as f64
+                ),
+            )),
+            // Filesystems without fallocate: a sparse file reads as zeros all the same.
+            libc::EOPNOTSUPP | libc::EINVAL => self
+                .file
+                .set_len(bytes)
+                .map_err(|e| KilnError::io(&self.path, e)),
+            other => Err(KilnError::io(
+                &self.path,
+                std::io::Error::from_raw_os_error(other),
+            )),
+        }
+    }
+
+    /// Some filesystems accept O_DIRECT at open and refuse the transfers.
+    fn direct_io_works(&self) -> bool {
+        let mut probe = AlignedBuf::zeroed(CHUNK_GRAIN);
+        self.file.write_all_at(probe.bytes(), 0).is_ok()
+            && self.file.read_exact_at(probe.bytes_mut(), 0).is_ok()
+    }
+}
+
+/// Creates `path` with O_DIRECT if the filesystem takes it at open.
+fn open_new(path: &Path) -> Result<(File, bool)> {
+    let open = |flags: i32| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .custom_flags(flags)
+            .open(path)
+    };
+    match open(libc::O_DIRECT) {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::warn!(
+                "{}: the filesystem does not support O_DIRECT; using buffered I/O",
+                path.display()
+            );
+            Ok((open(0).map_err(|e| cannot(path, e))?, false))
+        }
+        Err(e) => Err(cannot(path, e)),
+    }
+}
+
+fn cannot(path: &Path, e: std::io::Error) -> KilnError {
+    KilnError::file(
+        path,
+        format!("cannot create the optimizer-state file (offload.nvme_path): {e}"),
+    )
+}
+
+fn io_error(path: &Path, what: &str, k: usize, e: std::io::Error) -> KilnError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        KilnError::file(
+            path,
+            format!("optimizer-state file is shorter than expected at chunk {k} (truncated?)"),
+        )
+    } else {
+        KilnError::file(
+            path,
+            format!("{what} of optimizer-state chunk {k} failed: {e}"),
+        )
+    }
+}
+
+impl StateStore for NvmeStore {
+    fn tier(&self) -> Tier {
+        Tier::Nvme
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn stream(&mut self, access: Access, f: &mut ChunkFn<'_>) -> Result<()> {
+        let n = self.chunks();
+        if n == 0 {
+            return Ok(());
+        }
+        let count = self.buffer_count.min(n);
+        while self.idle.len() < count {
+            self.idle.push(AlignedBuf::zeroed(2 * self.chunk));
+        }
+        let (free_tx, free_rx) = sync_channel::<AlignedBuf>(count);
+        for b in self.idle.drain(..) {
+            free_tx.send(b).expect("capacity for every buffer");
+        }
+        let (full_tx, full_rx) = sync_channel::<(usize, AlignedBuf)>(count);
+        let (done_tx, done_rx) = sync_channel::<(usize, AlignedBuf)>(count);
+        let (file, path, chunk, len) = (&self.file, self.path.as_path(), self.chunk, self.len);
+        let bytes_at = |k: usize| (k * chunk * 8) as u64;
+
+        let (updated, read, written) = std::thread::scope(|s| {
+            let reader = s.spawn(move || -> (Result<()>, Receiver<AlignedBuf>) {
+                for k in 0..n {
+                    // No buffer will come back once the writer has stopped.
+                    let Ok(mut b) = free_rx.recv() else { break };
+                    if let Err(e) = file.read_exact_at(b.bytes_mut(), bytes_at(k)) {
+                        return (Err(io_error(path, "read", k, e)), free_rx);
+                    }
+                    if full_tx.send((k, b)).is_err() {
+                        break;
+                    }
+                }
+                (Ok(()), free_rx)
+            });
+            let writer = s.spawn(move || -> Result<()> {
+                for (k, b) in done_rx {
+                    if access == Access::ReadWrite {
+                        file.write_all_at(b.bytes(), bytes_at(k))
+                            .map_err(|e| io_error(path, "write", k, e))?;
+                    }
+                    // The channel holds every buffer, so this never blocks; it fails only if
+                    // the reader stopped early, and then the buffer is simply dropped.
+                    let _ = free_tx.send(b);
+                }
+                Ok(())
+            });
+            let mut updated = Ok(());
+            for _ in 0..n {
+                // A closed channel means the reader stopped; its error is reported below.
+                let Ok((k, mut b)) = full_rx.recv() else { break };
+                let lo = k * chunk;
+                let hi = (lo + chunk).min(len);
+                let (m, v) = b.as_mut_slice().split_at_mut(chunk);
+                if let Err(e) = f(lo..hi, &mut m[..hi - lo], &mut v[..hi - lo]) {
+                    updated = Err(e);
+                    break;
+                }
+                if done_tx.send((k, b)).is_err() {
+                    break;
+                }
+            }
+            drop(done_tx);
+            drop(full_rx);
+            let written = writer.join().expect("offload writer thread");
+            let (read, free_rx) = reader.join().expect("offload reader thread");
+            self.idle.extend(free_rx.try_iter());
+            (updated, read, written)
+        });
+        updated.and(read).and(written)
+    }
+
+    fn resident_bytes(&self) -> usize {
+        self.buffer_count.min(self.chunks()) * 2 * self.chunk * std::mem::size_of::<f32>()
+    }
+
+    fn offloaded_bytes(&self) -> usize {
+        2 * self.len * std::mem::size_of::<f32>()
+    }
+}
+
+impl Drop for NvmeStore {
+    fn drop(&mut self) {
+        // The state is scratch space: checkpoints copy it into their own files.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

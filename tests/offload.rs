@@ -1,0 +1,184 @@
+//! Offload tiers: `cpu` and `nvme` give the same bits as `none` for every stage; the nvme store
+//! streams every element exactly once per step whatever the chunking; bad paths and damaged
+//! files are one-line errors naming the path.
+
+mod common;
+
+use common::Scratch;
+use kiln::config::OffloadConfig;
+use kiln::launch;
+use kiln::offload::{Access, HostStore, NvmeStore, StateStore, Tier};
+
+#[test]
+fn every_tier_is_bitwise_equal_to_none_for_every_stage() {
+    let scratch = Scratch::new("tiers");
+    // 1024-element chunks (the smallest) and two buffers: chunk boundaries fall inside units
+    // and shards, and the pipeline wraps around its buffers many times per step.
+    let nvme_path = format!("offload.nvme_path={}", scratch.str());
+    for (world, accum) in [(2, 1), (3, 2)] {
+        for stage in 0..=3 {
+            let none = common::small_run(stage, world, accum, &[]);
+            for tier in ["cpu", "nvme"] {
+                let tier_set = format!("offload.optimizer={tier}");
+                let run = common::small_run(
+                    stage,
+                    world,
+                    accum,
+                    &[
+                        &tier_set,
+                        &nvme_path,
+                        "offload.chunk_mb=0.001",
+                        "offload.buffer_count=2",
+                    ],
+                );
+                assert_eq!(run.losses, none.losses, "{tier} stage {stage} N={world}");
+                for (u, (a, b)) in run.params.iter().zip(&none.params).enumerate() {
+                    assert!(
+                        common::bitwise_equal(a, b),
+                        "{tier} stage {stage} N={world}: unit {u} differs from tier none"
+                    );
+                }
+                let mem = run.summary.memory;
+                let none_mem = none.summary.memory;
+                if tier == "nvme" {
+                    assert_eq!(mem.optimizer_offloaded, none_mem.optimizer);
+                    assert!(mem.optimizer <= 2 * 2 * 1024 * 4, "two 1024-element chunks");
+                } else {
+                    assert_eq!(mem.optimizer, none_mem.optimizer);
+                }
+            }
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(&scratch.0).unwrap().collect();
+    assert!(left.is_empty(), "state files left behind: {left:?}");
+}
+
+fn nvme_config(dir: &str, chunk_mb: f64, buffer_count: usize) -> OffloadConfig {
+    OffloadConfig {
+        optimizer: "nvme".into(),
+        nvme_path: dir.into(),
+        chunk_mb,
+        buffer_count,
+    }
+}
+
+/// Writes a known pattern, updates it, reads it back.
+fn exercise(store: &mut dyn StateStore) -> (Vec<f32>, Vec<f32>) {
+    let len = store.len();
+    let mut next = 0;
+    store
+        .stream(Access::ReadWrite, &mut |r, m, v| {
+            assert_eq!(r.start, next, "ranges in order, no gaps");
+            assert_eq!((m.len(), v.len()), (r.len(), r.len()));
+            next = r.end;
+            for (i, (m, v)) in r.zip(m.iter_mut().zip(v.iter_mut())) {
+                *m = i as f32;
+                *v = -(i as f32);
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(next, len);
+    store
+        .stream(Access::ReadWrite, &mut |_, m, v| {
+            m.iter_mut().for_each(|x| *x += 0.5);
+            v.iter_mut().for_each(|x| *x *= 2.0);
+            Ok(())
+        })
+        .unwrap();
+    let (mut ms, mut vs) = (Vec::new(), Vec::new());
+    store
+        .stream(Access::Read, &mut |_, m, v| {
+            ms.extend_from_slice(m);
+            vs.extend_from_slice(v);
+            Ok(())
+        })
+        .unwrap();
+    (ms, vs)
+}
+
+#[test]
+fn nvme_store_streams_every_element_once_whatever_the_chunking() {
+    let scratch = Scratch::new("store");
+    for len in [0, 1, 1023, 1024, 1025, 5000, 70_000] {
+        let mut host = HostStore::new(Tier::Cpu, len);
+        let expected = exercise(&mut host);
+        for (chunk_mb, buffers) in [(0.001, 1), (0.001, 2), (0.02, 4), (16.0, 4)] {
+            let mut nvme =
+                NvmeStore::create(&nvme_config(scratch.str(), chunk_mb, buffers), 0, len).unwrap();
+            let got = exercise(&mut nvme);
+            assert!(
+                common::bitwise_equal(&got.0, &expected.0) && common::bitwise_equal(&got.1, &expected.1),
+                "len {len} chunk_mb {chunk_mb} buffers {buffers}"
+            );
+            assert!(nvme.resident_bytes() <= buffers * 2 * nvme.chunk_len() * 4);
+            // A read-only pass does not write back (the callback's changes are scratch).
+            nvme.stream(Access::Read, &mut |_, m, _| {
+                m.fill(f32::NAN);
+                Ok(())
+            })
+            .unwrap();
+            let mut after = Vec::new();
+            nvme.stream(Access::Read, &mut |_, m, _| {
+                after.extend_from_slice(m);
+                Ok(())
+            })
+            .unwrap();
+            assert!(common::bitwise_equal(&after, &expected.0));
+        }
+    }
+}
+
+#[test]
+fn nvme_store_uses_direct_io_on_this_filesystem_and_removes_its_file() {
+    let scratch = Scratch::new("direct");
+    let store = NvmeStore::create(&nvme_config(scratch.str(), 1.0, 4), 3, 100_000).unwrap();
+    let path = store.path().to_path_buf();
+    assert!(path.exists());
+    // Fails only on a temp directory that refuses O_DIRECT (tmpfs): the fallback is buffered.
+    if std::env::var("KILN_TEST_EXPECT_BUFFERED").is_err() {
+        assert!(store.is_direct(), "{} refused O_DIRECT", path.display());
+    }
+    drop(store);
+    assert!(!path.exists(), "the state file is removed at a clean exit");
+}
+
+#[test]
+fn a_truncated_state_file_is_an_error_naming_it() {
+    let scratch = Scratch::new("truncated");
+    let mut store = NvmeStore::create(&nvme_config(scratch.str(), 0.01, 2), 0, 10_000).unwrap();
+    let path = store.path().to_path_buf();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let err = store
+        .stream(Access::ReadWrite, &mut |_, _, _| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("truncated"), "{err}");
+}
+
+#[test]
+fn a_missing_or_non_directory_path_is_a_config_error_naming_it() {
+    let scratch = Scratch::new("paths");
+    let file = scratch.path("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    for bad in [scratch.path("missing"), file] {
+        let config = common::config(&[
+            "offload.optimizer=nvme",
+            &format!("offload.nvme_path={}", bad.display()),
+            "model.preset=tiny",
+            "train.steps=1",
+        ]);
+        let err = launch::simulate(&config, 1, &common::QUIET).unwrap_err();
+        let msg = err.to_string();
+        assert_eq!(err.exit_code(), 2, "{msg}");
+        assert!(msg.contains(&bad.display().to_string()), "{msg}");
+        assert!(msg.contains("offload.nvme_path"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+}
