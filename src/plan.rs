@@ -1,10 +1,10 @@
 //! Config as resolved: [`Plan`] is validated once at start-up against the world size and holds
 //! everything the run needs as plain values. Errors name the key and what was expected.
 
-use crate::offload::Tier;
 use crate::config::Config;
 use crate::error::{KilnError, Result};
 use crate::model::GptConfig;
+use crate::offload::Tier;
 use crate::optim::{AdamWConfig, LrSchedule};
 
 /// The validated, resolved run.
@@ -187,7 +187,10 @@ impl Plan {
         let offload = Tier::parse(&config.offload.optimizer).ok_or_else(|| {
             bad(
                 "offload.optimizer",
-                format!("`{}` is not one of none, cpu, nvme", config.offload.optimizer),
+                format!(
+                    "`{}` is not one of none, cpu, nvme",
+                    config.offload.optimizer
+                ),
             )
         })?;
         let o = &config.offload;
@@ -201,7 +204,10 @@ impl Plan {
             return Err(bad("offload.buffer_count", "must be at least 1"));
         }
         if offload == Tier::Nvme && o.nvme_path.is_empty() {
-            return Err(bad("offload.nvme_path", "must name a directory for the nvme tier"));
+            return Err(bad(
+                "offload.nvme_path",
+                "must name a directory for the nvme tier",
+            ));
         }
         if !config.checkpoint.dir.is_empty() {
             return Err(bad(

@@ -163,22 +163,40 @@ fn zero_stages_over_mpi_equal_ddp_over_local_threads_bitwise() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let want = std::fs::read(&reference).unwrap();
-    for stage in [1, 2, 3] {
-        let file = dir.join(format!("zero{stage}-mpi.safetensors"));
+    // The nvme tier under real processes: one state file per rank in the shared directory.
+    for (stage, tier) in [
+        (1, "none"),
+        (2, "none"),
+        (3, "none"),
+        (1, "nvme"),
+        (3, "nvme"),
+    ] {
+        let file = dir.join(format!("zero{stage}-{tier}-mpi.safetensors"));
         let mut args = train_args(&dir, file.to_str().unwrap());
         args.extend([
             "--set".into(),
             "train.steps=10".into(),
             "--set".into(),
             format!("parallel.stage={stage}"),
+            "--set".into(),
+            format!("offload.optimizer={tier}"),
+            "--set".into(),
+            format!("offload.nvme_path={}", dir.display()),
+            "--set".into(),
+            "offload.chunk_mb=1".into(),
         ]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = mpirun(2, &args);
-        assert!(out.status.success(), "stage {stage}: {}", text(&out));
+        assert!(out.status.success(), "stage {stage} {tier}: {}", text(&out));
         assert!(
             std::fs::read(&file).unwrap() == want,
-            "stage {stage} over MPI differs from DDP over local threads"
+            "stage {stage} tier {tier} over MPI differs from DDP over local threads"
         );
     }
+    let optim_files = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("optim".as_ref()))
+        .count();
+    assert_eq!(optim_files, 0, "nvme state files are removed at exit");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -108,7 +108,8 @@ fn nvme_store_streams_every_element_once_whatever_the_chunking() {
                 NvmeStore::create(&nvme_config(scratch.str(), chunk_mb, buffers), 0, len).unwrap();
             let got = exercise(&mut nvme);
             assert!(
-                common::bitwise_equal(&got.0, &expected.0) && common::bitwise_equal(&got.1, &expected.1),
+                common::bitwise_equal(&got.0, &expected.0)
+                    && common::bitwise_equal(&got.1, &expected.1),
                 "len {len} chunk_mb {chunk_mb} buffers {buffers}"
             );
             assert!(nvme.resident_bytes() <= buffers * 2 * nvme.chunk_len() * 4);
@@ -181,4 +182,44 @@ fn a_missing_or_non_directory_path_is_a_config_error_naming_it() {
         assert!(msg.contains("offload.nvme_path"), "{msg}");
         assert!(!msg.contains('\n'), "{msg}");
     }
+}
+
+/// Runs the small preset for 3 steps as its own process and returns (peak RSS MiB, optimizer
+/// bytes in memory if the tier had been `none`).
+fn small_preset_peak_rss(tier: &str, out: &std::path::Path) -> (f64, f64) {
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", "--quiet", "--config", "configs/small.toml"])
+        .args(["--set", "train.steps=3", "--set", "train.micro_batch=1"])
+        .args(["--set", "train.global_batch=1", "--set", "model.seq_len=64"])
+        .args(["--set", "train.threads=1"])
+        .arg("--set")
+        .arg(format!("offload.optimizer={tier}"))
+        .arg("--set")
+        .arg(format!("output.dir={}", out.display()))
+        .env("KILN_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(out.join("summary.json")).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let memory = &summary["memory"];
+    let state =
+        memory["optimizer"].as_f64().unwrap() + memory["optimizer_offloaded"].as_f64().unwrap();
+    (
+        summary["peak_rss_mb"].as_f64().unwrap(),
+        state / (1 << 20) as f64,
+    )
+}
+
+#[test]
+fn nvme_lowers_peak_rss_by_most_of_the_optimizer_state() {
+    let scratch = Scratch::new("rss");
+    let (none, state) = small_preset_peak_rss("none", &scratch.path("none"));
+    let (nvme, _) = small_preset_peak_rss("nvme", &scratch.path("nvme"));
+    eprintln!("peak RSS: none {none:.1} MiB, nvme {nvme:.1} MiB, optimizer state {state:.1} MiB");
+    assert!(
+        none - nvme >= 0.8 * state,
+        "nvme saves {:.1} MiB of {state:.1} MiB optimizer state",
+        none - nvme
+    );
 }

@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod comm;
+pub mod offload;
 pub mod train;
 
 use crate::error::{KilnError, Result};
@@ -35,6 +36,25 @@ pub enum BenchCommand {
         #[arg(long)]
         torch_python: Option<String>,
         /// Run shape.
+        #[command(flatten)]
+        shape: ShapeArgs,
+    },
+    /// The nvme tier: optimizer-state throughput vs the disk's O_DIRECT bandwidth, and the
+    /// training-step time with states on nvme vs in memory (tier cpu).
+    Offload {
+        /// Directory to measure (default: offload.nvme_path's default).
+        #[arg(long, default_value = "/tmp")]
+        dir: std::path::PathBuf,
+        /// Parameters whose m and v are streamed (default: the small preset's).
+        #[arg(long, default_value_t = 25_609_216)]
+        params: usize,
+        /// Chunk size, MiB (offload.chunk_mb).
+        #[arg(long, default_value_t = 4.0)]
+        chunk_mb: f64,
+        /// Buffers in flight (offload.buffer_count).
+        #[arg(long, default_value_t = 4)]
+        buffer_count: usize,
+        /// Run shape of the step comparison.
         #[command(flatten)]
         shape: ShapeArgs,
     },
@@ -143,6 +163,49 @@ pub fn run(what: BenchCommand) -> Result<()> {
                 println!("PyTorch           median {t:.1} ms/step");
                 println!("kiln speed ÷ PyTorch speed = {:.2}", t / kiln);
             }
+            Ok(())
+        }
+        BenchCommand::Offload {
+            dir,
+            params,
+            chunk_mb,
+            buffer_count,
+            shape,
+        } => {
+            let config = crate::config::OffloadConfig {
+                optimizer: "nvme".into(),
+                nvme_path: dir.display().to_string(),
+                chunk_mb,
+                buffer_count,
+            };
+            let state_bytes = 8 * params;
+            let chunk_bytes = (chunk_mb * (1 << 20) as f64) as usize / 4096 * 4096;
+            // The disk's reference uses transfers of at least 16 MiB, its best case.
+            let (read, write) =
+                offload::disk_bandwidth(&dir, state_bytes, chunk_bytes.max(16 << 20))?;
+            // Moving S bytes in and S out back to back at the disk's own speeds takes S/read + S/write.
+            let disk_rw = 2.0 / (1.0 / read + 1.0 / write);
+            let tier = offload::tier_throughput(&config, params, 5)?;
+            println!("disk O_DIRECT sequential ({}): read {read:.2} GB/s, write {write:.2} GB/s, read+write back to back {disk_rw:.2} GB/s", dir.display());
+            println!("nvme tier AdamW step over {params} parameters ({:.0} MiB of m and v, {chunk_mb} MiB chunks × {buffer_count}): {tier:.2} GB/s read+written, ratio {:.2}", state_bytes as f64 / (1 << 20) as f64, tier / disk_rw);
+            let mut shape = shape.shape();
+            if shape.config == std::path::Path::new("configs/tiny.toml") {
+                shape.config = "configs/small.toml".into();
+            }
+            shape
+                .sets
+                .push(format!("offload.nvme_path={}", dir.display()));
+            shape.sets.push(format!("offload.chunk_mb={chunk_mb}"));
+            shape
+                .sets
+                .push(format!("offload.buffer_count={buffer_count}"));
+            let [cpu, nvme] = offload::step_times(&shape)?;
+            let (c, n) = (cpu.median_ms(), nvme.median_ms());
+            println!(
+                "training step ({}): tier cpu {c:.1} ms, tier nvme {n:.1} ms, nvme ÷ cpu {:.2}",
+                shape.config.display(),
+                n / c
+            );
             Ok(())
         }
         BenchCommand::Ddp { world, shape } => {

@@ -39,7 +39,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 impl Contender {
-    fn new(name: impl Into<String>) -> Self {
+    pub(super) fn new(name: impl Into<String>) -> Self {
         Contender {
             name: name.into(),
             step_ms: Vec::new(),
@@ -53,7 +53,7 @@ impl Contender {
     }
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<String> {
+pub(super) fn run(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd
         .output()
         .map_err(|e| KilnError::config(format!("bench: cannot start {what}: {e}")))?;
@@ -71,7 +71,7 @@ fn run(cmd: &mut Command, what: &str) -> Result<String> {
 
 /// Median step and comm-wait times of a finished kiln run, skipping the first `skip` steps
 /// (the first step builds the bucket plan).
-fn read_run(dir: &Path, skip: usize) -> Result<(f64, f64)> {
+pub(super) fn read_run(dir: &Path, skip: usize) -> Result<(f64, f64)> {
     let path = dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&path).map_err(|e| KilnError::io(&path, e))?;
     let mut steps = Vec::new();
@@ -99,7 +99,7 @@ pub struct BenchShape {
     pub micro_batch: usize,
 }
 
-fn kiln_train(shape: &BenchShape, world: usize, out: &Path) -> Result<Command> {
+pub(super) fn kiln_train(shape: &BenchShape, world: usize, out: &Path) -> Result<Command> {
     let exe = std::env::current_exe()
         .map_err(|e| KilnError::Comm(format!("bench: cannot find the kiln binary: {e}")))?;
     let mut cmd = if world == 1 {
@@ -136,7 +136,7 @@ fn kiln_train(shape: &BenchShape, world: usize, out: &Path) -> Result<Command> {
     Ok(cmd)
 }
 
-fn scratch_dir() -> Result<PathBuf> {
+pub(super) fn scratch_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| KilnError::io(&dir, e))?;
     Ok(dir)

@@ -193,8 +193,8 @@ impl Default for OffloadConfig {
     fn default() -> Self {
         OffloadConfig {
             optimizer: "none".into(),
-            nvme_path: "/tmp/kiln-nvme".into(),
-            chunk_mb: 16.0,
+            nvme_path: "/tmp".into(),
+            chunk_mb: 4.0,
             buffer_count: 4,
         }
     }

@@ -16,7 +16,7 @@
 //! one chunk at a time. The strategy's update therefore never knows the tier, and every tier
 //! applies the same element-wise arithmetic to the same elements: results are bitwise equal.
 
-mod aligned;
+pub(crate) mod aligned;
 mod host;
 mod nvme;
 
@@ -153,7 +153,9 @@ impl StateLayout {
     /// The parts of flat range `r`: each segment it touches, with the touched elements as a
     /// range inside that segment (shard-local offsets).
     pub fn split(&self, r: Range<usize>) -> impl Iterator<Item = (&StateSegment, Range<usize>)> {
-        let first = self.segments.partition_point(|s| s.start + s.len <= r.start);
+        let first = self
+            .segments
+            .partition_point(|s| s.start + s.len <= r.start);
         self.segments[first..]
             .iter()
             .take_while(move |s| s.start < r.end)

@@ -234,7 +234,9 @@ impl StateStore for NvmeStore {
             let mut updated = Ok(());
             for _ in 0..n {
                 // A closed channel means the reader stopped; its error is reported below.
-                let Ok((k, mut b)) = full_rx.recv() else { break };
+                let Ok((k, mut b)) = full_rx.recv() else {
+                    break;
+                };
                 let lo = k * chunk;
                 let hi = (lo + chunk).min(len);
                 let (m, v) = b.as_mut_slice().split_at_mut(chunk);

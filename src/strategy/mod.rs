@@ -182,7 +182,8 @@ pub(crate) fn adamw_over_store(
             for (piece, decay) in unit.pieces_in(touched) {
                 // Offsets of the piece inside the shard, the parameter buffer and the chunk.
                 let local = piece.start - shard.start.0..piece.end - shard.start.0;
-                let in_chunk = seg.start + local.start - chunk.start..seg.start + local.end - chunk.start;
+                let in_chunk =
+                    seg.start + local.start - chunk.start..seg.start + local.end - chunk.start;
                 crate::optim::adamw_step(
                     &mut params[seg.unit][params_base + local.start..params_base + local.end],
                     &g[local],
