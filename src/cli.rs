@@ -34,6 +34,18 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Continue from a checkpoint: its directory, a checkpoint.dir (its `latest`), or
+        /// `latest` (checkpoint.dir's newest). Any world size and stage can load any checkpoint.
+        #[arg(long, value_name = "PATH|latest", num_args = 0..=1, default_missing_value = "latest")]
+        resume: Option<String>,
+    },
+    /// Write the full parameters of a checkpoint to one safetensors file (module-path names,
+    /// model shapes), one unit at a time.
+    Consolidate {
+        /// Checkpoint directory (a step directory, or a checkpoint.dir to take its latest).
+        checkpoint: PathBuf,
+        /// Output safetensors file.
+        out: PathBuf,
     },
     /// Write the training rows of a recipe to a flat uint16 token file (step-major, then row,
     /// each row seq_len + 1 tokens), e.g. to train a reference implementation on the same data.
@@ -96,7 +108,9 @@ pub fn main() -> i32 {
             sets,
             simulate,
             quiet,
-        } => train(config, &sets, simulate, quiet),
+            resume,
+        } => train(config, &sets, simulate, quiet, resume),
+        Command::Consolidate { checkpoint, out } => consolidate(&checkpoint, &out),
         Command::DumpData { config, sets, out } => dump_data(config, &sets, &out),
         Command::Check {
             what:
@@ -124,16 +138,28 @@ fn train(
     sets: &[String],
     simulate: Option<usize>,
     quiet: bool,
+    resume: Option<String>,
 ) -> Result<(), KilnError> {
     let cfg = config::load(path.as_deref(), sets)?;
     let opts = RunOptions {
         quiet,
         no_outputs: false,
+        resume,
     };
     match simulate {
         Some(n) => launch::simulate(&cfg, n, &opts).map(|_| ()),
         None => launch::run_process(&cfg, &opts).map(|_| ()),
     }
+}
+
+fn consolidate(checkpoint: &std::path::Path, out: &std::path::Path) -> Result<(), KilnError> {
+    let dir = crate::checkpoint::locate(
+        &checkpoint.display().to_string(),
+        &config::CheckpointConfig::default(),
+    )?;
+    crate::checkpoint::consolidate(&dir, out)?;
+    eprintln!("kiln: wrote {} from {}", out.display(), dir.display());
+    Ok(())
 }
 
 fn check_comm(simulate: Option<usize>, large: bool, mismatch: bool) -> Result<(), KilnError> {

@@ -7,6 +7,7 @@
 //! reaching the optimizer states through an [`offload::StateStore`].
 
 pub mod bench;
+pub mod checkpoint;
 pub mod cli;
 pub mod comm;
 pub mod config;

@@ -209,12 +209,6 @@ impl Plan {
                 "must name a directory for the nvme tier",
             ));
         }
-        if !config.checkpoint.dir.is_empty() {
-            return Err(bad(
-                "checkpoint.dir",
-                "checkpoints are not available in this build yet; leave it empty",
-            ));
-        }
         if !["auto", "local", "mpi", "nccl"].contains(&config.comm.backend.as_str()) {
             return Err(bad(
                 "comm.backend",

@@ -19,6 +19,7 @@ use kiln::train::{RunOptions, RunOutcome};
 const OPTS: RunOptions = RunOptions {
     quiet: true,
     no_outputs: true,
+    resume: None,
 };
 
 /// The tiny preset with short sequences, so that the matrix runs in CI time.

@@ -8,13 +8,18 @@ use kiln::engine::Engine;
 use kiln::error::Result;
 use kiln::flat::{init_unit, ModelLayout};
 use kiln::model::{Gpt, GptConfig, UnitModel};
-use kiln::strategy::{MemoryReport, MicroStep, StepStats, Strategy};
+use kiln::offload::{HostStore, StateLayout, Tier};
+use kiln::strategy::{MemoryReport, MicroStep, ParamsHeld, StateView, StepStats, Strategy};
 
 /// A strategy that only records the gradients it is handed.
 struct Recorder {
     params: Vec<Vec<f32>>,
     grads: Vec<Vec<f32>>,
     order: Vec<usize>,
+    /// No optimizer state: the recorder never steps.
+    layout: ModelLayout,
+    state: StateLayout,
+    store: HostStore,
 }
 
 impl Strategy for Recorder {
@@ -43,6 +48,15 @@ impl Strategy for Recorder {
     }
     fn memory(&self) -> MemoryReport {
         MemoryReport::default()
+    }
+    fn state_view(&mut self) -> StateView<'_> {
+        StateView {
+            layout: &self.layout,
+            params: &mut self.params,
+            held: ParamsHeld::FullUnits,
+            state: &self.state,
+            store: &mut self.store,
+        }
     }
 }
 
@@ -124,6 +138,9 @@ fn unit_wise_gradients_equal_whole_model_gradients() {
             params: params.clone(),
             grads: vec![Vec::new(); model.num_units()],
             order: Vec::new(),
+            layout: layout.clone(),
+            state: StateLayout::new(&layout, 0..0),
+            store: HostStore::new(Tier::None, 0),
         };
         let mut engine = Engine::new(
             Box::new(model.clone()),
@@ -174,6 +191,9 @@ fn recompute_gives_bitwise_the_same_gradients() {
             params: params.clone(),
             grads: vec![Vec::new(); model.num_units()],
             order: Vec::new(),
+            layout: layout.clone(),
+            state: StateLayout::new(&layout, 0..0),
+            store: HostStore::new(Tier::None, 0),
         };
         let mut engine = Engine::new(
             Box::new(model.clone()),

@@ -106,6 +106,27 @@ pub trait Strategy {
     fn full_params(&mut self) -> Result<Vec<Vec<f32>>>;
     /// Bytes held, by kind.
     fn memory(&self) -> MemoryReport;
+    /// This rank's parameters and optimizer state, for saving and loading checkpoints.
+    fn state_view(&mut self) -> StateView<'_>;
+    /// Called after a checkpoint was loaded through `state_view`, to refresh anything derived
+    /// from the loaded values.
+    fn after_load(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What a checkpoint reads and writes of a rank: parameters and AdamW moments.
+pub struct StateView<'a> {
+    /// The flat layout at this world size.
+    pub layout: &'a ModelLayout,
+    /// Parameters, full units or own shards as `held` says.
+    pub params: &'a mut [Vec<f32>],
+    /// What `params` holds.
+    pub held: ParamsHeld,
+    /// Which shards the optimizer state covers.
+    pub state: &'a StateLayout,
+    /// The optimizer state.
+    pub store: &'a mut dyn StateStore,
 }
 
 /// Ends a step's gradient reduction the same way in every stage, so that the stages agree to the
@@ -143,7 +164,7 @@ pub(crate) fn finish_step(
 
 /// How a strategy holds the parameters that the optimizer state belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ParamsHeld {
+pub enum ParamsHeld {
     /// `params[u]` is unit u's whole (padded) buffer.
     FullUnits,
     /// `params[u]` is only this rank's shard of unit u.

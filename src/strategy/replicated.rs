@@ -13,7 +13,7 @@
 
 use super::{
     adamw_over_store, finish_step, GradBuckets, MemoryReport, MicroStep, ParamsHeld, Reduction,
-    StepStats, Strategy,
+    StateView, StepStats, Strategy,
 };
 use crate::comm::Communicator;
 use crate::error::{KilnError, Result};
@@ -204,6 +204,16 @@ impl Strategy for Replicated {
             .zip(&self.layout.units)
             .map(|(p, u)| p[..u.numel].to_vec())
             .collect())
+    }
+
+    fn state_view(&mut self) -> StateView<'_> {
+        StateView {
+            layout: &self.layout,
+            params: &mut self.params,
+            held: ParamsHeld::FullUnits,
+            state: &self.state,
+            store: self.store.as_mut(),
+        }
     }
 
     fn memory(&self) -> MemoryReport {

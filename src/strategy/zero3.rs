@@ -12,7 +12,7 @@
 
 use super::{
     adamw_over_store, finish_step, GradBuckets, MemoryReport, MicroStep, ParamsHeld, Reduction,
-    StepStats, Strategy,
+    StateView, StepStats, Strategy,
 };
 use crate::comm::{Communicator, Pending};
 use crate::error::Result;
@@ -150,6 +150,17 @@ impl Zero3 {
         Ok(())
     }
 
+    /// Persistent units are whole on every rank: regathers them from the (updated) shards.
+    fn refresh_persistent(&mut self) -> Result<()> {
+        for u in 0..self.layout.units.len() {
+            if self.persistent[u] {
+                self.gathered[u] = Gathered::Released;
+                self.gather(u, std::iter::empty())?;
+            }
+        }
+        Ok(())
+    }
+
     fn release(&mut self, unit: usize) {
         if !self.persistent[unit] {
             self.gathered[unit] = Gathered::Released;
@@ -208,13 +219,7 @@ impl Strategy for Zero3 {
             &self.grads,
             &scalars,
         )?;
-        // Persistent units are whole on every rank: refresh them from the updated shards.
-        for u in 0..self.layout.units.len() {
-            if self.persistent[u] {
-                self.gathered[u] = Gathered::Released;
-                self.gather(u, std::iter::empty())?;
-            }
-        }
+        self.refresh_persistent()?;
         Ok(stats)
     }
 
@@ -226,6 +231,20 @@ impl Strategy for Zero3 {
             self.release(u);
         }
         Ok(out)
+    }
+
+    fn state_view(&mut self) -> StateView<'_> {
+        StateView {
+            layout: &self.layout,
+            params: &mut self.shards,
+            held: ParamsHeld::OwnShards,
+            state: &self.state,
+            store: self.store.as_mut(),
+        }
+    }
+
+    fn after_load(&mut self) -> Result<()> {
+        self.refresh_persistent()
     }
 
     fn memory(&self) -> MemoryReport {

@@ -69,12 +69,18 @@ pub struct MetricsWriter {
 }
 
 impl MetricsWriter {
-    /// Creates `dir` and `dir/metrics.jsonl`.
-    pub fn create(dir: &str) -> Result<Self> {
+    /// Opens `dir/metrics.jsonl`: a new file, or (a resumed run) the existing one, appended to.
+    pub fn create(dir: &str, append: bool) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| KilnError::file(dir, format!("cannot create output.dir: {e}")))?;
         let path = Path::new(dir).join("metrics.jsonl");
-        let file = std::fs::File::create(&path).map_err(|e| KilnError::io(&path, e))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&path)
+            .map_err(|e| KilnError::io(&path, e))?;
         Ok(MetricsWriter {
             file: std::io::BufWriter::new(file),
             path,

@@ -4,9 +4,10 @@
 mod export;
 mod metrics;
 
-pub use export::export_safetensors;
+pub use export::{export_safetensors, write_params};
 pub use metrics::{peak_rss_bytes, MetricsWriter, StepRecord, Summary};
 
+use crate::checkpoint;
 use crate::comm::{Communicator, ReduceOp};
 use crate::data;
 use crate::engine::Engine;
@@ -27,6 +28,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Don't write metrics, summary or export (tests that only want the numbers).
     pub no_outputs: bool,
+    /// `--resume`: a checkpoint directory, a `checkpoint.dir`, or `latest`.
+    pub resume: Option<String>,
 }
 
 /// What a run produced, on every rank.
@@ -74,6 +77,24 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         );
     }
     let mut strategy = strategy::build(plan, comm.clone(), &layout, &model)?;
+    let first_step = match &opts.resume {
+        Some(arg) => {
+            let dir = checkpoint::locate(arg, &plan.config.checkpoint).map_err(|e| {
+                // Every rank finds the same thing; rank 0 says it.
+                if lead {
+                    e
+                } else {
+                    KilnError::ReportedByRankZero(e.exit_code())
+                }
+            })?;
+            checkpoint::resume(&dir, plan, comm.as_ref(), strategy.as_mut())?
+        }
+        None => 0,
+    };
+    let checkpoint_due = |step: u64| {
+        let c = &plan.config.checkpoint;
+        !c.dir.is_empty() && ((c.every > 0 && step % c.every == 0) || step == plan.steps)
+    };
     let device = Device::flex();
     let mut engine = Engine::new(
         Box::new(model),
@@ -83,7 +104,10 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
     );
 
     let mut writer = if lead && !opts.no_outputs {
-        Some(MetricsWriter::create(&plan.config.output.dir)?)
+        Some(MetricsWriter::create(
+            &plan.config.output.dir,
+            first_step > 0,
+        )?)
     } else {
         None
     };
@@ -96,7 +120,8 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
     let mut step_ms = Vec::with_capacity(plan.steps as usize);
     let mut loss_buf = vec![0.0f32; 1];
 
-    for step in 0..plan.steps {
+    bar.set_position(first_step);
+    for step in first_step..plan.steps {
         let step_start = Instant::now();
         let mut loss_sum = 0.0f32;
         for index in 0..plan.grad_accum {
@@ -143,6 +168,9 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
                 memory: strategy.memory(),
                 peak_rss_mb: peak_rss_bytes() as f64 / (1 << 20) as f64,
             })?;
+        }
+        if checkpoint_due(step + 1) {
+            checkpoint::save(plan, comm.as_ref(), strategy.as_mut(), step + 1, &source.describe())?;
         }
         bar.set_position(step + 1);
         bar.set_message(format!("loss {loss:.4}  {tokens_per_s:.0} tok/s"));

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 pub const QUIET: RunOptions = RunOptions {
     quiet: true,
     no_outputs: true,
+    resume: None,
 };
 
 /// `world` local ranks train a model small enough for test matrices, 30 steps, micro-batch 2:

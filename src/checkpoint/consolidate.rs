@@ -1,0 +1,19 @@
+//! `kiln consolidate CKPT OUT.safetensors`: the full f32 parameters of a checkpoint, named by
+//! module path with the model's shapes — what `output.export` writes at the end of a run, from
+//! any checkpoint, with no training process. One unit is in memory at a time.
+
+use super::shards::{CheckpointReader, PARAM};
+use crate::error::Result;
+use crate::train::write_params;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Writes the consolidated parameters of the checkpoint in `dir` to `out`.
+pub fn consolidate(dir: &Path, out: &Path) -> Result<()> {
+    let manifest = super::verify(dir)?;
+    let reader = CheckpointReader::open(dir, &manifest)?;
+    let metadata = BTreeMap::from([("step".to_string(), manifest.step.to_string())]);
+    write_params(out, &manifest.layout, &metadata, |u, buf| {
+        reader.read(PARAM, u, 0..buf.len(), buf)
+    })
+}

@@ -1,0 +1,234 @@
+//! safetensors files written and read piece by piece. The header is written first (every name,
+//! shape and offset is known up front), then data lands at its offset in any order — so a rank
+//! streams its optimizer state straight from the nvme tier into its checkpoint file, and
+//! `consolidate` writes one unit at a time. Reading parses the header and reads ranges with
+//! `pread`, never the whole file. Only f32 tensors, little-endian, as the format specifies.
+
+use crate::error::{KilnError, Result};
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("safetensors data is little-endian; kiln writes f32 slices as they are in memory");
+
+fn as_bytes(data: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any bytes are valid u8; little-endian per the check above.
+    unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) }
+}
+
+fn as_bytes_mut(data: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as above; any byte pattern is a valid f32.
+    unsafe {
+        std::slice::from_raw_parts_mut(data.as_mut_ptr() as *mut u8, std::mem::size_of_val(data))
+    }
+}
+
+/// Where one tensor's data is.
+#[derive(Debug, Clone)]
+struct Entry {
+    shape: Vec<usize>,
+    /// Byte offset of the first element in the file.
+    start: u64,
+    elems: usize,
+}
+
+/// A safetensors file being written.
+pub struct TensorFileWriter {
+    file: File,
+    path: PathBuf,
+    entries: HashMap<String, Entry>,
+}
+
+impl TensorFileWriter {
+    /// Creates `path` (which must not exist) holding `tensors` (name, shape) in this order, and
+    /// writes the header. The data is zero until written.
+    pub fn create(
+        path: &Path,
+        tensors: &[(String, Vec<usize>)],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let mut header = Map::new();
+        if !metadata.is_empty() {
+            header.insert("__metadata__".into(), json!(metadata));
+        }
+        let mut offset = 0usize;
+        let mut spans = Vec::new();
+        for (name, shape) in tensors {
+            let bytes = shape.iter().product::<usize>() * 4;
+            header.insert(
+                name.clone(),
+                json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+            );
+            spans.push((name.clone(), shape.clone(), offset));
+            offset += bytes;
+        }
+        let mut text = serde_json::to_vec(&Value::Object(header)).expect("header serialises");
+        // The data starts 8-aligned, as the reference writer does.
+        while (8 + text.len()) % 8 != 0 {
+            text.push(b' ');
+        }
+        let data_start = 8 + text.len() as u64;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| KilnError::file(path, format!("cannot create: {e}")))?;
+        let io = |e| KilnError::io(path, e);
+        file.write_all_at(&(text.len() as u64).to_le_bytes(), 0)
+            .map_err(io)?;
+        file.write_all_at(&text, 8).map_err(io)?;
+        file.set_len(data_start + offset as u64).map_err(io)?;
+        let entries = spans
+            .into_iter()
+            .map(|(name, shape, off)| {
+                let elems = shape.iter().product();
+                (
+                    name,
+                    Entry {
+                        shape,
+                        start: data_start + off as u64,
+                        elems,
+                    },
+                )
+            })
+            .collect();
+        Ok(TensorFileWriter {
+            file,
+            path: path.to_path_buf(),
+            entries,
+        })
+    }
+
+    /// Writes `data` into tensor `name` from element `at` on.
+    pub fn write(&self, name: &str, at: usize, data: &[f32]) -> Result<()> {
+        let e = &self.entries[name];
+        assert!(at + data.len() <= e.elems, "write past the end of {name}");
+        self.file
+            .write_all_at(as_bytes(data), e.start + (at * 4) as u64)
+            .map_err(|err| KilnError::io(&self.path, err))
+    }
+
+    /// Flushes the file to the device.
+    pub fn finish(self) -> Result<()> {
+        self.file
+            .sync_all()
+            .map_err(|e| KilnError::io(&self.path, e))
+    }
+}
+
+/// A safetensors file opened for ranged reads.
+pub struct TensorFileReader {
+    file: File,
+    path: PathBuf,
+    entries: HashMap<String, Entry>,
+    metadata: HashMap<String, String>,
+}
+
+impl TensorFileReader {
+    /// Opens `path` and checks its header against its length.
+    pub fn open(path: &Path) -> Result<Self> {
+        let bad = |msg: &str| KilnError::file(path, msg.to_string());
+        let file = File::open(path).map_err(|e| KilnError::file(path, format!("cannot open: {e}")))?;
+        let len = file.metadata().map_err(|e| KilnError::io(path, e))?.len();
+        let mut n = [0u8; 8];
+        file.read_exact_at(&mut n, 0)
+            .map_err(|_| bad("truncated: shorter than a safetensors header"))?;
+        let n = u64::from_le_bytes(n);
+        if n > 100 << 20 || 8 + n > len {
+            return Err(bad("truncated or not a safetensors file (header length)"));
+        }
+        let mut text = vec![0u8; n as usize];
+        file.read_exact_at(&mut text, 8)
+            .map_err(|e| KilnError::io(path, e))?;
+        let header: Map<String, Value> = serde_json::from_slice(&text)
+            .map_err(|e| bad(&format!("malformed safetensors header: {e}")))?;
+        let data_start = 8 + n;
+        let mut entries = HashMap::new();
+        let mut metadata = HashMap::new();
+        let mut data_len = 0u64;
+        for (name, v) in header {
+            if name == "__metadata__" {
+                metadata = serde_json::from_value(v)
+                    .map_err(|e| bad(&format!("malformed metadata: {e}")))?;
+                continue;
+            }
+            let dtype = v["dtype"].as_str().unwrap_or("");
+            let shape: Vec<usize> = serde_json::from_value(v["shape"].clone())
+                .map_err(|_| bad(&format!("tensor {name}: malformed shape")))?;
+            let offsets: [u64; 2] = serde_json::from_value(v["data_offsets"].clone())
+                .map_err(|_| bad(&format!("tensor {name}: malformed data_offsets")))?;
+            let elems: usize = shape.iter().product();
+            if dtype != "F32" || offsets[1] - offsets[0] != elems as u64 * 4 {
+                return Err(bad(&format!("tensor {name}: expected F32 data of its shape")));
+            }
+            data_len = data_len.max(offsets[1]);
+            entries.insert(
+                name,
+                Entry {
+                    shape,
+                    start: data_start + offsets[0],
+                    elems,
+                },
+            );
+        }
+        if data_start + data_len != len {
+            return Err(bad(&format!(
+                "truncated or padded: {len} bytes, the header describes {}",
+                data_start + data_len
+            )));
+        }
+        Ok(TensorFileReader {
+            file,
+            path: path.to_path_buf(),
+            entries,
+            metadata,
+        })
+    }
+
+    /// The file's `__metadata__` entry `key`.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
+    }
+
+    /// Shape of tensor `name`, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// Reads elements `at..at + out.len()` of tensor `name`.
+    pub fn read(&self, name: &str, at: usize, out: &mut [f32]) -> Result<()> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| KilnError::file(&self.path, format!("has no tensor `{name}`")))?;
+        if at + out.len() > e.elems {
+            return Err(KilnError::file(
+                &self.path,
+                format!("tensor `{name}` has {} elements, fewer than expected", e.elems),
+            ));
+        }
+        self.file
+            .read_exact_at(as_bytes_mut(out), e.start + (at * 4) as u64)
+            .map_err(|err| KilnError::io(&self.path, err))
+    }
+}
+
+/// CRC-32 of a whole file, read in large blocks.
+pub fn file_crc32(path: &Path) -> Result<u32> {
+    use std::io::Read;
+    let mut file = File::open(path).map_err(|e| KilnError::file(path, format!("cannot open: {e}")))?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| KilnError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize())
+}
