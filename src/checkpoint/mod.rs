@@ -60,9 +60,8 @@ pub fn save(
     let tmp = root.join(format!(".{name}.tmp"));
     let done = root.join(&name);
     if rank == 0 {
-        std::fs::create_dir_all(&root).map_err(|e| {
-            KilnError::file(&root, format!("cannot create checkpoint.dir: {e}"))
-        })?;
+        std::fs::create_dir_all(&root)
+            .map_err(|e| KilnError::file(&root, format!("cannot create checkpoint.dir: {e}")))?;
         if tmp.exists() {
             // Left by a run killed while saving this step: never a valid checkpoint.
             std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;

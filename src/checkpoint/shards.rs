@@ -89,7 +89,13 @@ impl<'a> CheckpointReader<'a> {
 
     /// Elements `range` of unit `unit`'s flat buffer of `kind`, whoever wrote them. Elements past
     /// the unit's parameters (padding at the new world size) read as zero.
-    pub fn read(&self, kind: &str, unit: usize, range: Range<usize>, out: &mut [f32]) -> Result<()> {
+    pub fn read(
+        &self,
+        kind: &str,
+        unit: usize,
+        range: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<()> {
         let layout = &self.manifest.layout.units[unit];
         let shard_len = layout.padded_len / self.manifest.world;
         let name = tensor_name(kind, &layout.name);

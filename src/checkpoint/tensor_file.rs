@@ -132,7 +132,8 @@ impl TensorFileReader {
     /// Opens `path` and checks its header against its length.
     pub fn open(path: &Path) -> Result<Self> {
         let bad = |msg: &str| KilnError::file(path, msg.to_string());
-        let file = File::open(path).map_err(|e| KilnError::file(path, format!("cannot open: {e}")))?;
+        let file =
+            File::open(path).map_err(|e| KilnError::file(path, format!("cannot open: {e}")))?;
         let len = file.metadata().map_err(|e| KilnError::io(path, e))?.len();
         let mut n = [0u8; 8];
         file.read_exact_at(&mut n, 0)
@@ -163,7 +164,9 @@ impl TensorFileReader {
                 .map_err(|_| bad(&format!("tensor {name}: malformed data_offsets")))?;
             let elems: usize = shape.iter().product();
             if dtype != "F32" || offsets[1] - offsets[0] != elems as u64 * 4 {
-                return Err(bad(&format!("tensor {name}: expected F32 data of its shape")));
+                return Err(bad(&format!(
+                    "tensor {name}: expected F32 data of its shape"
+                )));
             }
             data_len = data_len.max(offsets[1]);
             entries.insert(
@@ -208,7 +211,10 @@ impl TensorFileReader {
         if at + out.len() > e.elems {
             return Err(KilnError::file(
                 &self.path,
-                format!("tensor `{name}` has {} elements, fewer than expected", e.elems),
+                format!(
+                    "tensor `{name}` has {} elements, fewer than expected",
+                    e.elems
+                ),
             ));
         }
         self.file
@@ -220,7 +226,8 @@ impl TensorFileReader {
 /// CRC-32 of a whole file, read in large blocks.
 pub fn file_crc32(path: &Path) -> Result<u32> {
     use std::io::Read;
-    let mut file = File::open(path).map_err(|e| KilnError::file(path, format!("cannot open: {e}")))?;
+    let mut file =
+        File::open(path).map_err(|e| KilnError::file(path, format!("cannot open: {e}")))?;
     let mut hasher = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 4 << 20];
     loop {

@@ -170,7 +170,13 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
             })?;
         }
         if checkpoint_due(step + 1) {
-            checkpoint::save(plan, comm.as_ref(), strategy.as_mut(), step + 1, &source.describe())?;
+            checkpoint::save(
+                plan,
+                comm.as_ref(),
+                strategy.as_mut(),
+                step + 1,
+                &source.describe(),
+            )?;
         }
         bar.set_position(step + 1);
         bar.set_message(format!("loss {loss:.4}  {tokens_per_s:.0} tok/s"));

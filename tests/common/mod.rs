@@ -17,6 +17,17 @@ pub const QUIET: RunOptions = RunOptions {
 /// vocab 61, d 21, 3 heads, 37 positions — the embedding unit has 2058 parameters and the head
 /// 1323, neither a multiple of 2, 3 or 4, so shards carry padding. `extra` are more `--set`s.
 pub fn small_run(stage: u8, world: usize, accum: usize, extra: &[&str]) -> RunOutcome {
+    small_run_resumed(stage, world, accum, extra, None).expect("run")
+}
+
+/// `small_run`, continuing from checkpoint `resume` when given.
+pub fn small_run_resumed(
+    stage: u8,
+    world: usize,
+    accum: usize,
+    extra: &[&str],
+    resume: Option<&str>,
+) -> kiln::error::Result<RunOutcome> {
     let micro = 2;
     let mut sets = vec![
         "model.vocab=61".to_string(),
@@ -37,9 +48,11 @@ pub fn small_run(stage: u8, world: usize, accum: usize, extra: &[&str]) -> RunOu
     ];
     sets.extend(extra.iter().map(|s| s.to_string()));
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-    launch::simulate(&config(&sets), world, &QUIET)
-        .expect("run")
-        .swap_remove(0)
+    let opts = RunOptions {
+        resume: resume.map(str::to_string),
+        ..QUIET
+    };
+    Ok(launch::simulate(&config(&sets), world, &opts)?.swap_remove(0))
 }
 
 /// A fresh, empty scratch directory for one test (removed when dropped).
