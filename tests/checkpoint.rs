@@ -42,7 +42,7 @@ fn forty_steps_equal_twenty_plus_resume_plus_twenty_for_every_stage_and_tier() {
                 &ck[2],
             ];
             let straight = small_run(stage, 2, 1, &sets);
-            let at_20 = dir.join("step-00000020");
+            let at_20 = dir.join("step_000020");
             let resumed =
                 small_run_resumed(stage, 2, 1, &sets, Some(at_20.to_str().unwrap())).unwrap();
             assert_eq!(
@@ -70,7 +70,7 @@ fn reshard(
     let (w, s, a) = from;
     small_run(s, w, a, &["train.steps=40", &ck[0], &ck[1], &ck[2]]);
     let (w, s, a) = to;
-    let at_20 = scratch.path("step-00000020");
+    let at_20 = scratch.path("step_000020");
     let resumed =
         small_run_resumed(s, w, a, &["train.steps=40"], Some(at_20.to_str().unwrap())).unwrap();
     let reference = small_run(s, w, a, &["train.steps=40"]);
@@ -121,7 +121,7 @@ fn bad_checkpoints_are_one_line_errors_that_change_nothing() {
     let ck = ckpt_sets(&scratch.0, 5);
     let sets = ["train.steps=10", &ck[0], &ck[1], &ck[2]];
     small_run(1, 2, 1, &sets);
-    let good = scratch.path("step-00000005");
+    let good = scratch.path("step_000005");
     let rank1 = good.join("rank-00001.safetensors");
     let original = std::fs::read(&rank1).unwrap();
 

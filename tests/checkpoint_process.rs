@@ -85,7 +85,7 @@ fn temp_dirs(ckpt: &Path) -> Vec<String> {
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(".step-") && n.ends_with(".tmp"))
+                .filter(|n| n.starts_with(".step_") && n.ends_with(".tmp"))
                 .collect()
         })
         .unwrap_or_default()
@@ -142,7 +142,7 @@ fn a_run_killed_while_saving_resumes_from_the_previous_checkpoint() {
         "never caught a save in progress in 5 attempts"
     );
     let latest = std::fs::read_to_string(ckpt.join("latest")).unwrap();
-    let step: u64 = latest.trim().trim_start_matches("step-").parse().unwrap();
+    let step: u64 = latest.trim().trim_start_matches("step_").parse().unwrap();
     assert!(step >= 1 && step < 12, "latest = {latest}");
     let status = kiln().args(&args).arg("--resume").status().unwrap();
     assert!(status.success());

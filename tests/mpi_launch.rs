@@ -198,5 +198,40 @@ fn zero_stages_over_mpi_equal_ddp_over_local_threads_bitwise() {
         .filter(|e| e.as_ref().unwrap().path().extension() == Some("optim".as_ref()))
         .count();
     assert_eq!(optim_files, 0, "nvme state files are removed at exit");
+
+    // Checkpoints under real processes: stage 3 on nvme saves at step 5; stage 1 resumes from
+    // it and ends where the uninterrupted run ends, bitwise (same world size, same arithmetic).
+    let ckpt = dir.join("ckpt");
+    let file = dir.join("resumed-mpi.safetensors");
+    for (stage, tier, resume) in [(3, "nvme", None), (1, "none", Some("step_000005"))] {
+        let mut args = train_args(&dir, file.to_str().unwrap());
+        for set in [
+            "train.steps=10".to_string(),
+            format!("parallel.stage={stage}"),
+            format!("offload.optimizer={tier}"),
+            format!("offload.nvme_path={}", dir.display()),
+            format!("checkpoint.dir={}", ckpt.display()),
+            "checkpoint.every=5".into(),
+        ] {
+            args.extend(["--set".to_string(), set]);
+        }
+        if let Some(step) = resume {
+            args.extend([
+                "--resume".to_string(),
+                ckpt.join(step).display().to_string(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = mpirun(2, &args);
+        assert!(
+            out.status.success(),
+            "stage {stage} {resume:?}: {}",
+            text(&out)
+        );
+    }
+    assert!(
+        std::fs::read(&file).unwrap() == want,
+        "stage 3 (nvme) → checkpoint → stage 1 over MPI differs from the uninterrupted run"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

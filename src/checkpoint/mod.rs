@@ -1,4 +1,4 @@
-//! Sharded checkpoints (DESIGN.md "Checkpoints"): `checkpoint.dir/step-NNNNNNNN/` holds one
+//! Sharded checkpoints (DESIGN.md "Checkpoint"): `checkpoint.dir/step_NNNNNN/` holds one
 //! safetensors file per rank and a `manifest.json`; `checkpoint.dir/latest` names the newest.
 //!
 //! Saving is atomic: every rank writes and syncs its file inside a hidden temporary directory;
@@ -27,8 +27,14 @@ use std::path::{Path, PathBuf};
 /// Name of the pointer file inside `checkpoint.dir`.
 pub const LATEST: &str = "latest";
 
+/// `step_000020`: DESIGN.md's contract (the name ends in the step number).
 fn step_dir_name(step: u64) -> String {
-    format!("step-{step:08}")
+    format!("step_{step:06}")
+}
+
+/// The step number of a step directory's name.
+fn step_of(name: &str) -> Option<u64> {
+    name.strip_prefix("step_")?.parse().ok()
 }
 
 fn rank_file_name(rank: usize) -> String {
@@ -144,15 +150,19 @@ fn prune(root: &Path, keep: usize, latest: &str) -> Result<()> {
     if keep == 0 {
         return Ok(());
     }
-    let mut steps: Vec<String> = std::fs::read_dir(root)
+    let mut steps: Vec<(u64, String)> = std::fs::read_dir(root)
         .map_err(io(root))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("step-"))
+        .filter_map(|n| Some((step_of(&n)?, n)))
         .collect();
     steps.sort();
     let excess = steps.len().saturating_sub(keep);
-    for old in steps.iter().take(excess).filter(|n| n.as_str() != latest) {
+    for (_, old) in steps
+        .iter()
+        .take(excess)
+        .filter(|(_, n)| n.as_str() != latest)
+    {
         let path = root.join(old);
         std::fs::remove_dir_all(&path).map_err(io(&path))?;
     }
