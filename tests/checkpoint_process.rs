@@ -78,6 +78,21 @@ fn consolidate_gives_the_exported_tensors() {
         .unwrap();
     assert!(ok.success());
     assert_same_tensors(&out, &export);
+
+    // Not a checkpoint: one line naming the directory, exit code 2, no output.
+    let missing = scratch.path("no-such-checkpoint");
+    let bad_out = scratch.path("never.safetensors");
+    let result = kiln()
+        .arg("consolidate")
+        .arg(&missing)
+        .arg(&bad_out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(&missing.display().to_string()), "{stderr}");
+    assert!(!bad_out.exists());
 }
 
 fn temp_dirs(ckpt: &Path) -> Vec<String> {

@@ -184,6 +184,21 @@ fn a_missing_or_non_directory_path_is_a_config_error_naming_it() {
     }
 }
 
+#[test]
+fn an_unwritable_directory_is_an_error_naming_the_file() {
+    // sysfs refuses new files even to root, so this holds wherever the tests run.
+    let config = nvme_config("/sys", 1.0, 4);
+    let msg = NvmeStore::create(&config, 0, 1000)
+        .err()
+        .expect("/sys is not writable")
+        .to_string();
+    assert!(msg.starts_with("/sys/kiln-"), "{msg}");
+    assert!(
+        msg.contains("cannot create the optimizer-state file (offload.nvme_path)"),
+        "{msg}"
+    );
+}
+
 /// Runs the small preset for 3 steps as its own process and returns (peak RSS MiB, optimizer
 /// bytes in memory if the tier had been `none`).
 fn small_preset_peak_rss(tier: &str, out: &std::path::Path) -> (f64, f64) {

@@ -96,9 +96,16 @@ pub fn step_times(shape: &BenchShape) -> Result<[Contender; 2]> {
             let mut cmd = kiln_train(shape, 1, &out)?;
             cmd.arg("--set").arg(format!("offload.optimizer={tier}"));
             run(&mut cmd, &c.name)?;
-            let (ms, _) = read_run(&out, 2)?;
-            c.step_ms.push(ms);
-            eprintln!("  run {}: {:<10} {ms:8.1} ms/step", r + 1, c.name);
+            let t = read_run(&out, 2)?;
+            c.step_ms.push(t.step);
+            c.optimizer_ms.push(t.optimizer);
+            eprintln!(
+                "  run {}: {:<10} {:8.1} ms/step, AdamW {:6.1} ms",
+                r + 1,
+                c.name,
+                t.step,
+                t.optimizer
+            );
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -21,6 +21,8 @@ pub struct Contender {
     pub step_ms: Vec<f64>,
     /// Median exposed communication of each run, ms (kiln runs only).
     pub comm_wait_ms: Vec<f64>,
+    /// Median AdamW time (state transfers included) of each run, ms (kiln runs only).
+    pub optimizer_ms: Vec<f64>,
 }
 
 /// Median of a list (NaN when empty).
@@ -44,6 +46,7 @@ impl Contender {
             name: name.into(),
             step_ms: Vec::new(),
             comm_wait_ms: Vec::new(),
+            optimizer_ms: Vec::new(),
         }
     }
 
@@ -69,20 +72,35 @@ pub(super) fn run(cmd: &mut Command, what: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Median step and comm-wait times of a finished kiln run, skipping the first `skip` steps
-/// (the first step builds the bucket plan).
-pub(super) fn read_run(dir: &Path, skip: usize) -> Result<(f64, f64)> {
+/// Medians over the steps of one finished kiln run, ms.
+pub(super) struct RunTimes {
+    pub step: f64,
+    pub comm_wait: f64,
+    pub optimizer: f64,
+}
+
+/// The medians of a finished kiln run, skipping the first `skip` steps (the first step builds
+/// the bucket plan).
+pub(super) fn read_run(dir: &Path, skip: usize) -> Result<RunTimes> {
     let path = dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&path).map_err(|e| KilnError::io(&path, e))?;
-    let mut steps = Vec::new();
-    let mut waits = Vec::new();
+    let mut columns: [Vec<f64>; 3] = Default::default();
     for line in text.lines().skip(skip) {
         let v: serde_json::Value =
             serde_json::from_str(line).map_err(|e| KilnError::file(&path, e.to_string()))?;
-        steps.push(v["step_ms"].as_f64().unwrap_or(f64::NAN));
-        waits.push(v["comm_wait_ms"].as_f64().unwrap_or(f64::NAN));
+        for (col, key) in columns
+            .iter_mut()
+            .zip(["step_ms", "comm_wait_ms", "optimizer_ms"])
+        {
+            col.push(v[key].as_f64().unwrap_or(f64::NAN));
+        }
     }
-    Ok((median(&steps), median(&waits)))
+    let [step, comm_wait, optimizer] = columns.map(|c| median(&c));
+    Ok(RunTimes {
+        step,
+        comm_wait,
+        optimizer,
+    })
 }
 
 /// Common settings: the recipe plus the benchmark shape.
@@ -154,7 +172,8 @@ pub fn ddp(shape: &BenchShape, world: usize) -> Result<[Contender; 3]> {
         for (w, c) in [(1, &mut single), (world, &mut multi)] {
             let out = dir.join(format!("w{w}-r{r}"));
             run(&mut kiln_train(shape, w, &out)?, &c.name)?;
-            let (ms, wait) = read_run(&out, 2)?;
+            let t = read_run(&out, 2)?;
+            let (ms, wait) = (t.step, t.comm_wait);
             c.step_ms.push(ms);
             c.comm_wait_ms.push(wait);
             eprintln!(
@@ -179,7 +198,10 @@ pub fn ddp(shape: &BenchShape, world: usize) -> Result<[Contender; 3]> {
         for mut child in children {
             let _ = child.wait();
         }
-        let times: Result<Vec<f64>> = outs.iter().map(|o| read_run(o, 2).map(|t| t.0)).collect();
+        let times: Result<Vec<f64>> = outs
+            .iter()
+            .map(|o| read_run(o, 2).map(|t| t.step))
+            .collect();
         let ms = median(&times?);
         side_by_side.step_ms.push(ms);
         eprintln!(
@@ -201,7 +223,7 @@ pub fn step(shape: &BenchShape, python: Option<&str>) -> Result<Vec<Contender>> 
     for r in 0..shape.repeats {
         let out = dir.join(format!("k-r{r}"));
         run(&mut kiln_train(shape, 1, &out)?, "kiln")?;
-        let (ms, _) = read_run(&out, 2)?;
+        let ms = read_run(&out, 2)?.step;
         kiln.step_ms.push(ms);
         eprintln!("  run {}: kiln    {ms:8.1} ms/step", r + 1);
         if let Some(py) = python {

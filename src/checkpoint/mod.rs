@@ -60,6 +60,7 @@ pub fn save(
     step: u64,
     source: &str,
 ) -> Result<PathBuf> {
+    let started = std::time::Instant::now();
     let (rank, world) = (comm.rank(), comm.world());
     let root = PathBuf::from(&plan.config.checkpoint.dir);
     let name = step_dir_name(step);
@@ -111,6 +112,13 @@ pub fn save(
             files,
         };
         publish(&root, &tmp, &done, &manifest, plan.config.checkpoint.keep)?;
+        let bytes: u64 = manifest.files.iter().map(|f| f.bytes).sum();
+        tracing::info!(
+            "checkpoint saved: {} ({:.1} MiB in {:.2} s)",
+            done.display(),
+            bytes as f64 / (1 << 20) as f64,
+            started.elapsed().as_secs_f64()
+        );
     }
     comm.barrier()?;
     Ok(done)
@@ -133,7 +141,6 @@ fn publish(root: &Path, tmp: &Path, done: &Path, manifest: &Manifest, keep: usiz
     write_synced(&pointer_tmp, format!("{name}\n").as_bytes())?;
     std::fs::rename(&pointer_tmp, &pointer).map_err(io(&pointer))?;
     sync_dir(root)?;
-    tracing::info!("checkpoint saved: {}", done.display());
     prune(root, keep, &name)
 }
 

@@ -49,6 +49,8 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// Time the step waited for gradient communication still in flight, ms (exposed comm).
     pub comm_wait_ms: f64,
+    /// Time of the AdamW update, ms, optimizer-state transfers included (offload tiers).
+    pub optimizer_ms: f64,
 }
 
 /// Bytes this rank holds, by kind (ZeRO paper §3 accounting).
@@ -157,6 +159,7 @@ pub(crate) fn finish_step(
         StepStats {
             grad_norm,
             comm_wait_ms,
+            optimizer_ms: 0.0,
         },
         scalars,
     ))
@@ -174,6 +177,7 @@ pub enum ParamsHeld {
 /// The AdamW step over a rank's optimizer state: streams the store chunk by chunk (whatever its
 /// tier) and updates, for every element of state, the parameter element it belongs to. Chunk
 /// boundaries do not matter: the update is element-wise, so every tier gives the same bits.
+/// Returns the time it took, ms.
 pub(crate) fn adamw_over_store(
     store: &mut dyn StateStore,
     state: &StateLayout,
@@ -182,7 +186,8 @@ pub(crate) fn adamw_over_store(
     held: ParamsHeld,
     grads: &GradBuckets,
     s: &crate::optim::StepScalars,
-) -> Result<()> {
+) -> Result<f64> {
+    let started = std::time::Instant::now();
     let world = layout.world;
     store.stream(Access::ReadWrite, &mut |chunk, m, v| {
         for (seg, sub) in state.split(chunk.clone()) {
@@ -216,7 +221,8 @@ pub(crate) fn adamw_over_store(
             }
         }
         Ok(())
-    })
+    })?;
+    Ok(started.elapsed().as_secs_f64() * 1e3)
 }
 
 /// Builds the strategy the plan asks for, with initial parameters from the seed.

@@ -172,7 +172,7 @@ impl Strategy for Replicated {
     }
 
     fn step(&mut self, step: u64, lr: f64) -> Result<StepStats> {
-        let (stats, scalars) = finish_step(
+        let (mut stats, scalars) = finish_step(
             &mut self.grads,
             self.comm.as_ref(),
             &self.layout,
@@ -182,7 +182,7 @@ impl Strategy for Replicated {
             step,
             lr,
         )?;
-        adamw_over_store(
+        stats.optimizer_ms = adamw_over_store(
             self.store.as_mut(),
             &self.state,
             &self.layout,

@@ -200,7 +200,7 @@ impl Strategy for Zero3 {
     }
 
     fn step(&mut self, step: u64, lr: f64) -> Result<StepStats> {
-        let (stats, scalars) = finish_step(
+        let (mut stats, scalars) = finish_step(
             &mut self.grads,
             self.comm.as_ref(),
             &self.layout,
@@ -210,7 +210,7 @@ impl Strategy for Zero3 {
             step,
             lr,
         )?;
-        adamw_over_store(
+        stats.optimizer_ms = adamw_over_store(
             self.store.as_mut(),
             &self.state,
             &self.layout,

@@ -21,6 +21,8 @@ pub struct StepRecord {
     pub step_ms: f64,
     /// Time the step waited for gradient communication, ms.
     pub comm_wait_ms: f64,
+    /// Time of the AdamW update, optimizer-state transfers included, ms.
+    pub optimizer_ms: f64,
     /// Global-batch tokens per second.
     pub tokens_per_s: f64,
     /// Model-state bytes by kind on this rank.

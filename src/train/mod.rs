@@ -164,6 +164,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
                 grad_norm: stats.grad_norm,
                 step_ms: ms,
                 comm_wait_ms: stats.comm_wait_ms,
+                optimizer_ms: stats.optimizer_ms,
                 tokens_per_s,
                 memory: strategy.memory(),
                 peak_rss_mb: peak_rss_bytes() as f64 / (1 << 20) as f64,
