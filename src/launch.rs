@@ -116,9 +116,12 @@ pub fn collect<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
     if errors.is_empty() {
         return Ok(outcomes);
     }
+    // A rank's own error first; then anything but "rank 0 reports it" (which prints nothing).
+    let own = |e: &KilnError| !e.to_string().contains("another rank failed");
     let root = errors
         .iter()
-        .position(|e| !e.to_string().contains("another rank failed"))
+        .position(|e| own(e) && !matches!(e, KilnError::ReportedByRankZero(_)))
+        .or_else(|| errors.iter().position(own))
         .unwrap_or(0);
     Err(errors.swap_remove(root))
 }
@@ -129,18 +132,22 @@ pub fn run_process(config: &Config, opts: &RunOptions) -> Result<RunOutcome> {
     let (rank, world) = (comm.rank(), comm.world());
     let (_, local_ranks) = local_rank_and_size(rank, world);
     // Every rank validates the same config; rank 0 alone reports the error.
-    let plan = Plan::resolve(config, world).map_err(|e| {
-        if rank == 0 {
-            e
-        } else {
-            KilnError::ReportedByRankZero(e.exit_code())
+    let outcome = match Plan::resolve(config, world) {
+        Err(e) if rank == 0 => Err(e),
+        Err(e) => Err(KilnError::ReportedByRankZero(e.exit_code())),
+        Ok(plan) => {
+            let threads = threads_per_rank(config, local_ranks);
+            with_threads(threads, || {
+                let _span = tracing::info_span!("rank", r = rank).entered();
+                train::run(&plan, comm.clone(), opts)
+            })
         }
-    })?;
-    let threads = threads_per_rank(config, local_ranks);
-    let outcome = with_threads(threads, || {
-        let _span = tracing::info_span!("rank", r = rank).entered();
-        train::run(&plan, comm.clone(), opts)
-    });
+    };
     drop(comm);
+    if let (Err(KilnError::ReportedByRankZero(_)), true) = (&outcome, world > 1) {
+        // mpirun stops the whole job when one process exits with an error; give rank 0 time
+        // to print the line it owns first.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
     outcome
 }

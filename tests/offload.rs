@@ -159,7 +159,12 @@ fn nvme_store_uses_direct_io_where_the_filesystem_allows_and_removes_its_file() 
     let mut store = NvmeStore::create(&nvme_config(scratch.str(), 1.0, 4), 3, 100_000).unwrap();
     let path = store.path().to_path_buf();
     assert!(path.exists());
-    assert_eq!(store.is_direct(), takes_direct_io(&scratch.0), "{}", path.display());
+    assert_eq!(
+        store.is_direct(),
+        takes_direct_io(&scratch.0),
+        "{}",
+        path.display()
+    );
     // Either way the state round-trips (buffered I/O is the fallback, not a failure).
     let (m, _) = exercise(&mut store);
     assert_eq!(m[99_999], 99_999.5);

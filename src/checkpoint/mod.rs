@@ -267,7 +267,11 @@ pub fn resume(
     } else {
         Manifest::read(dir)
     };
-    let verdict = comm.all_gather_bytes(&[checked.is_ok() as u8])?;
+    let verdict = match comm.all_gather_bytes(&[checked.is_ok() as u8]) {
+        Ok(v) => v,
+        // Another rank gave up first; this rank's own finding is the better message.
+        Err(e) => return Err(checked.err().unwrap_or(e)),
+    };
     let ok: Vec<bool> = verdict.iter().map(|v| v.as_slice() == [1]).collect();
     if !ok.iter().all(|&x| x) {
         // Rank 0 reports its own failure once; a rank whose failure rank 0 did not share

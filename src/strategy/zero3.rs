@@ -42,6 +42,9 @@ pub struct Zero3 {
     /// Units kept whole on every rank.
     persistent: Vec<bool>,
     gathered: Vec<Gathered>,
+    /// Released gather buffers kept for the next gathers (at most `prefetch + 1`), so that a
+    /// step does not allocate and fault in a unit-sized buffer per unit per pass.
+    spare: Vec<Vec<f32>>,
     /// AdamW moments of this rank's shards.
     state: StateLayout,
     store: Box<dyn StateStore>,
@@ -96,6 +99,7 @@ impl Zero3 {
             shards,
             persistent,
             gathered,
+            spare: Vec::new(),
             state,
             store,
             prefetch: plan.config.parallel.prefetch,
@@ -114,7 +118,9 @@ impl Zero3 {
         }
         let world = self.comm.world();
         let layout = &self.layout.units[unit];
-        let mut buf = vec![0.0f32; layout.padded_len];
+        let mut buf = self.spare.pop().unwrap_or_default();
+        buf.clear();
+        buf.resize(layout.padded_len, 0.0);
         buf[layout.shard(self.comm.rank(), world).range()].copy_from_slice(&self.shards[unit]);
         self.gathered[unit] = Gathered::InFlight(self.comm.all_gather(buf));
     }
@@ -138,7 +144,8 @@ impl Zero3 {
             .iter()
             .zip(&self.persistent)
             .filter(|(g, p)| !**p && !matches!(g, Gathered::Released))
-            .count();
+            .count()
+            + self.spare.len();
         let largest = self
             .layout
             .units
@@ -163,7 +170,12 @@ impl Zero3 {
 
     fn release(&mut self, unit: usize) {
         if !self.persistent[unit] {
-            self.gathered[unit] = Gathered::Released;
+            let old = std::mem::replace(&mut self.gathered[unit], Gathered::Released);
+            if let Gathered::Full(buf) = old {
+                if self.spare.len() <= self.prefetch {
+                    self.spare.push(buf);
+                }
+            }
         }
     }
 }
