@@ -73,7 +73,79 @@ pub struct BucketPlan {
 /// Size of the first bucket (PyTorch DDP's first-bucket cap).
 pub const FIRST_BUCKET_BYTES: usize = 1 << 20;
 
+/// Greedy packing one arrival at a time, so that a plan can be built while backward runs: the
+/// buckets are the same as packing all arrivals at once.
+#[derive(Debug)]
+pub struct Packer {
+    bucket_bytes: usize,
+    world: usize,
+    closed: usize,
+    current: Bucket,
+}
+
+impl Packer {
+    /// An empty packer for `world` ranks.
+    pub fn new(bucket_bytes: usize, world: usize) -> Self {
+        Packer {
+            bucket_bytes,
+            world,
+            closed: 0,
+            current: Bucket {
+                slots: Vec::new(),
+                shard_len: 0,
+            },
+        }
+    }
+
+    /// Adds a unit with `len` padded gradient elements; returns the bucket this closed, if the
+    /// unit did not fit in the open one.
+    pub fn push(&mut self, unit: usize, len: usize) -> Option<Bucket> {
+        let cap = if self.closed == 0 {
+            FIRST_BUCKET_BYTES.min(self.bucket_bytes)
+        } else {
+            self.bucket_bytes
+        } / 4;
+        let mut full = None;
+        if !self.current.slots.is_empty() && (self.current.shard_len * self.world + len) > cap {
+            full = self.finish();
+        }
+        let shard_len = len / self.world;
+        self.current.slots.push(BucketSlot {
+            unit,
+            offset: self.current.shard_len,
+            shard_len,
+        });
+        self.current.shard_len += shard_len;
+        full
+    }
+
+    /// Closes the open bucket, if it holds anything.
+    pub fn finish(&mut self) -> Option<Bucket> {
+        if self.current.slots.is_empty() {
+            return None;
+        }
+        self.closed += 1;
+        Some(std::mem::replace(
+            &mut self.current,
+            Bucket {
+                slots: Vec::new(),
+                shard_len: 0,
+            },
+        ))
+    }
+}
+
 impl BucketPlan {
+    /// A plan with no buckets yet, to be extended with [`push_bucket`](Self::push_bucket).
+    pub fn empty(num_units: usize, world: usize) -> Self {
+        BucketPlan {
+            buckets: Vec::new(),
+            order: Vec::new(),
+            slot_of_unit: vec![None; num_units],
+            world,
+        }
+    }
+
     /// Packs `arrivals` (unit, padded gradient length) in order for `world` ranks.
     pub fn build(
         arrivals: &[(usize, usize)],
@@ -81,49 +153,28 @@ impl BucketPlan {
         bucket_bytes: usize,
         world: usize,
     ) -> Self {
-        let mut buckets: Vec<Bucket> = Vec::new();
-        let mut current = Bucket {
-            slots: Vec::new(),
-            shard_len: 0,
-        };
+        let mut plan = BucketPlan::empty(num_units, world);
+        let mut packer = Packer::new(bucket_bytes, world);
         for &(unit, len) in arrivals {
-            let cap = if buckets.is_empty() {
-                FIRST_BUCKET_BYTES.min(bucket_bytes)
-            } else {
-                bucket_bytes
-            } / 4;
-            if !current.slots.is_empty() && (current.shard_len * world + len) > cap {
-                buckets.push(std::mem::replace(
-                    &mut current,
-                    Bucket {
-                        slots: Vec::new(),
-                        shard_len: 0,
-                    },
-                ));
-            }
-            let shard_len = len / world;
-            current.slots.push(BucketSlot {
-                unit,
-                offset: current.shard_len,
-                shard_len,
-            });
-            current.shard_len += shard_len;
-        }
-        if !current.slots.is_empty() {
-            buckets.push(current);
-        }
-        let mut slot_of_unit = vec![None; num_units];
-        for (b, bucket) in buckets.iter().enumerate() {
-            for (s, slot) in bucket.slots.iter().enumerate() {
-                slot_of_unit[slot.unit] = Some((b, s));
+            plan.order.push(unit);
+            if let Some(b) = packer.push(unit, len) {
+                plan.push_bucket(b);
             }
         }
-        BucketPlan {
-            buckets,
-            order: arrivals.iter().map(|a| a.0).collect(),
-            slot_of_unit,
-            world,
+        if let Some(b) = packer.finish() {
+            plan.push_bucket(b);
         }
+        plan
+    }
+
+    /// Appends a closed bucket; returns its index.
+    pub fn push_bucket(&mut self, bucket: Bucket) -> usize {
+        let b = self.buckets.len();
+        for (s, slot) in bucket.slots.iter().enumerate() {
+            self.slot_of_unit[slot.unit] = Some((b, s));
+        }
+        self.buckets.push(bucket);
+        b
     }
 
     /// Where shard `q` of `unit`'s gradient lives: bucket index and range in its buffer.

@@ -3,10 +3,13 @@
 //! non-blocking collective per bucket launched the moment the bucket is full.
 //!
 //! Static graph (PyTorch's `static_graph=True`): the first step records the order and sizes in
-//! which unit gradients arrive, builds the plan, checks with a hash exchange that every rank
-//! built the same one, and allocates the bucket buffers once; later steps reuse plan and buffers
-//! and reject a unit that arrives out of order or not at all. Without it, the plan is recorded
-//! and rebuilt on every step (and that step's communication is not overlapped).
+//! which unit gradients arrive and builds the plan as they come — each bucket is checked across
+//! ranks with a hash exchange when it closes, gets its buffer, and is launched at once, so the
+//! recording step overlaps communication and never holds more than one open bucket of staged
+//! gradients. Later steps reuse plan and buffers and reject a unit that arrives out of order or
+//! not at all. Without a static graph the plan is recorded this way on every step. (With
+//! accumulation the first micro-step's arrivals are staged and the plan is built at the step:
+//! the buckets could not be launched before the last micro-step anyway.)
 //!
 //! Accumulation: micro-steps before the last add into the buckets without communicating
 //! (PyTorch's `no_sync`); the last one launches each bucket as it fills. Because accumulation
@@ -19,7 +22,7 @@
 //! reduce-scatter in flight is waited for and this rank's shard of each of its units is copied
 //! to a compact per-unit store, so only the shards (4Ψ/N bytes) outlive backward.
 
-use super::{BucketPlan, MicroStep};
+use super::{Bucket, BucketPlan, MicroStep, Packer};
 use crate::comm::{Communicator, Pending, ReduceOp};
 use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
@@ -70,7 +73,12 @@ pub struct GradBuckets {
     arrived: Vec<usize>,
     /// Position in `plan.order` within the current micro-step.
     cursor: usize,
-    /// While recording: (unit, padded length) in arrival order, and the accumulated gradients.
+    /// Whether this step records the plan (the first step, or every step without a static graph).
+    recording: bool,
+    /// While recording online (no accumulation): the packer of the open bucket.
+    packer: Option<Packer>,
+    /// While recording: (unit, padded length) in arrival order, and gradients not yet in a
+    /// bucket (with accumulation: all of them; online: the open bucket's).
     arrivals: Vec<(usize, usize)>,
     staged: Vec<Vec<f32>>,
     /// How many times bucket buffers were allocated (once with a static graph).
@@ -105,6 +113,8 @@ impl GradBuckets {
             },
             arrived: Vec::new(),
             cursor: 0,
+            recording: true,
+            packer: None,
             arrivals: Vec::new(),
             staged: vec![Vec::new(); layout.units.len()],
             allocations: 0,
@@ -225,7 +235,10 @@ impl GradBuckets {
 
     /// Hands over one unit's gradients of one micro-step.
     pub fn on_grads(&mut self, unit: usize, grads: &[f32], micro: MicroStep) -> Result<()> {
-        if self.plan.is_none() || !self.static_graph {
+        if self.recording && micro.count == 1 {
+            return self.record_online(unit, grads);
+        }
+        if self.recording {
             if micro.is_first() {
                 self.arrivals.push((unit, grads.len()));
                 self.staged[unit].clear();
@@ -277,6 +290,86 @@ impl GradBuckets {
         Ok(())
     }
 
+    /// Fresh storage for a plan being recorded.
+    fn new_storage(&self, bucket_lens: &[usize]) -> Storage {
+        if self.pooled {
+            let largest = bucket_lens.iter().copied().max().unwrap_or(0);
+            Storage::Pooled {
+                free: (0..POOL_BUFFERS)
+                    .map(|_| Vec::with_capacity(largest))
+                    .collect(),
+                assigned: bucket_lens.iter().map(|_| None).collect(),
+                in_flight: VecDeque::new(),
+                shards: self.shard_lens.iter().map(|&len| vec![0.0; len]).collect(),
+            }
+        } else {
+            Storage::PerBucket {
+                buffers: bucket_lens.iter().map(|&len| Some(vec![0.0f32; len])).collect(),
+                in_flight: bucket_lens.iter().map(|_| None).collect(),
+            }
+        }
+    }
+
+    /// Records one arrival of the recording step (no accumulation): the unit joins the open
+    /// bucket; a bucket it closes is checked, filled and launched.
+    fn record_online(&mut self, unit: usize, grads: &[f32]) -> Result<()> {
+        let world = self.comm.world();
+        if self.packer.is_none() {
+            self.packer = Some(Packer::new(self.bucket_bytes, world));
+            self.plan = Some(BucketPlan::empty(self.unit_names.len(), world));
+            // Buffers come as buckets close; pool buffers grow to the largest bucket.
+            self.storage = self.new_storage(&[]);
+            self.allocations += 1;
+        }
+        self.arrivals.push((unit, grads.len()));
+        self.plan.as_mut().expect("plan").order.push(unit);
+        self.staged[unit].clear();
+        self.staged[unit].extend_from_slice(grads);
+        let closed = self.packer.as_mut().expect("packer").push(unit, grads.len());
+        match closed {
+            Some(bucket) => self.close_bucket(bucket),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks a just-closed bucket across ranks, gives it a buffer, moves its units' staged
+    /// gradients in and launches it.
+    fn close_bucket(&mut self, bucket: Bucket) -> Result<()> {
+        let world = self.comm.world();
+        let plan = self.plan.as_mut().expect("recording has a plan");
+        let hash = crate::rng::hash_str(&format!("{} {:?}", plan.buckets.len(), bucket));
+        check_same_plan(self.comm.as_ref(), hash)?;
+        let len = bucket.len(world);
+        let units: Vec<usize> = bucket.slots.iter().map(|s| s.unit).collect();
+        let b = plan.push_bucket(bucket);
+        match &mut self.storage {
+            Storage::PerBucket { buffers, in_flight } => {
+                buffers.push(Some(vec![0.0f32; len]));
+                in_flight.push(None);
+            }
+            Storage::Pooled { assigned, .. } => assigned.push(None),
+        }
+        for (s, unit) in units.into_iter().enumerate() {
+            let staged = std::mem::take(&mut self.staged[unit]);
+            self.write_slot(b, s, &staged, false)?;
+        }
+        self.launch(b);
+        Ok(())
+    }
+
+    /// Ends an online recording: closes the last bucket and checks the whole plan.
+    fn finish_online_recording(&mut self) -> Result<()> {
+        let last = self.packer.take().expect("recording online").finish();
+        if let Some(bucket) = last {
+            self.close_bucket(bucket)?;
+        }
+        let plan = self.plan.as_ref().expect("plan");
+        check_same_plan(self.comm.as_ref(), plan.hash())?;
+        self.arrived = vec![0; plan.buckets.len()];
+        self.arrivals.clear();
+        Ok(())
+    }
+
     /// Builds the plan from this step's arrivals, checks it across ranks, sets up storage, moves
     /// the staged gradients into the buckets and launches every bucket.
     fn finish_recording(&mut self) -> Result<()> {
@@ -287,40 +380,10 @@ impl GradBuckets {
             self.bucket_bytes,
             world,
         );
-        let hashes = self.comm.all_gather_bytes(&plan.hash().to_le_bytes())?;
-        if hashes.iter().any(|h| *h != hashes[0]) {
-            let ranks: Vec<String> = hashes
-                .iter()
-                .enumerate()
-                .filter(|(_, h)| **h != hashes[0])
-                .map(|(r, _)| r.to_string())
-                .collect();
-            return Err(KilnError::Comm(format!(
-                "the gradient bucket plan of rank(s) {} differs from rank 0's (different arrival order or sizes)",
-                ranks.join(", ")
-            )));
-        }
+        check_same_plan(self.comm.as_ref(), plan.hash())?;
         let num_buckets = plan.buckets.len();
-        self.storage = if self.pooled {
-            let largest = plan.buckets.iter().map(|b| b.len(world)).max().unwrap_or(0);
-            Storage::Pooled {
-                free: (0..POOL_BUFFERS.min(num_buckets))
-                    .map(|_| Vec::with_capacity(largest))
-                    .collect(),
-                assigned: (0..num_buckets).map(|_| None).collect(),
-                in_flight: VecDeque::new(),
-                shards: self.shard_lens.iter().map(|&len| vec![0.0; len]).collect(),
-            }
-        } else {
-            Storage::PerBucket {
-                buffers: plan
-                    .buckets
-                    .iter()
-                    .map(|b| Some(vec![0.0f32; b.len(world)]))
-                    .collect(),
-                in_flight: (0..num_buckets).map(|_| None).collect(),
-            }
-        };
+        let lens: Vec<usize> = plan.buckets.iter().map(|b| b.len(world)).collect();
+        self.storage = self.new_storage(&lens);
         self.allocations += 1;
         self.arrived = vec![0; num_buckets];
         self.plan = Some(plan);
@@ -348,8 +411,13 @@ impl GradBuckets {
     /// waited for communication (in backward for a pool buffer, and here).
     pub fn finish(&mut self, divisor: f32) -> Result<f64> {
         let started = Instant::now();
-        if self.plan.is_none() || !self.static_graph {
-            self.finish_recording()?;
+        if self.recording {
+            if self.packer.is_some() {
+                self.finish_online_recording()?;
+            } else {
+                self.finish_recording()?;
+            }
+            self.recording = !self.static_graph;
         } else if self.cursor != 0 {
             let missing = self.plan.as_ref().expect("plan").order[self.cursor];
             return Err(KilnError::Comm(format!(
@@ -418,4 +486,22 @@ impl GradBuckets {
             }
         }
     }
+}
+
+/// Errors unless every rank passes the same plan `hash`, naming the ranks that differ.
+fn check_same_plan(comm: &dyn Communicator, hash: u64) -> Result<()> {
+    let hashes = comm.all_gather_bytes(&hash.to_le_bytes())?;
+    let ranks: Vec<String> = hashes
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| **h != hashes[0])
+        .map(|(r, _)| r.to_string())
+        .collect();
+    if ranks.is_empty() {
+        return Ok(());
+    }
+    Err(KilnError::Comm(format!(
+        "the gradient bucket plan of rank(s) {} differs from rank 0's (different arrival order or sizes)",
+        ranks.join(", ")
+    )))
 }

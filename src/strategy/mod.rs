@@ -8,7 +8,7 @@ mod norm;
 mod replicated;
 mod zero3;
 
-pub use buckets::{Bucket, BucketPlan, BucketSlot};
+pub use buckets::{Bucket, BucketPlan, BucketSlot, Packer};
 pub use grads::{GradBuckets, Reduction};
 pub use norm::global_grad_norm;
 pub use replicated::{Replicated, ReplicatedStage};
