@@ -124,7 +124,7 @@ pub fn main() -> i32 {
     };
     match result {
         Ok(()) => 0,
-        Err(KilnError::ReportedByRankZero(code)) => code,
+        Err(KilnError::ReportedByAnotherRank(code)) => code,
         Err(e) => {
             let code = e.exit_code();
             eprintln!("kiln: error: {e}");

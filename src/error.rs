@@ -20,10 +20,10 @@ pub enum KilnError {
     /// A collective failed or the ranks disagreed (see `comm.verify`).
     #[error("comm: {0}")]
     Comm(String),
-    /// An error that every rank hit the same way and that rank 0 prints; other ranks exit with
-    /// this code silently, so the user sees the line once.
+    /// An error that another rank prints (rank 0, for errors every rank hits the same way); this
+    /// rank exits with the code silently, so the user sees the line once.
     #[error("")]
-    ReportedByRankZero(i32),
+    ReportedByAnotherRank(i32),
     /// An I/O failure on a path kiln chose (outputs, offload files).
     #[error("{path}: {source}")]
     Io {
@@ -60,7 +60,7 @@ impl KilnError {
     pub fn exit_code(&self) -> i32 {
         match self {
             KilnError::Config(_) | KilnError::File { .. } => 2,
-            KilnError::ReportedByRankZero(code) => *code,
+            KilnError::ReportedByAnotherRank(code) => *code,
             KilnError::Comm(_) | KilnError::Io { .. } => 1,
         }
     }

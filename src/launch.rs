@@ -120,7 +120,7 @@ pub fn collect<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
     let own = |e: &KilnError| !e.to_string().contains("another rank failed");
     let root = errors
         .iter()
-        .position(|e| own(e) && !matches!(e, KilnError::ReportedByRankZero(_)))
+        .position(|e| own(e) && !matches!(e, KilnError::ReportedByAnotherRank(_)))
         .or_else(|| errors.iter().position(own))
         .unwrap_or(0);
     Err(errors.swap_remove(root))
@@ -134,7 +134,7 @@ pub fn run_process(config: &Config, opts: &RunOptions) -> Result<RunOutcome> {
     // Every rank validates the same config; rank 0 alone reports the error.
     let outcome = match Plan::resolve(config, world) {
         Err(e) if rank == 0 => Err(e),
-        Err(e) => Err(KilnError::ReportedByRankZero(e.exit_code())),
+        Err(e) => Err(KilnError::ReportedByAnotherRank(e.exit_code())),
         Ok(plan) => {
             let threads = threads_per_rank(config, local_ranks);
             with_threads(threads, || {
@@ -144,7 +144,7 @@ pub fn run_process(config: &Config, opts: &RunOptions) -> Result<RunOutcome> {
         }
     };
     drop(comm);
-    if let (Err(KilnError::ReportedByRankZero(_)), true) = (&outcome, world > 1) {
+    if let (Err(KilnError::ReportedByAnotherRank(_)), true) = (&outcome, world > 1) {
         // mpirun stops the whole job when one process exits with an error; give rank 0 time
         // to print the line it owns first.
         std::thread::sleep(std::time::Duration::from_secs(2));

@@ -207,26 +207,38 @@ pub fn locate(arg: &str, config: &CheckpointConfig) -> Result<PathBuf> {
 /// with the listed CRC-32.
 pub fn verify(dir: &Path) -> Result<Manifest> {
     let manifest = Manifest::read(dir)?;
+    check_lengths(dir, &manifest)?;
+    check_crcs(dir, &manifest, 0, 1)?;
+    Ok(manifest)
+}
+
+/// Every listed file is present with the listed length (cheap: metadata only).
+fn check_lengths(dir: &Path, manifest: &Manifest) -> Result<()> {
     for f in &manifest.files {
         let path = dir.join(&f.name);
-        let len = match std::fs::metadata(&path) {
-            Ok(m) => m.len(),
-            Err(_) => {
-                return Err(KilnError::file(
-                    &path,
-                    format!(
-                        "missing: the checkpoint was written by {} ranks and lists this file",
-                        manifest.world
-                    ),
-                ))
-            }
-        };
+        let len = std::fs::metadata(&path).map(|m| m.len()).map_err(|_| {
+            KilnError::file(
+                &path,
+                format!(
+                    "missing: the checkpoint was written by {} ranks and lists this file",
+                    manifest.world
+                ),
+            )
+        })?;
         if len != f.bytes {
             return Err(KilnError::file(
                 &path,
                 format!("truncated: {len} bytes, the manifest lists {}", f.bytes),
             ));
         }
+    }
+    Ok(())
+}
+
+/// Files `first`, `first + stride`, … have their listed CRC-32 (each rank reads its share).
+fn check_crcs(dir: &Path, manifest: &Manifest, first: usize, stride: usize) -> Result<()> {
+    for f in manifest.files.iter().skip(first).step_by(stride) {
+        let path = dir.join(&f.name);
         let crc = file_crc32(&path)?;
         if crc != f.crc32 {
             return Err(KilnError::file(
@@ -238,12 +250,14 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
             ));
         }
     }
-    Ok(manifest)
+    Ok(())
 }
 
-/// Loads the checkpoint in `dir` into `strategy` (collective). Rank 0 verifies the whole
-/// checkpoint first and the others wait for its verdict, so a bad checkpoint is reported once
-/// and nothing is loaded. Returns the step to continue from.
+/// Loads the checkpoint in `dir` into `strategy` (collective). Nothing is loaded until the whole
+/// checkpoint is verified: rank 0 checks the manifest, the file lengths and the compatibility
+/// with this run, every rank checks the CRC-32 of its share of the files, and the verdicts are
+/// exchanged, so a bad checkpoint is reported once, by the rank that found it. Returns the step
+/// to continue from.
 pub fn resume(
     dir: &Path,
     plan: &Plan,
@@ -252,7 +266,8 @@ pub fn resume(
 ) -> Result<u64> {
     let rank = comm.rank();
     let checked = if rank == 0 {
-        verify(dir).and_then(|m| {
+        Manifest::read(dir).and_then(|m| {
+            check_lengths(dir, &m)?;
             m.check_compatible(dir, &plan.model, &plan.config)?;
             if m.step >= plan.steps {
                 return Err(KilnError::config(format!(
@@ -266,7 +281,11 @@ pub fn resume(
         })
     } else {
         Manifest::read(dir)
-    };
+    }
+    .and_then(|m| {
+        check_crcs(dir, &m, rank, comm.world())?;
+        Ok(m)
+    });
     let verdict = match comm.all_gather_bytes(&[checked.is_ok() as u8]) {
         Ok(v) => v,
         // Another rank gave up first; this rank's own finding is the better message.
@@ -274,13 +293,12 @@ pub fn resume(
     };
     let ok: Vec<bool> = verdict.iter().map(|v| v.as_slice() == [1]).collect();
     if !ok.iter().all(|&x| x) {
-        // Rank 0 reports its own failure once; a rank whose failure rank 0 did not share
-        // reports its own.
+        // Rank 0's finding first (every rank may have hit it); otherwise each rank that found
+        // something reports it, and the others stay silent.
         return Err(match checked {
             Err(e) if rank == 0 || ok[0] => e,
-            Err(e) => KilnError::ReportedByRankZero(e.exit_code()),
-            Ok(_) if !ok[0] => KilnError::ReportedByRankZero(2),
-            Ok(_) => KilnError::Comm("another rank failed to read the checkpoint".into()),
+            Err(e) => KilnError::ReportedByAnotherRank(e.exit_code()),
+            Ok(_) => KilnError::ReportedByAnotherRank(2),
         });
     }
     let manifest = checked?;

@@ -304,7 +304,10 @@ impl GradBuckets {
             }
         } else {
             Storage::PerBucket {
-                buffers: bucket_lens.iter().map(|&len| Some(vec![0.0f32; len])).collect(),
+                buffers: bucket_lens
+                    .iter()
+                    .map(|&len| Some(vec![0.0f32; len]))
+                    .collect(),
                 in_flight: bucket_lens.iter().map(|_| None).collect(),
             }
         }
@@ -325,7 +328,11 @@ impl GradBuckets {
         self.plan.as_mut().expect("plan").order.push(unit);
         self.staged[unit].clear();
         self.staged[unit].extend_from_slice(grads);
-        let closed = self.packer.as_mut().expect("packer").push(unit, grads.len());
+        let closed = self
+            .packer
+            .as_mut()
+            .expect("packer")
+            .push(unit, grads.len());
         match closed {
             Some(bucket) => self.close_bucket(bucket),
             None => Ok(()),

@@ -84,7 +84,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
                 if lead {
                     e
                 } else {
-                    KilnError::ReportedByRankZero(e.exit_code())
+                    KilnError::ReportedByAnotherRank(e.exit_code())
                 }
             })?;
             checkpoint::resume(&dir, plan, comm.as_ref(), strategy.as_mut())?
