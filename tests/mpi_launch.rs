@@ -233,5 +233,30 @@ fn zero_stages_over_mpi_equal_ddp_over_local_threads_bitwise() {
         std::fs::read(&file).unwrap() == want,
         "stage 3 (nvme) → checkpoint → stage 1 over MPI differs from the uninterrupted run"
     );
+
+    // A corrupted shard under real processes: the rank that checks it says so, once.
+    let shard = ckpt.join("step_000005/rank-00001.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&shard, &bytes).unwrap();
+    let mut args = train_args(&dir, file.to_str().unwrap());
+    args.extend([
+        "--resume".to_string(),
+        ckpt.join("step_000005").display().to_string(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = mpirun(2, &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("kiln: error"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("rank-00001.safetensors") && lines[0].contains("corrupted"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
