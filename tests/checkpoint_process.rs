@@ -158,7 +158,7 @@ fn a_run_killed_while_saving_resumes_from_the_previous_checkpoint() {
     );
     let latest = std::fs::read_to_string(ckpt.join("latest")).unwrap();
     let step: u64 = latest.trim().trim_start_matches("step_").parse().unwrap();
-    assert!(step >= 1 && step < 12, "latest = {latest}");
+    assert!((1..12).contains(&step), "latest = {latest}");
     let status = kiln().args(&args).arg("--resume").status().unwrap();
     assert!(status.success());
     assert_same_tensors(&export, &reference);
