@@ -116,7 +116,7 @@ pub fn collect<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
     if errors.is_empty() {
         return Ok(outcomes);
     }
-    // A rank's own error first; then anything but "rank 0 reports it" (which prints nothing).
+    // A rank's own error first; then anything but "another rank reports it" (prints nothing).
     let own = |e: &KilnError| !e.to_string().contains("another rank failed");
     let root = errors
         .iter()
