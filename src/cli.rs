@@ -22,12 +22,8 @@ struct Cli {
 enum Command {
     /// Train a model (one rank per process under mpirun/srun, or N threads with --simulate N).
     Train {
-        /// TOML recipe (see configs/).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Override a key: --set section.key=value (repeatable; the value is read as TOML).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
+        #[command(flatten)]
+        recipe: RecipeArgs,
         /// Run N ranks as threads of this process (local backend).
         #[arg(long, value_name = "N")]
         simulate: Option<usize>,
@@ -50,15 +46,17 @@ enum Command {
     /// Write the training rows of a recipe to a flat uint16 token file (step-major, then row,
     /// each row seq_len + 1 tokens), e.g. to train a reference implementation on the same data.
     DumpData {
-        /// TOML recipe.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Override a key (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
+        #[command(flatten)]
+        recipe: RecipeArgs,
         /// Output file.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Print the resolved config as a kiln TOML recipe, e.g. to migrate a DeepSpeed config:
+    /// `kiln config --deepspeed ds_config.json > recipe.toml`.
+    Config {
+        #[command(flatten)]
+        recipe: RecipeArgs,
     },
     /// Check that this machine's collectives are correct (run under mpirun for MPI).
     Check {
@@ -70,6 +68,40 @@ enum Command {
         #[command(subcommand)]
         what: crate::bench::BenchCommand,
     },
+}
+
+/// Where a run's config comes from, in order of precedence (later wins).
+#[derive(clap::Args, Debug)]
+struct RecipeArgs {
+    /// TOML recipe (see configs/).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// DeepSpeed config (ds_config.json), read as kiln keys on top of --config.
+    #[arg(long, value_name = "FILE")]
+    deepspeed: Option<PathBuf>,
+    /// Override a key: --set section.key=value (repeatable; the value is read as TOML).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+impl RecipeArgs {
+    /// The config, after rank 0 of the launch has logged what the DeepSpeed file left out.
+    fn load(&self) -> Result<config::Config, KilnError> {
+        let (config, translation) = config::load_layers(
+            self.config.as_deref(),
+            self.deepspeed.as_deref(),
+            &self.sets,
+        )?;
+        if launch::launcher_rank() == 0 {
+            for line in &translation.notes {
+                tracing::info!("{line}");
+            }
+            for line in &translation.warnings {
+                tracing::warn!("{line}");
+            }
+        }
+        Ok(config)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -91,8 +123,12 @@ enum CheckCommand {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a person at a terminal: log files and pipes get plain text (no-color.org).
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_target(false)
         .with_writer(std::io::stderr)
         .try_init();
@@ -104,14 +140,16 @@ pub fn main() -> i32 {
     init_logging();
     let result = match cli.command {
         Command::Train {
-            config,
-            sets,
+            recipe,
             simulate,
             quiet,
             resume,
-        } => train(config, &sets, simulate, quiet, resume),
+        } => recipe
+            .load()
+            .and_then(|cfg| train(&cfg, simulate, quiet, resume)),
         Command::Consolidate { checkpoint, out } => consolidate(&checkpoint, &out),
-        Command::DumpData { config, sets, out } => dump_data(config, &sets, &out),
+        Command::DumpData { recipe, out } => recipe.load().and_then(|cfg| dump_data(&cfg, &out)),
+        Command::Config { recipe } => recipe.load().and_then(|cfg| print_config(&recipe, &cfg)),
         Command::Check {
             what:
                 CheckCommand::Comm {
@@ -134,21 +172,19 @@ pub fn main() -> i32 {
 }
 
 fn train(
-    path: Option<PathBuf>,
-    sets: &[String],
+    cfg: &config::Config,
     simulate: Option<usize>,
     quiet: bool,
     resume: Option<String>,
 ) -> Result<(), KilnError> {
-    let cfg = config::load(path.as_deref(), sets)?;
     let opts = RunOptions {
         quiet,
         no_outputs: false,
         resume,
     };
     match simulate {
-        Some(n) => launch::simulate(&cfg, n, &opts).map(|_| ()),
-        None => launch::run_process(&cfg, &opts).map(|_| ()),
+        Some(n) => launch::simulate(cfg, n, &opts).map(|_| ()),
+        None => launch::run_process(cfg, &opts).map(|_| ()),
     }
 }
 
@@ -215,14 +251,32 @@ fn check_comm(simulate: Option<usize>, large: bool, mismatch: bool) -> Result<()
     Ok(())
 }
 
-fn dump_data(
-    path: Option<PathBuf>,
-    sets: &[String],
-    out: &std::path::Path,
-) -> Result<(), KilnError> {
+/// Prints the config as TOML, with a header saying where it came from.
+fn print_config(recipe: &RecipeArgs, cfg: &config::Config) -> Result<(), KilnError> {
+    let text = toml::to_string_pretty(cfg)
+        .map_err(|e| KilnError::config(format!("cannot write the config as TOML: {e}")))?;
+    let from: Vec<String> = [&recipe.config, &recipe.deepspeed]
+        .into_iter()
+        .flatten()
+        .map(|p| p.display().to_string())
+        .chain(recipe.sets.iter().map(|s| format!("--set {s}")))
+        .collect();
+    println!(
+        "# kiln recipe resolved by `kiln config` from: {}",
+        if from.is_empty() {
+            "the defaults".to_string()
+        } else {
+            from.join(", ")
+        }
+    );
+    println!("# Train with: kiln train --config THIS_FILE (world-size-dependent keys are resolved per run).");
+    print!("{text}");
+    Ok(())
+}
+
+fn dump_data(cfg: &config::Config, out: &std::path::Path) -> Result<(), KilnError> {
     use std::io::Write;
-    let cfg = config::load(path.as_deref(), sets)?;
-    let plan = crate::plan::Plan::resolve(&cfg, 1)?;
+    let plan = crate::plan::Plan::resolve(cfg, 1)?;
     let source = crate::data::open(&cfg.data, plan.model.vocab, plan.model.seq_len)?;
     let file = std::fs::File::create(out)
         .map_err(|e| KilnError::file(out, format!("cannot create: {e}")))?;

@@ -1,11 +1,11 @@
 //! Config as resolved: [`Plan`] is validated once at start-up against the world size and holds
 //! everything the run needs as plain values. Errors name the key and what was expected.
 
-use crate::config::Config;
+use crate::config::{Config, ModelConfig, TrainConfig};
 use crate::error::{KilnError, Result};
 use crate::model::GptConfig;
 use crate::offload::Tier;
-use crate::optim::{AdamWConfig, LrSchedule};
+use crate::optim::{AdamWConfig, DsSchedule, LrSchedule, ScheduleKind, WarmupShape};
 
 /// The validated, resolved run.
 #[derive(Debug, Clone)]
@@ -52,50 +52,7 @@ fn positive(key: &str, v: Option<usize>) -> Result<Option<usize>> {
 impl Plan {
     /// Validates `config` for `world` ranks.
     pub fn resolve(config: &Config, world: usize) -> Result<Plan> {
-        let m = &config.model;
-        let mut model = GptConfig::preset(&m.preset).ok_or_else(|| {
-            bad(
-                "model.preset",
-                format!("`{}` is not one of {}", m.preset, GptConfig::PRESETS),
-            )
-        })?;
-        if let Some(v) = positive("model.d_model", m.d_model)? {
-            model.d_model = v;
-        }
-        if let Some(v) = positive("model.n_layers", m.n_layers)? {
-            model.n_layers = v;
-        }
-        if let Some(v) = positive("model.n_heads", m.n_heads)? {
-            model.n_heads = v;
-        }
-        if let Some(v) = positive("model.vocab", m.vocab)? {
-            model.vocab = v;
-        }
-        if let Some(v) = positive("model.max_seq_len", m.max_seq_len)? {
-            model.max_seq_len = v;
-            model.seq_len = v;
-        }
-        if let Some(v) = positive("model.seq_len", m.seq_len)? {
-            if v > model.max_seq_len {
-                return Err(bad(
-                    "model.seq_len",
-                    format!(
-                        "{v} exceeds the model's maximum sequence length {}",
-                        model.max_seq_len
-                    ),
-                ));
-            }
-            model.seq_len = v;
-        }
-        if model.d_model % model.n_heads != 0 {
-            return Err(bad(
-                "model.n_heads",
-                format!(
-                    "{} does not divide model.d_model = {}",
-                    model.n_heads, model.d_model
-                ),
-            ));
-        }
+        let model = resolve_model(&config.model)?;
 
         let d = &config.data;
         if !["markov", "text", "tokens"].contains(&d.source.as_str()) {
@@ -126,18 +83,7 @@ impl Plan {
         if t.steps == 0 {
             return Err(bad("train.steps", "must be at least 1"));
         }
-        if t.micro_batch == 0 {
-            return Err(bad("train.micro_batch", "must be at least 1"));
-        }
-        if t.global_batch == 0 || t.global_batch % (t.micro_batch * world) != 0 {
-            return Err(bad(
-                "train.global_batch",
-                format!(
-                    "{} is not a positive multiple of train.micro_batch ({}) × world size ({}); DeepSpeed's convention is global_batch = micro_batch × grad_accum × world",
-                    t.global_batch, t.micro_batch, world
-                ),
-            ));
-        }
+        let batch = resolve_batch(t, world)?;
         let finite_positive = |key: &str, v: f64| {
             if v.is_finite() && v > 0.0 {
                 Ok(())
@@ -151,12 +97,6 @@ impl Plan {
             if !(0.0..1.0).contains(&v) {
                 return Err(bad(key, format!("{v} must be in [0, 1)")));
             }
-        }
-        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
-            return Err(bad(
-                "train.min_lr_ratio",
-                format!("{} must be in [0, 1]", t.min_lr_ratio),
-            ));
         }
         if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
             return Err(bad(
@@ -223,16 +163,11 @@ impl Plan {
             config: config.clone(),
             model,
             world,
-            micro_batch: t.micro_batch,
-            grad_accum: t.global_batch / (t.micro_batch * world),
-            global_batch: t.global_batch,
+            micro_batch: batch.micro,
+            grad_accum: batch.accum,
+            global_batch: batch.global,
             steps: t.steps,
-            schedule: LrSchedule {
-                lr: t.lr,
-                min_lr_ratio: t.min_lr_ratio,
-                warmup: t.warmup_steps,
-                steps: t.steps,
-            },
+            schedule: resolve_schedule(t)?,
             adamw: AdamWConfig {
                 beta1: t.beta1,
                 beta2: t.beta2,
@@ -245,4 +180,207 @@ impl Plan {
             offload,
         })
     }
+}
+
+/// The model shape `[model]` describes: the preset with any fields overridden.
+pub fn resolve_model(m: &ModelConfig) -> Result<GptConfig> {
+    let mut model = GptConfig::preset(&m.preset).ok_or_else(|| {
+        bad(
+            "model.preset",
+            format!("`{}` is not one of {}", m.preset, GptConfig::PRESETS),
+        )
+    })?;
+    if let Some(v) = positive("model.d_model", m.d_model)? {
+        model.d_model = v;
+    }
+    if let Some(v) = positive("model.n_layers", m.n_layers)? {
+        model.n_layers = v;
+    }
+    if let Some(v) = positive("model.n_heads", m.n_heads)? {
+        model.n_heads = v;
+    }
+    if let Some(v) = positive("model.vocab", m.vocab)? {
+        model.vocab = v;
+    }
+    if let Some(v) = positive("model.max_seq_len", m.max_seq_len)? {
+        model.max_seq_len = v;
+        model.seq_len = v;
+    }
+    if let Some(v) = positive("model.seq_len", m.seq_len)? {
+        if v > model.max_seq_len {
+            return Err(bad(
+                "model.seq_len",
+                format!(
+                    "{v} exceeds the model's maximum sequence length {}",
+                    model.max_seq_len
+                ),
+            ));
+        }
+        model.seq_len = v;
+    }
+    if model.d_model % model.n_heads != 0 {
+        return Err(bad(
+            "model.n_heads",
+            format!(
+                "{} does not divide model.d_model = {}",
+                model.n_heads, model.d_model
+            ),
+        ));
+    }
+    Ok(model)
+}
+
+/// Global batch, micro-batch and accumulation steps, with global = micro × accum × world.
+struct Batch {
+    global: usize,
+    micro: usize,
+    accum: usize,
+}
+
+/// Micro-batch size when neither it nor both other batch keys are given.
+const DEFAULT_MICRO_BATCH: usize = 8;
+
+/// Any two of global_batch, micro_batch and grad_accum determine the third, as in DeepSpeed;
+/// all three must agree. With fewer, micro_batch defaults to 8, then grad_accum to 1 — except
+/// that with none given the global batch is 8 (kiln's default recipe).
+fn resolve_batch(t: &TrainConfig, world: usize) -> Result<Batch> {
+    for (key, v) in [
+        ("train.global_batch", t.global_batch),
+        ("train.micro_batch", t.micro_batch),
+        ("train.grad_accum", t.grad_accum),
+    ] {
+        positive(key, v)?;
+    }
+    let not_multiple = |global: usize, of: &str| {
+        bad(
+            "train.global_batch",
+            format!(
+                "{global} is not a positive multiple of {of} × world size ({world}); DeepSpeed's convention is global_batch = micro_batch × grad_accum × world"
+            ),
+        )
+    };
+    let (global, micro, accum) = match (t.global_batch, t.micro_batch, t.grad_accum) {
+        (Some(g), Some(m), Some(a)) => {
+            if g != m * a * world {
+                return Err(KilnError::config(format!(
+                    "keys `train.global_batch` = {g}, `train.micro_batch` = {m} and `train.grad_accum` = {a} disagree: {m} × {a} × world {world} = {} (DeepSpeed: train_batch_size = train_micro_batch_size_per_gpu × gradient_accumulation_steps × world); give any two",
+                    m * a * world
+                )));
+            }
+            (g, m, a)
+        }
+        (Some(g), None, Some(a)) => {
+            if g % (a * world) != 0 {
+                return Err(not_multiple(g, &format!("train.grad_accum ({a})")));
+            }
+            (g, g / (a * world), a)
+        }
+        (None, m, a) if m.is_some() || a.is_some() => {
+            let (m, a) = (m.unwrap_or(DEFAULT_MICRO_BATCH), a.unwrap_or(1));
+            (m * a * world, m, a)
+        }
+        (g, m, _) => {
+            let (g, m) = (g.unwrap_or(8), m.unwrap_or(DEFAULT_MICRO_BATCH));
+            if g % (m * world) != 0 {
+                return Err(not_multiple(g, &format!("train.micro_batch ({m})")));
+            }
+            (g, m, g / (m * world))
+        }
+    };
+    Ok(Batch {
+        global,
+        micro,
+        accum,
+    })
+}
+
+/// The learning-rate schedule `train.schedule` names, with its keys checked.
+fn resolve_schedule(t: &TrainConfig) -> Result<LrSchedule> {
+    let deepspeed_names = ["warmup", "warmup_decay", "warmup_cosine"];
+    let name = t.schedule.as_str();
+    if !["cosine", "constant"].contains(&name) && !deepspeed_names.contains(&name) {
+        return Err(bad(
+            "train.schedule",
+            format!("`{name}` is not one of cosine, constant, warmup, warmup_decay, warmup_cosine"),
+        ));
+    }
+    // A key that would silently do nothing is an error: the user meant something by it.
+    let only_for = |key: &str, set: bool, names: &[&str]| {
+        if set && !names.contains(&name) {
+            Err(bad(
+                key,
+                format!(
+                    "applies to train.schedule = {}, not `{name}`",
+                    names.join(" | ")
+                ),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    only_for(
+        "train.warmup_type",
+        t.warmup_type.is_some(),
+        &deepspeed_names,
+    )?;
+    only_for(
+        "train.warmup_min_lr",
+        t.warmup_min_lr.is_some(),
+        &["warmup", "warmup_decay"],
+    )?;
+    only_for(
+        "train.warmup_min_ratio",
+        t.warmup_min_ratio.is_some(),
+        &["warmup_cosine"],
+    )?;
+    only_for(
+        "train.decay_steps",
+        t.decay_steps.is_some(),
+        &["cosine", "warmup_decay", "warmup_cosine"],
+    )?;
+    let shape = match &t.warmup_type {
+        None => WarmupShape::Log,
+        Some(s) => WarmupShape::parse(s).ok_or_else(|| {
+            bad(
+                "train.warmup_type",
+                format!("`{s}` is not one of log, linear"),
+            )
+        })?,
+    };
+    let warmup_min_lr = t.warmup_min_lr.unwrap_or(0.0);
+    if !(warmup_min_lr.is_finite() && (0.0..=t.lr).contains(&warmup_min_lr)) {
+        return Err(bad(
+            "train.warmup_min_lr",
+            format!("{warmup_min_lr} must be between 0 and train.lr ({})", t.lr),
+        ));
+    }
+    for (key, v) in [
+        ("train.warmup_min_ratio", t.warmup_min_ratio.unwrap_or(0.0)),
+        ("train.min_lr_ratio", t.min_lr_ratio),
+    ] {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(bad(key, format!("{v} must be in [0, 1]")));
+        }
+    }
+    let decay_steps = positive("train.decay_steps", t.decay_steps.map(|v| v as usize))?
+        .map_or(t.steps, |v| v as u64);
+    let deepspeed = |schedule| ScheduleKind::DeepSpeed { shape, schedule };
+    let kind = match name {
+        "cosine" => ScheduleKind::Cosine {
+            min_lr_ratio: t.min_lr_ratio,
+        },
+        "constant" => ScheduleKind::Constant,
+        "warmup" => deepspeed(DsSchedule::WarmupLr { warmup_min_lr }),
+        "warmup_decay" => deepspeed(DsSchedule::WarmupDecayLr { warmup_min_lr }),
+        _ => deepspeed(DsSchedule::WarmupCosineLr {
+            warmup_min_ratio: t.warmup_min_ratio.unwrap_or(0.0),
+            cos_min_ratio: t.min_lr_ratio,
+        }),
+    };
+    Ok(LrSchedule {
+        lr: t.lr,
+        warmup: t.warmup_steps,
+        decay_steps,
+        kind,
+    })
 }

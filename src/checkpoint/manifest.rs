@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
 use crate::model::GptConfig;
+use crate::plan::Plan;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;
@@ -138,10 +139,11 @@ impl Manifest {
         Ok(manifest)
     }
 
-    /// Errors unless this checkpoint can continue a run of `model` with `config`: the model must
-    /// be the same, and so must the data stream (`data.*`, `train.global_batch`). World size,
-    /// stage, tier, steps and optimizer settings may change; those differences are logged.
-    pub fn check_compatible(&self, dir: &Path, model: &GptConfig, config: &Config) -> Result<()> {
+    /// Errors unless this checkpoint can continue `plan`: the model must be the same, and so
+    /// must the data stream (`data.*` and the resolved global batch). World size, stage, tier,
+    /// steps and optimizer settings may change; those differences are logged.
+    pub fn check_compatible(&self, dir: &Path, plan: &Plan) -> Result<()> {
+        let (model, config) = (&plan.model, &plan.config);
         let path = dir.join("manifest.json");
         let model_diff = differing_keys(&to_json(model), &to_json(&self.model), "model");
         if let Some((key, here, there)) = model_diff.first() {
@@ -152,11 +154,21 @@ impl Manifest {
                 ),
             ));
         }
+        // The global batch is compared resolved: the keys that give it (any two of
+        // global_batch, micro_batch, grad_accum) may legitimately change with the world size.
         let diff = differing_keys(&to_json(config), &to_json(&self.config), "");
-        let stream: Vec<_> = diff
+        let mut stream: Vec<(String, String, String)> = diff
             .iter()
-            .filter(|(k, _, _)| k.starts_with("data.") || k == "train.global_batch")
+            .filter(|(k, _, _)| k.starts_with("data."))
+            .cloned()
             .collect();
+        if plan.global_batch != self.data.global_batch {
+            stream.push((
+                "the global batch (train.global_batch)".into(),
+                plan.global_batch.to_string(),
+                self.data.global_batch.to_string(),
+            ));
+        }
         if let Some((key, here, there)) = stream.first() {
             return Err(KilnError::file(
                 &path,

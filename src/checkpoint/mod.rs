@@ -268,7 +268,7 @@ pub fn resume(
     let checked = if rank == 0 {
         Manifest::read(dir).and_then(|m| {
             check_lengths(dir, &m)?;
-            m.check_compatible(dir, &plan.model, &plan.config)?;
+            m.check_compatible(dir, plan)?;
             if m.step >= plan.steps {
                 return Err(KilnError::config(format!(
                     "key `train.steps`: {} but the checkpoint {} is at step {}; raise it to continue",

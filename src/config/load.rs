@@ -1,13 +1,54 @@
-//! Reading a recipe and applying `--set section.key=value` overrides.
+//! Reading a recipe, a DeepSpeed config, and applying `--set section.key=value` overrides.
 
+use super::deepspeed::{self, Translation};
 use super::Config;
 use crate::error::{KilnError, Result};
+use crate::model::UnitModel;
 use std::path::Path;
 
 /// Reads `path` (if given), applies the overrides in order and checks keys and types.
 /// Errors name the key (`train.steps`) or the file.
 pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Config> {
-    let mut table = match path {
+    load_layers(path, None, sets).map(|(config, _)| config)
+}
+
+/// `load` with a DeepSpeed config between the recipe and the overrides (precedence: recipe,
+/// then DeepSpeed file, then `--set`). Also returns what the DeepSpeed file said about itself:
+/// the keys kiln ignores and how some keys were read.
+pub fn load_layers(
+    path: Option<&Path>,
+    deepspeed: Option<&Path>,
+    sets: &[String],
+) -> Result<(Config, Translation)> {
+    let mut table = read_table(path)?;
+    let sets = sets
+        .iter()
+        .map(|s| parse_set(s))
+        .collect::<Result<Vec<_>>>()?;
+    let translation = match deepspeed {
+        None => Translation::default(),
+        Some(ds) => {
+            // The model's shape comes from the recipe and --set only (DeepSpeed has no model keys).
+            let block_params = || {
+                let mut t = table.clone();
+                for (key, value) in &sets {
+                    insert(&mut t, key, value.clone())?;
+                }
+                let model = crate::plan::resolve_model(&deserialize(t)?.model)?;
+                let gpt = crate::model::Gpt::new(model);
+                Ok(gpt.unit_params(1).iter().map(|p| p.numel()).sum())
+            };
+            deepspeed::translate(ds, &block_params)?
+        }
+    };
+    for (key, value) in translation.sets.iter().chain(&sets) {
+        insert(&mut table, key, value.clone())?;
+    }
+    Ok((deserialize(table)?, translation))
+}
+
+fn read_table(path: Option<&Path>) -> Result<toml::Table> {
+    Ok(match path {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .map_err(|e| KilnError::file(p, format!("cannot read config: {e}")))?;
@@ -24,11 +65,10 @@ pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Config> {
             })?
         }
         None => toml::Table::new(),
-    };
-    for set in sets {
-        let (key, value) = parse_set(set)?;
-        insert(&mut table, &key, value)?;
-    }
+    })
+}
+
+fn deserialize(table: toml::Table) -> Result<Config> {
     let de = toml::Value::Table(table);
     serde_path_to_error::deserialize::<_, Config>(de).map_err(|e| {
         let path = e.path().to_string();

@@ -1,9 +1,12 @@
-//! Config as typed: the TOML recipe and `--set` overrides, checked for unknown keys and types.
+//! Config as typed: the TOML recipe, a DeepSpeed `ds_config.json` read as kiln keys, and
+//! `--set` overrides, checked for unknown keys and types.
 //! Range checks and cross-key rules live in [`crate::plan`], which resolves this once.
 
+mod deepspeed;
 mod load;
 
-pub use load::{load, parse_set};
+pub use deepspeed::Translation;
+pub use load::{load, load_layers, parse_set};
 
 use serde::{Deserialize, Serialize};
 
@@ -98,16 +101,37 @@ impl Default for DataConfig {
 pub struct TrainConfig {
     /// Optimizer steps.
     pub steps: u64,
-    /// Sequences per optimizer step over all ranks (= micro_batch × grad_accum × world).
-    pub global_batch: usize,
+    /// Sequences per optimizer step over all ranks (= micro_batch × grad_accum × world). Any two
+    /// of global_batch, micro_batch and grad_accum determine the third (DeepSpeed's rule); with
+    /// fewer, micro_batch defaults to 8 and then grad_accum to 1, or global_batch to 8 when
+    /// none is given.
+    pub global_batch: Option<usize>,
     /// Sequences per forward/backward on one rank.
-    pub micro_batch: usize,
+    pub micro_batch: Option<usize>,
+    /// Micro-batches per optimizer step on each rank.
+    pub grad_accum: Option<usize>,
     /// Peak learning rate.
     pub lr: f64,
-    /// Final learning rate of the cosine decay, as a fraction of `lr`.
+    /// `cosine` (linear warmup, cosine decay to `lr × min_lr_ratio`; nanoGPT's), `constant`
+    /// (linear warmup, then `lr`), or DeepSpeed's `warmup` (WarmupLR), `warmup_decay`
+    /// (WarmupDecayLR), `warmup_cosine` (WarmupCosineLR) with their exact formulas.
+    pub schedule: String,
+    /// Final learning rate of `cosine` and `warmup_cosine`, as a fraction of `lr` (DeepSpeed's
+    /// cos_min_ratio).
     pub min_lr_ratio: f64,
-    /// Linear warmup steps.
+    /// Warmup steps.
     pub warmup_steps: u64,
+    /// The step at which the decay of `cosine`, `warmup_decay` and `warmup_cosine` ends
+    /// (nanoGPT's lr_decay_iters, DeepSpeed's total_num_steps); default `train.steps`.
+    pub decay_steps: Option<u64>,
+    /// DeepSpeed schedules: `log` (their default) or `linear` rise during warmup.
+    pub warmup_type: Option<String>,
+    /// `warmup`, `warmup_decay`: learning rate at the start of warmup (default 0);
+    /// `warmup_decay` also decays back to it (DeepSpeed's warmup_min_lr).
+    pub warmup_min_lr: Option<f64>,
+    /// `warmup_cosine`: learning rate at the start of warmup as a fraction of `lr` (default 0;
+    /// DeepSpeed's warmup_min_ratio).
+    pub warmup_min_ratio: Option<f64>,
     /// Decoupled weight decay (not applied to biases and LayerNorm gains).
     pub weight_decay: f64,
     /// AdamW beta1.
@@ -130,11 +154,17 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             steps: 100,
-            global_batch: 8,
-            micro_batch: 8,
+            global_batch: None,
+            micro_batch: None,
+            grad_accum: None,
             lr: 1e-3,
+            schedule: "cosine".into(),
             min_lr_ratio: 0.1,
             warmup_steps: 20,
+            decay_steps: None,
+            warmup_type: None,
+            warmup_min_lr: None,
+            warmup_min_ratio: None,
             weight_decay: 0.01,
             beta1: 0.9,
             beta2: 0.999,
@@ -230,6 +260,9 @@ pub struct OutputConfig {
     pub dir: String,
     /// Write the final parameters to this safetensors file; empty disables it.
     pub export: String,
+    /// Rank 0 logs a line (loss, lr, grad norm, step time split) every this many steps; 0 = never.
+    /// Useful where there is no terminal for the progress bar (batch jobs, `--quiet`).
+    pub log_every: u64,
 }
 
 impl Default for OutputConfig {
@@ -237,6 +270,7 @@ impl Default for OutputConfig {
         OutputConfig {
             dir: "runs/latest".into(),
             export: String::new(),
+            log_every: 0,
         }
     }
 }

@@ -5,7 +5,7 @@ mod adamw;
 mod schedule;
 
 pub use adamw::{adamw_step, AdamWConfig, StepScalars};
-pub use schedule::LrSchedule;
+pub use schedule::{DsSchedule, LrSchedule, ScheduleKind, WarmupShape};
 
 /// Sum of squares of a slice in f64, in index order (so the result depends only on the values).
 pub fn sum_squares(g: &[f32]) -> f64 {

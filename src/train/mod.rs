@@ -179,6 +179,19 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
                 &source.describe(),
             )?;
         }
+        let log_every = plan.config.output.log_every;
+        if lead && log_every > 0 && (step + 1) % log_every == 0 {
+            bar.suspend(|| {
+                tracing::info!(
+                    "step {}/{}: loss {loss:.4}, lr {lr:.3e}, grad norm {:.3}, {ms:.0} ms (comm wait {:.1} ms, optimizer {:.1} ms), {tokens_per_s:.0} tokens/s",
+                    step + 1,
+                    plan.steps,
+                    stats.grad_norm,
+                    stats.comm_wait_ms,
+                    stats.optimizer_ms
+                )
+            });
+        }
         bar.set_position(step + 1);
         bar.set_message(format!("loss {loss:.4}  {tokens_per_s:.0} tok/s"));
     }
