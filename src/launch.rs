@@ -2,7 +2,7 @@
 //! one rank of an mpirun/srun launch. Each rank computes with its own rayon pool of
 //! cores ÷ ranks-on-this-node threads, so ranks do not fight over cores.
 
-use crate::comm::{self, local_rank_and_size, Communicator};
+use crate::comm::{self, Communicator};
 use crate::config::Config;
 use crate::error::{KilnError, Result};
 use crate::plan::Plan;
@@ -130,13 +130,23 @@ pub fn collect<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
 pub fn run_process(config: &Config, opts: &RunOptions) -> Result<RunOutcome> {
     let comm: Arc<dyn Communicator> = comm::open(&config.comm.backend, config.comm.verify)?;
     let (rank, world) = (comm.rank(), comm.world());
-    let (_, local_ranks) = local_rank_and_size(rank, world);
+    let place = comm::placement(rank, world);
     // Every rank validates the same config; rank 0 alone reports the error.
     let outcome = match Plan::resolve(config, world) {
         Err(e) if rank == 0 => Err(e),
         Err(e) => Err(KilnError::ReportedByAnotherRank(e.exit_code())),
         Ok(plan) => {
-            let threads = threads_per_rank(config, local_ranks);
+            let threads = threads_per_rank(config, place.local_ranks);
+            // Every rank says where it landed: a wrong local size from the launcher shows up
+            // as oversubscribed or idle cores, and this line is how to tell.
+            let nodes = place
+                .num_nodes
+                .map_or(String::new(), |n| format!(" on {n} nodes"));
+            tracing::info!(
+                "rank {rank} of {world}{nodes}: local rank {} of {} on this node, {threads} compute threads",
+                place.local_rank,
+                place.local_ranks,
+            );
             with_threads(threads, || {
                 let _span = tracing::info_span!("rank", r = rank).entered();
                 train::run(&plan, comm.clone(), opts)

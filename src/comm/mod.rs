@@ -127,28 +127,130 @@ pub fn running_under_launcher() -> bool {
     .any(|v| std::env::var_os(v).is_some())
 }
 
-/// Rank within this node and ranks on this node, from the launcher's environment.
-pub fn local_rank_and_size(rank: usize, world: usize) -> (usize, usize) {
-    let read = |names: &[&str]| {
-        names
-            .iter()
-            .find_map(|n| std::env::var(n).ok()?.parse::<usize>().ok())
-    };
-    let local_rank = read(&[
-        "OMPI_COMM_WORLD_LOCAL_RANK",
-        "SLURM_LOCALID",
-        "MPI_LOCALRANKID",
-        "PMI_LOCAL_RANK",
-    ])
-    .unwrap_or(rank);
-    let local_size = read(&[
-        "OMPI_COMM_WORLD_LOCAL_SIZE",
-        "SLURM_NTASKS_PER_NODE",
-        "MPI_LOCALNRANKS",
-        "PMI_LOCAL_SIZE",
-    ])
-    .unwrap_or(world);
-    (local_rank, local_size.max(1))
+/// Where a rank sits in its launch: its index among the ranks on its node, how many ranks share
+/// the node, and how many nodes the launch spans (`None` when the launcher does not say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// Rank within this node, 0-based.
+    pub local_rank: usize,
+    /// Ranks on this node.
+    pub local_ranks: usize,
+    /// Nodes in the launch.
+    pub num_nodes: Option<usize>,
+}
+
+/// This process's [`Placement`], from the launcher's environment.
+pub fn placement(rank: usize, world: usize) -> Placement {
+    placement_from(|name| std::env::var(name).ok(), rank, world)
+}
+
+/// [`placement`] with the environment read through `var`, so that it can be checked with any
+/// launcher's variables set.
+///
+/// The variables of the launcher that started this very process come first: OpenMPI's mpirun
+/// (`OMPI_COMM_WORLD_LOCAL_*`), MPICH/Intel MPI's Hydra (`MPI_LOCAL*`), PMI (`PMI_LOCAL_*`).
+/// Slurm's come last because they are inherited: under `mpirun` or Hydra inside an allocation,
+/// the ranks are children of daemons that srun started one per node, so they carry the
+/// daemons' `SLURM_LOCALID` (0) and a step layout of one task per node. Rank and size are taken
+/// from one launcher, never mixed. Without any, all `world` ranks share this node (world 1 for a
+/// process started on its own).
+pub fn placement_from(
+    var: impl Fn(&str) -> Option<String>,
+    rank: usize,
+    world: usize,
+) -> Placement {
+    let num = |name: &str| var(name)?.trim().parse::<usize>().ok();
+    let pair = |r: &str, s: &str| Some((num(r)?, num(s)?));
+    if let Some((local_rank, local_ranks)) =
+        pair("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")
+    {
+        // OpenMPI 4's mpirun also tells its ranks how many nodes run daemons.
+        return Placement::new(local_rank, local_ranks, num("OMPI_MCA_orte_num_nodes"));
+    }
+    for (r, s) in [
+        ("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+        ("PMI_LOCAL_RANK", "PMI_LOCAL_SIZE"),
+    ] {
+        if let Some((local_rank, local_ranks)) = pair(r, s) {
+            return Placement::new(local_rank, local_ranks, None);
+        }
+    }
+    if let Some(local_rank) = num("SLURM_LOCALID") {
+        if let Some((local_ranks, num_nodes)) = slurm_tasks_here(&var) {
+            return Placement::new(local_rank, local_ranks, Some(num_nodes));
+        }
+    }
+    Placement::new(rank, world, None)
+}
+
+impl Placement {
+    fn new(local_rank: usize, local_ranks: usize, num_nodes: Option<usize>) -> Self {
+        Placement {
+            local_rank,
+            local_ranks: local_ranks.max(1),
+            num_nodes: num_nodes.filter(|&n| n > 0),
+        }
+    }
+}
+
+/// Tasks of this srun step on this node, and the step's nodes. `SLURM_NTASKS_PER_NODE` is set
+/// only with `--ntasks-per-node` (and then holds the job's request, not this step's layout);
+/// the tasks-per-node list (`2(x3),1`: three nodes with 2 tasks, one with 1) is always set, and
+/// `SLURM_NODEID` indexes it. `SLURM_STEP_TASKS_PER_NODE` first: srun overwrites
+/// `SLURM_TASKS_PER_NODE` with the step's layout too, except under `--preserve-env`.
+fn slurm_tasks_here(var: &impl Fn(&str) -> Option<String>) -> Option<(usize, usize)> {
+    let num = |name: &str| var(name)?.trim().parse::<usize>().ok();
+    let node = num("SLURM_NODEID");
+    for list in ["SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"] {
+        let counts = var(list).and_then(|v| parse_tasks_per_node(&v));
+        if let (Some(counts), Some(node)) = (counts, node) {
+            if let Some(&here) = counts.get(node) {
+                return Some((here, counts.len()));
+            }
+        }
+    }
+    let nodes = num("SLURM_STEP_NUM_NODES").or_else(|| num("SLURM_NNODES"))?;
+    Some((num("SLURM_NTASKS_PER_NODE")?, nodes))
+}
+
+/// Expands Slurm's tasks-per-node list, `2(x3),1` → `[2, 2, 2, 1]`; `None` if malformed.
+pub fn parse_tasks_per_node(list: &str) -> Option<Vec<usize>> {
+    let mut counts = Vec::new();
+    for part in list.trim().split(',') {
+        let (count, repeat) = match part.split_once("(x") {
+            Some((count, rest)) => (count, rest.strip_suffix(')')?.parse::<usize>().ok()?),
+            None => (part, 1),
+        };
+        let count = count.parse::<usize>().ok()?;
+        // A repeat count beyond any cluster's size is a malformed value, not a layout.
+        if repeat > 1 << 20 {
+            return None;
+        }
+        counts.extend(std::iter::repeat_n(count, repeat));
+    }
+    Some(counts)
+}
+
+/// Processes the launcher started, from its own variables: mpirun's and Hydra/PMI's first, and
+/// srun's step size only when no MPI launcher stands between srun and this process (mpirun
+/// inside an allocation starts its daemons with srun, whose step sizes its ranks inherit).
+pub fn launched_world(var: impl Fn(&str) -> Option<String>) -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"]
+        .iter()
+        .find_map(|name| var(name))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// An error when MPI joined fewer processes than the launcher started. The usual cause is srun
+/// starting an MPI that does not speak its `--mpi` plugin: every process then initialises MPI
+/// alone as world 1 and would train alone, all writing the same outputs.
+pub fn check_launched_world(launched: Option<usize>, mpi_world: usize) -> Result<()> {
+    match launched {
+        Some(n) if n != mpi_world => Err(KilnError::Comm(format!(
+            "the launcher started {n} processes but MPI sees a world of {mpi_world}: with srun use the --mpi plugin this MPI was built for (srun --mpi=list), or start kiln with mpirun (launcher/README.md)"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Opens the communicator `comm.backend` names for a process launched on its own (`local`, world
@@ -167,7 +269,10 @@ pub fn open(backend: &str, verify: bool) -> Result<Arc<dyn Communicator>> {
     };
     if use_mpi {
         #[cfg(feature = "mpi")]
-        return mpi_communicator(verify);
+        return mpi_communicator(verify).and_then(|comm| {
+            check_launched_world(launched_world(|n| std::env::var(n).ok()), comm.world())?;
+            Ok(comm)
+        });
         #[cfg(not(feature = "mpi"))]
         return Err(KilnError::config(
             "key `comm.backend`: `mpi` was asked for but kiln was built without the `mpi` feature",
