@@ -27,6 +27,21 @@ pub fn threads_per_rank(config: &Config, local_ranks: usize) -> usize {
     (cores / local_ranks.max(1)).max(1)
 }
 
+/// This process's rank as its launcher numbers it (mpirun, srun, a PMI launcher), before any
+/// communicator exists; 0 when not launched by one. Lets messages about the config, which every
+/// rank reads, be printed once.
+pub fn launcher_rank() -> usize {
+    [
+        "OMPI_COMM_WORLD_RANK",
+        "PMI_RANK",
+        "PMIX_RANK",
+        "SLURM_PROCID",
+    ]
+    .iter()
+    .find_map(|n| std::env::var(n).ok()?.parse().ok())
+    .unwrap_or(0)
+}
+
 /// Runs `f` inside a rayon pool of `threads` threads (burn's flex backend and the fused AdamW
 /// use the current pool).
 ///
