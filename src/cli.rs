@@ -21,6 +21,15 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train a model (one rank per process under mpirun/srun, or N threads with --simulate N).
+    ///
+    /// SIGTERM, SIGINT or SIGUSR1 makes every rank finish the step in progress, write a
+    /// checkpoint (when checkpoint.dir is set) and exit with code 75; --resume then continues as
+    /// if never stopped. A second signal ends the process at once, killed by it (status 128 + N:
+    /// 143 for SIGTERM, 130 for SIGINT). Under mpirun send SIGUSR1 to mpirun (it forwards it to
+    /// every rank; SIGTERM to mpirun kills the ranks 2 s later) or SIGTERM to the ranks.
+    ///
+    /// Exit codes: 0 finished; 2 a user error (one line naming the key or file); 75 stopped by a
+    /// signal at a step boundary; 1 anything else.
     Train {
         #[command(flatten)]
         recipe: RecipeArgs,
@@ -162,7 +171,10 @@ pub fn main() -> i32 {
     };
     match result {
         Ok(()) => 0,
-        Err(KilnError::ReportedByAnotherRank(code)) => code,
+        // Already said: by the rank that owns the message (a stop: rank 0's log line).
+        Err(e @ (KilnError::ReportedByAnotherRank(_) | KilnError::Stopped { .. })) => {
+            e.exit_code()
+        }
         Err(e) => {
             let code = e.exit_code();
             eprintln!("kiln: error: {e}");
@@ -181,10 +193,17 @@ fn train(
         quiet,
         no_outputs: false,
         resume,
+        // Before the ranks start (and before MPI_Init): from here on a signal stops the run at
+        // a step boundary rather than killing it.
+        stop: crate::signals::install(),
     };
-    match simulate {
-        Some(n) => launch::simulate(cfg, n, &opts).map(|_| ()),
-        None => launch::run_process(cfg, &opts).map(|_| ()),
+    let outcome = match simulate {
+        Some(n) => launch::simulate(cfg, n, &opts)?.swap_remove(0),
+        None => launch::run_process(cfg, &opts)?,
+    };
+    match outcome.stopped_at {
+        Some(step) => Err(KilnError::Stopped { step }),
+        None => Ok(()),
     }
 }
 

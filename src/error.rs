@@ -24,6 +24,13 @@ pub enum KilnError {
     /// rank exits with the code silently, so the user sees the line once.
     #[error("")]
     ReportedByAnotherRank(i32),
+    /// A stop signal ended the run after `step` (rank 0 has logged it and where the checkpoint
+    /// is); the process exits with [`crate::signals::EXIT_STOPPED`] and prints nothing more.
+    #[error("stopped by a signal after step {step}")]
+    Stopped {
+        /// The step reached.
+        step: u64,
+    },
     /// An I/O failure on a path kiln chose (outputs, offload files).
     #[error("{path}: {source}")]
     Io {
@@ -56,11 +63,12 @@ impl KilnError {
         }
     }
 
-    /// Process exit code: 2 for anything the user can fix, 1 otherwise.
+    /// Process exit code: 2 for anything the user can fix, 75 for a stop by a signal, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             KilnError::Config(_) | KilnError::File { .. } => 2,
             KilnError::ReportedByAnotherRank(code) => *code,
+            KilnError::Stopped { .. } => crate::signals::EXIT_STOPPED,
             KilnError::Comm(_) | KilnError::Io { .. } => 1,
         }
     }

@@ -21,5 +21,6 @@ pub mod offload;
 pub mod optim;
 pub mod plan;
 pub mod rng;
+pub mod signals;
 pub mod strategy;
 pub mod train;

@@ -20,6 +20,7 @@ const OPTS: RunOptions = RunOptions {
     quiet: true,
     no_outputs: true,
     resume: None,
+    stop: kiln::signals::StopRequest::NEVER,
 };
 
 /// The tiny preset with short sequences, so that the matrix runs in CI time.

@@ -34,8 +34,11 @@ pub struct StepRecord {
 /// `summary.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
-    /// Optimizer steps run.
+    /// The step the model has reached: `train.steps`, or fewer when stopped by a signal.
     pub steps: u64,
+    /// A stop signal (SIGTERM, SIGINT, SIGUSR1) ended the run after `steps`, before
+    /// `train.steps`; `--resume` continues it.
+    pub stopped_by_signal: bool,
     /// Ranks.
     pub world: usize,
     /// ZeRO stage.

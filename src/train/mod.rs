@@ -30,6 +30,9 @@ pub struct RunOptions {
     pub no_outputs: bool,
     /// `--resume`: a checkpoint directory, a `checkpoint.dir`, or `latest`.
     pub resume: Option<String>,
+    /// Polled once per step: when any rank sees it, every rank stops after that step (and
+    /// saves a checkpoint when `checkpoint.dir` is set). See [`crate::signals`].
+    pub stop: crate::signals::StopRequest,
 }
 
 /// What a run produced, on every rank.
@@ -39,8 +42,11 @@ pub struct RunOutcome {
     pub losses: Vec<f32>,
     /// Global gradient norm of every step.
     pub grad_norms: Vec<f64>,
-    /// Final parameters of every unit, without padding.
+    /// Final parameters of every unit, without padding (empty when a stop request ended the
+    /// run: the checkpoint holds them).
     pub params: Vec<Vec<f32>>,
+    /// The step a stop request ended the run after, before `train.steps`.
+    pub stopped_at: Option<u64>,
     /// The layout the parameters follow.
     pub layout: ModelLayout,
     /// Rank 0's summary.
@@ -118,7 +124,11 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
     let mut losses = Vec::with_capacity(plan.steps as usize);
     let mut grad_norms = Vec::with_capacity(plan.steps as usize);
     let mut step_ms = Vec::with_capacity(plan.steps as usize);
-    let mut loss_buf = vec![0.0f32; 1];
+    // [loss, stop]: the stop flag rides on the one all-reduce every step already does, so all
+    // ranks learn of a stop request at the same step, whichever rank was signalled.
+    let mut loss_buf = vec![0.0f32; 2];
+    let mut stopped_at = None;
+    let mut last_checkpoint = None;
 
     bar.set_position(first_step);
     for step in first_step..plan.steps {
@@ -146,8 +156,11 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         let lr = plan.schedule.at(step);
         let stats = strategy.step(step, lr)?;
         loss_buf[0] = loss_sum;
+        loss_buf[1] = if opts.stop.requested() { 1.0 } else { 0.0 };
         loss_buf = comm.all_reduce(loss_buf, ReduceOp::Sum).wait()?;
         let loss = loss_buf[0] / (world * plan.grad_accum) as f32;
+        // A request during the last step changes nothing: the run ends there anyway.
+        let stop = loss_buf[1] > 0.0 && step + 1 < plan.steps;
         if !loss.is_finite() {
             return Err(KilnError::config(format!("the loss became {loss} at step {step}; lower `train.lr` or enable `train.clip_grad`")));
         }
@@ -170,14 +183,15 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
                 peak_rss_mb: peak_rss_bytes() as f64 / (1 << 20) as f64,
             })?;
         }
-        if checkpoint_due(step + 1) {
-            checkpoint::save(
+        if checkpoint_due(step + 1) || (stop && !plan.config.checkpoint.dir.is_empty()) {
+            last_checkpoint = checkpoint::save(
                 plan,
                 comm.as_ref(),
                 strategy.as_mut(),
                 step + 1,
                 &source.describe(),
-            )?;
+            )
+            .map(Some)?;
         }
         let log_every = plan.config.output.log_every;
         if lead && log_every > 0 && (step + 1) % log_every == 0 {
@@ -194,10 +208,18 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         }
         bar.set_position(step + 1);
         bar.set_message(format!("loss {loss:.4}  {tokens_per_s:.0} tok/s"));
+        if stop {
+            stopped_at = Some(step + 1);
+            break;
+        }
     }
     bar.finish_and_clear();
 
-    let params = strategy.full_params()?;
+    // Stopped: the checkpoint holds the state; spend no more of the grace period on gathering.
+    let params = match stopped_at {
+        Some(_) => Vec::new(),
+        None => strategy.full_params()?,
+    };
     let tail = losses.len().min(20);
     let final_loss = losses[losses.len() - tail..]
         .iter()
@@ -208,7 +230,8 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
     sorted_ms.sort_by(f64::total_cmp);
     let median_ms = sorted_ms[sorted_ms.len() / 2];
     let summary = Summary {
-        steps: plan.steps,
+        steps: stopped_at.unwrap_or(plan.steps),
+        stopped_by_signal: stopped_at.is_some(),
         world,
         stage: plan.stage,
         backend: comm.backend().to_string(),
@@ -229,9 +252,21 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
     if lead && !opts.no_outputs {
         let out = &plan.config.output;
         metrics::write_summary(&out.dir, &summary)?;
-        if !out.export.is_empty() {
+        if !out.export.is_empty() && stopped_at.is_none() {
             export_safetensors(&out.export, &layout, &params)?;
         }
+    }
+    if let (Some(step), true) = (stopped_at, lead) {
+        tracing::warn!(
+            "stopped by {} after step {step} of {}: {}",
+            opts.stop.signal_name().unwrap_or("a signal to another rank"),
+            plan.steps,
+            match &last_checkpoint {
+                Some(dir) => format!("checkpoint {}; continue with --resume", dir.display()),
+                None => "no checkpoint written (checkpoint.dir is not set)".to_string(),
+            }
+        );
+    } else if lead && !opts.no_outputs {
         tracing::info!(
             "done: {} steps, final loss {:.4}{}, {:.0} tokens/s, peak RSS {:.0} MiB, {:.1} s",
             plan.steps,
@@ -249,6 +284,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         losses,
         grad_norms,
         params,
+        stopped_at,
         layout,
         summary,
     })

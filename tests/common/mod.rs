@@ -11,7 +11,31 @@ pub const QUIET: RunOptions = RunOptions {
     quiet: true,
     no_outputs: true,
     resume: None,
+    stop: kiln::signals::StopRequest::NEVER,
 };
+
+/// The model of the test matrices: vocab 61, d 21, 3 heads, 2 layers, 37 positions, trained on
+/// 16 Markov symbols at seq 16. Its embedding unit has 2058 parameters and its head 1323,
+/// neither a multiple of 2, 3 or 4, so shards carry padding.
+pub const TEST_MODEL: &[&str] = &[
+    "model.vocab=61",
+    "model.d_model=21",
+    "model.n_heads=3",
+    "model.n_layers=2",
+    "model.max_seq_len=37",
+    "model.seq_len=16",
+    "data.markov_symbols=16",
+];
+
+/// Text of a finished command, for assertion messages.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
 
 /// `world` local ranks train a model small enough for test matrices, 30 steps, micro-batch 2:
 /// vocab 61, d 21, 3 heads, 37 positions — the embedding unit has 2058 parameters and the head
@@ -29,15 +53,9 @@ pub fn small_run_resumed(
     resume: Option<&str>,
 ) -> kiln::error::Result<RunOutcome> {
     let micro = 2;
-    let mut sets = vec![
-        "model.vocab=61".to_string(),
-        "model.d_model=21".into(),
-        "model.n_heads=3".into(),
-        "model.n_layers=2".into(),
-        "model.max_seq_len=37".into(),
-        "model.seq_len=16".into(),
-        "data.markov_symbols=16".into(),
-        "train.steps=30".into(),
+    let mut sets: Vec<String> = TEST_MODEL.iter().map(|s| s.to_string()).collect();
+    sets.extend([
+        "train.steps=30".to_string(),
         "train.lr=1e-2".into(),
         "train.warmup_steps=3".into(),
         "train.threads=1".into(),
@@ -45,7 +63,7 @@ pub fn small_run_resumed(
         format!("parallel.stage={stage}"),
         format!("train.micro_batch={micro}"),
         format!("train.global_batch={}", micro * accum * world),
-    ];
+    ]);
     sets.extend(extra.iter().map(|s| s.to_string()));
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     let opts = RunOptions {
