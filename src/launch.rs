@@ -5,6 +5,7 @@
 use crate::comm::{self, Communicator};
 use crate::config::Config;
 use crate::error::{KilnError, Result};
+use crate::memory::{self, Residency};
 use crate::plan::Plan;
 use crate::train::{self, RunOptions, RunOutcome};
 use std::sync::Arc;
@@ -86,6 +87,14 @@ pub fn simulate(config: &Config, world: usize, opts: &RunOptions) -> Result<Vec<
         return Err(KilnError::config(format!("key `comm.backend`: --simulate runs ranks as threads and needs `local` or `auto`, not `{}`", config.comm.backend)));
     }
     let plan = Plan::resolve(config, world)?;
+    // All `world` ranks share this process's memory.
+    memory::preflight(
+        &plan,
+        Residency {
+            ranks_per_process: world,
+            processes_here: 1,
+        },
+    )?;
     let comms = comm::simulate_group(world, config.comm.verify);
     let threads = threads_per_rank(config, world);
     let results: Vec<Result<RunOutcome>> = std::thread::scope(|s| {
@@ -141,6 +150,28 @@ pub fn collect<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
     Err(errors.swap_remove(root))
 }
 
+/// Preflight of one rank per process, `local_ranks` processes on this machine. Machines may
+/// differ, so every rank checks its own and they agree on the outcome: the lowest rank that
+/// does not fit reports it, the others exit with its code and print nothing.
+fn preflight_process(plan: &Plan, comm: &dyn Communicator, local_ranks: usize) -> Result<()> {
+    let mine = memory::preflight(
+        plan,
+        Residency {
+            ranks_per_process: 1,
+            processes_here: local_ranks,
+        },
+    );
+    if comm.world() == 1 {
+        return mine;
+    }
+    let all = comm.all_gather_bytes(&[u8::from(mine.is_err())])?;
+    match all.iter().position(|flag| flag.first() == Some(&1)) {
+        None => Ok(()),
+        Some(r) if r == comm.rank() => mine,
+        Some(_) => Err(KilnError::ReportedByAnotherRank(2)),
+    }
+}
+
 /// Trains as one rank of this process's launch (world 1 when not under a launcher).
 pub fn run_process(config: &Config, opts: &RunOptions) -> Result<RunOutcome> {
     let comm: Arc<dyn Communicator> = comm::open(&config.comm.backend, config.comm.verify)?;
@@ -162,9 +193,11 @@ pub fn run_process(config: &Config, opts: &RunOptions) -> Result<RunOutcome> {
                 place.local_rank,
                 place.local_ranks,
             );
-            with_threads(threads, || {
-                let _span = tracing::info_span!("rank", r = rank).entered();
-                train::run(&plan, comm.clone(), opts)
+            preflight_process(&plan, comm.as_ref(), place.local_ranks).and_then(|()| {
+                with_threads(threads, || {
+                    let _span = tracing::info_span!("rank", r = rank).entered();
+                    train::run(&plan, comm.clone(), opts)
+                })
             })
         }
     };

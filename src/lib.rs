@@ -16,6 +16,7 @@ pub mod engine;
 pub mod error;
 pub mod flat;
 pub mod launch;
+pub mod memory;
 pub mod model;
 pub mod offload;
 pub mod optim;

@@ -83,6 +83,18 @@ impl Plan {
         if t.steps == 0 {
             return Err(bad("train.steps", "must be at least 1"));
         }
+        // More compute threads than cores only adds contention, and a typo like 100000 would
+        // spend minutes creating threads before anything is said.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if t.threads > cores {
+            return Err(bad(
+                "train.threads",
+                format!(
+                    "{} is more than the {cores} cores this process may use (0 = cores ÷ ranks on this machine)",
+                    t.threads
+                ),
+            ));
+        }
         let batch = resolve_batch(t, world)?;
         let finite_positive = |key: &str, v: f64| {
             if v.is_finite() && v > 0.0 {

@@ -146,8 +146,13 @@ pub struct TrainConfig {
     pub recompute: bool,
     /// Clip the global gradient norm to this value; 0 turns clipping off.
     pub clip_grad: f64,
-    /// Compute threads per rank; 0 means cores ÷ ranks on this node.
+    /// Compute threads per rank; 0 means cores ÷ ranks on this node. At most the cores this
+    /// process may use.
     pub threads: usize,
+    /// Before allocating, estimate each rank's memory and refuse a run that cannot fit the
+    /// memory this process may use (its cgroup limit, else MemAvailable), naming a setting that
+    /// would. `false` skips the check, for when you know better than the estimate.
+    pub preflight: bool,
 }
 
 impl Default for TrainConfig {
@@ -173,6 +178,7 @@ impl Default for TrainConfig {
             recompute: false,
             clip_grad: 1.0,
             threads: 0,
+            preflight: true,
         }
     }
 }

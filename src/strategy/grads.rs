@@ -101,7 +101,7 @@ impl GradBuckets {
         GradBuckets {
             comm,
             reduction,
-            pooled: reduction == Reduction::ReduceScatter && grad_accum == 1,
+            pooled: crate::memory::model_states::pooled_buckets(reduction, grad_accum),
             unit_names: layout.units.iter().map(|u| u.name.clone()).collect(),
             shard_lens: layout.units.iter().map(|u| u.padded_len / world).collect(),
             static_graph,
@@ -135,28 +135,17 @@ impl GradBuckets {
     /// Bytes of gradients kept between backward and the step: every bucket, or this rank's
     /// shards when pooled.
     pub fn grad_bytes(&self) -> usize {
-        let Some(plan) = self.plan.as_ref() else {
-            return 0;
-        };
-        4 * if self.pooled {
-            self.shard_lens.iter().sum::<usize>()
-        } else {
-            plan.buckets.iter().map(|b| b.len(plan.world)).sum()
-        }
+        self.plan.as_ref().map_or(0, |plan| {
+            crate::memory::model_states::grad_bytes(plan, self.pooled, &self.shard_lens)
+        })
     }
 
     /// Bytes of the recycled bucket buffers (pooled storage only).
     pub fn buffer_bytes(&self) -> usize {
-        let Some(plan) = self.plan.as_ref().filter(|_| self.pooled) else {
-            return 0;
-        };
-        let largest = plan
-            .buckets
-            .iter()
-            .map(|b| b.len(plan.world))
-            .max()
-            .unwrap_or(0);
-        4 * largest * POOL_BUFFERS.min(plan.buckets.len())
+        self.plan
+            .as_ref()
+            .filter(|_| self.pooled)
+            .map_or(0, crate::memory::model_states::pool_buffer_bytes)
     }
 
     fn launch(&mut self, bucket: usize) {

@@ -9,7 +9,7 @@ mod replicated;
 mod zero3;
 
 pub use buckets::{Bucket, BucketPlan, BucketSlot, Packer};
-pub use grads::{GradBuckets, Reduction};
+pub use grads::{GradBuckets, Reduction, POOL_BUFFERS};
 pub use norm::global_grad_norm;
 pub use replicated::{Replicated, ReplicatedStage};
 pub use zero3::Zero3;

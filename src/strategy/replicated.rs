@@ -217,10 +217,8 @@ impl Strategy for Replicated {
     }
 
     fn memory(&self) -> MemoryReport {
-        let f = std::mem::size_of::<f32>();
-        let padded: usize = self.layout.units.iter().map(|u| u.padded_len).sum();
         MemoryReport {
-            params_full: padded * f,
+            params_full: crate::memory::model_states::unit_param_bytes(&self.layout, |_| true),
             grads: self.grads.grad_bytes(),
             optimizer: self.store.resident_bytes(),
             optimizer_offloaded: self.store.offloaded_bytes(),

@@ -260,19 +260,10 @@ impl Strategy for Zero3 {
     }
 
     fn memory(&self) -> MemoryReport {
-        let f = std::mem::size_of::<f32>();
-        let shard: usize = self.shards.iter().map(Vec::len).sum();
-        let persistent: usize = self
-            .layout
-            .units
-            .iter()
-            .zip(&self.persistent)
-            .filter(|(_, p)| **p)
-            .map(|(u, _)| u.padded_len)
-            .sum();
+        use crate::memory::model_states::{shard_param_bytes, unit_param_bytes};
         MemoryReport {
-            params_full: persistent * f,
-            param_shards: shard * f,
+            params_full: unit_param_bytes(&self.layout, |u| self.persistent[u]),
+            param_shards: shard_param_bytes(&self.layout),
             grads: self.grads.grad_bytes(),
             optimizer: self.store.resident_bytes(),
             optimizer_offloaded: self.store.offloaded_bytes(),

@@ -1,0 +1,18 @@
+//! Memory: what a rank will hold, what the process may use, and the preflight check between
+//! them (issues 13 and 14).
+//!
+//! - [`model_states`]: the model-state bytes by kind; the strategies' `memory()` reports are
+//!   built from the same functions, so the estimate and the report cannot disagree.
+//! - [`estimate()`]: a process's estimate by kind and its predicted peak resident set.
+//! - [`limit`]: the cgroup limit (v2 or v1) or `MemAvailable`.
+//! - [`preflight()`]: refuses, before allocating, a run that cannot fit (`train.preflight`).
+
+pub mod estimate;
+pub mod limit;
+pub mod model_states;
+mod preflight;
+
+pub use estimate::{estimate, Estimate};
+pub use limit::{process_limit, MemoryLimit};
+pub use model_states::rank_model_states;
+pub use preflight::{check, preflight, Residency};

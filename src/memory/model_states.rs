@@ -1,0 +1,217 @@
+//! Model-state bytes of one rank (ZeRO paper §3: parameters, gradients, optimizer states), by
+//! kind. The strategies' [`MemoryReport`]s are built from these functions at run time, and
+//! [`rank_model_states`] builds the same report from a [`Plan`] before anything is allocated, so
+//! the estimate and the report cannot disagree (tests/preflight.rs holds them equal, byte for
+//! byte, for every stage and tier).
+
+use crate::flat::ModelLayout;
+use crate::model::Gpt;
+use crate::offload::{aligned::ALIGN, StateLayout, Tier};
+use crate::plan::Plan;
+use crate::strategy::{BucketPlan, MemoryReport, Reduction, POOL_BUFFERS};
+
+/// Bytes of one f32 element.
+pub const F32: usize = std::mem::size_of::<f32>();
+
+/// Bytes of the whole (padded) buffers of the units `keep` selects.
+pub fn unit_param_bytes(layout: &ModelLayout, keep: impl Fn(usize) -> bool) -> usize {
+    let elems: usize = (0..layout.units.len())
+        .filter(|&u| keep(u))
+        .map(|u| layout.units[u].padded_len)
+        .sum();
+    F32 * elems
+}
+
+/// Bytes of one rank's shard of every unit.
+pub fn shard_param_bytes(layout: &ModelLayout) -> usize {
+    F32 * layout
+        .units
+        .iter()
+        .map(|u| u.padded_len / layout.world)
+        .sum::<usize>()
+}
+
+/// Bytes of the largest unit's padded buffer.
+pub fn largest_unit_bytes(layout: &ModelLayout) -> usize {
+    F32 * layout.units.iter().map(|u| u.padded_len).max().unwrap_or(0)
+}
+
+/// Bytes of gradients kept between backward and the step: every bucket buffer, or, when the
+/// buckets are a recycled pool (a reduce-scatter without accumulation), this rank's shard of
+/// every unit (`unit_shard_lens`, elements).
+pub fn grad_bytes(plan: &BucketPlan, pooled: bool, unit_shard_lens: &[usize]) -> usize {
+    F32 * if pooled {
+        unit_shard_lens.iter().sum::<usize>()
+    } else {
+        plan.buckets.iter().map(|b| b.len(plan.world)).sum()
+    }
+}
+
+/// Bytes of the recycled bucket pool: [`POOL_BUFFERS`] buffers of the largest bucket's size.
+pub fn pool_buffer_bytes(plan: &BucketPlan) -> usize {
+    let largest = plan
+        .buckets
+        .iter()
+        .map(|b| b.len(plan.world))
+        .max()
+        .unwrap_or(0);
+    F32 * largest * POOL_BUFFERS.min(plan.buckets.len())
+}
+
+/// The bucket plan the first step records: unit gradients arrive last unit first (the engine's
+/// backward order), each with its padded length.
+pub fn expected_bucket_plan(layout: &ModelLayout, bucket_bytes: usize) -> BucketPlan {
+    let arrivals: Vec<(usize, usize)> = (0..layout.units.len())
+        .rev()
+        .map(|u| (u, layout.units[u].padded_len))
+        .collect();
+    BucketPlan::build(&arrivals, layout.units.len(), bucket_bytes, layout.world)
+}
+
+/// Optimizer-state bytes (resident, offloaded) of `len` elements of m and v in `tier`: the
+/// same arithmetic as `HostStore::resident_bytes` and `NvmeStore` (`create`'s chunk size,
+/// `resident_bytes`, `offloaded_bytes`), which live with the stores.
+pub fn optimizer_bytes(
+    tier: Tier,
+    config: &crate::config::OffloadConfig,
+    len: usize,
+) -> (usize, usize) {
+    match tier {
+        Tier::None | Tier::Cpu => (2 * len * F32, 0),
+        Tier::Nvme => {
+            let grain = ALIGN / F32;
+            let wanted = (config.chunk_mb * (1 << 20) as f64 / 8.0) as usize;
+            let chunk = (wanted / grain).max(1).min(len.div_ceil(grain).max(1)) * grain;
+            let chunks = len.div_ceil(chunk);
+            let resident = config.buffer_count.max(1).min(chunks) * 2 * chunk * F32;
+            (resident, 2 * len * F32)
+        }
+    }
+}
+
+/// Which units ZeRO-3 keeps whole on every rank (`parallel.persist_threshold`).
+pub fn persistent_units(layout: &ModelLayout, threshold: usize) -> Vec<bool> {
+    layout.units.iter().map(|u| u.numel < threshold).collect()
+}
+
+/// The most gather buffers ZeRO-3 holds at once (its `peak_gathered` ÷ the largest unit):
+/// replays the hook order of one micro-step and of `full_params` with the strategy's rules —
+/// a unit is gathered before it runs with the next `prefetch` units in flight, released after,
+/// and released buffers are kept for reuse while at most `prefetch + 1` are spare. Persistent
+/// units hold no gather buffer. One step reaches the peak: later ones repeat it.
+pub fn zero3_peak_gather_buffers(persistent: &[bool], prefetch: usize) -> usize {
+    #[derive(Clone, Copy, PartialEq)]
+    enum G {
+        Released,
+        Held,
+    }
+    let n = persistent.len();
+    let mut state: Vec<G> = persistent
+        .iter()
+        .map(|&p| if p { G::Held } else { G::Released })
+        .collect();
+    let (mut spare, mut peak) = (0usize, 0usize);
+    let mut gather = |state: &mut Vec<G>, spare: &mut usize, unit: usize, next: &[usize]| {
+        for &u in std::iter::once(&unit).chain(next.iter().take(prefetch)) {
+            if state[u] == G::Released {
+                *spare = spare.saturating_sub(1);
+                state[u] = G::Held;
+            }
+        }
+        let held = (0..n)
+            .filter(|&u| !persistent[u] && state[u] == G::Held)
+            .count();
+        peak = peak.max(held + *spare);
+    };
+    let release = |state: &mut Vec<G>, spare: &mut usize, unit: usize| {
+        if !persistent[unit] && state[unit] == G::Held {
+            state[unit] = G::Released;
+            if *spare <= prefetch {
+                *spare += 1;
+            }
+        }
+    };
+    for u in 0..n {
+        let next: Vec<usize> = (u + 1..n).collect();
+        gather(&mut state, &mut spare, u, &next);
+        release(&mut state, &mut spare, u);
+    }
+    for u in (0..n).rev() {
+        let next: Vec<usize> = (0..u).rev().collect();
+        gather(&mut state, &mut spare, u, &next);
+        release(&mut state, &mut spare, u);
+    }
+    // After the step, persistent units are gathered afresh from their updated shards: each
+    // takes a spare buffer, if there is one, and keeps it.
+    for u in (0..n).filter(|&u| persistent[u]) {
+        spare = spare.saturating_sub(1);
+        gather(&mut state, &mut spare, u, &[]);
+    }
+    for u in 0..n {
+        gather(&mut state, &mut spare, u, &[]);
+        release(&mut state, &mut spare, u);
+    }
+    peak
+}
+
+/// Whether gradient buckets are a recycled pool: a reduce-scatter (ZeRO-2, ZeRO-3) without
+/// accumulation (see `strategy::grads`).
+pub fn pooled_buckets(reduction: Reduction, grad_accum: usize) -> bool {
+    reduction == Reduction::ReduceScatter && grad_accum == 1
+}
+
+/// The gradient collective of a stage: DDP and ZeRO-1 all-reduce, ZeRO-2 and 3 reduce-scatter.
+pub fn stage_reduction(stage: u8) -> Reduction {
+    if stage >= 2 {
+        Reduction::ReduceScatter
+    } else {
+        Reduction::AllReduce
+    }
+}
+
+/// The model-state report a rank of `plan` gives once its first step has run, computed without
+/// allocating: `layout` is the model's layout at `plan.world`.
+pub fn rank_model_states(plan: &Plan, layout: &ModelLayout) -> MemoryReport {
+    let world = layout.world;
+    let buckets = expected_bucket_plan(layout, plan.bucket_bytes);
+    let pooled = pooled_buckets(stage_reduction(plan.stage), plan.grad_accum);
+    let shard_lens: Vec<usize> = layout.units.iter().map(|u| u.padded_len / world).collect();
+    // DDP updates every shard on every rank; the ZeRO stages their own (rank 0's here: every
+    // rank's shards have the same length).
+    let shards = if plan.stage == 0 { 0..world } else { 0..1 };
+    let state = StateLayout::new(layout, shards);
+    let (optimizer, optimizer_offloaded) =
+        optimizer_bytes(plan.offload, &plan.config.offload, state.len);
+    let grads = grad_bytes(&buckets, pooled, &shard_lens);
+    let comm_buffers = if pooled {
+        pool_buffer_bytes(&buckets)
+    } else {
+        0
+    };
+    if plan.stage < 3 {
+        return MemoryReport {
+            params_full: unit_param_bytes(layout, |_| true),
+            grads,
+            optimizer,
+            optimizer_offloaded,
+            comm_buffers,
+            ..Default::default()
+        };
+    }
+    let persistent = persistent_units(layout, plan.config.parallel.persist_threshold);
+    let buffers = zero3_peak_gather_buffers(&persistent, plan.config.parallel.prefetch);
+    MemoryReport {
+        params_full: unit_param_bytes(layout, |u| persistent[u]),
+        param_shards: shard_param_bytes(layout),
+        grads,
+        optimizer,
+        optimizer_offloaded,
+        comm_buffers,
+        gathered: buffers * largest_unit_bytes(layout),
+    }
+}
+
+/// The layout of `plan`'s model at its world size (tables only; no parameter is allocated).
+pub fn plan_layout(plan: &Plan) -> ModelLayout {
+    ModelLayout::new(&Gpt::new(plan.model), plan.world)
+}

@@ -1,0 +1,171 @@
+//! Preflight (issue 13): before a rank allocates anything, compare the memory estimate of the
+//! processes on this machine with what they may use, and refuse a run that cannot fit with one
+//! line naming the estimate, the limit and a setting that would fit.
+
+use super::estimate::{bytes, estimate, Estimate};
+use super::limit::{process_limit, MemoryLimit};
+use super::model_states::{largest_unit_bytes, plan_layout};
+use crate::error::{KilnError, Result};
+use crate::offload::Tier;
+use crate::plan::Plan;
+
+/// Where the ranks of a run live, as far as memory is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Residency {
+    /// Ranks in this process (N with `--simulate N`, else 1).
+    pub ranks_per_process: usize,
+    /// Processes of this run on this machine, which share its memory (mpirun's local size).
+    pub processes_here: usize,
+}
+
+/// Checks `plan` against the memory this process may use; logs the estimate next to the limit.
+/// Does nothing with `train.preflight = false` or where no limit can be read.
+pub fn preflight(plan: &Plan, residency: Residency) -> Result<()> {
+    if !plan.config.train.preflight {
+        return Ok(());
+    }
+    let Some(limit) = process_limit() else {
+        return Ok(());
+    };
+    check(plan, residency, &limit)
+}
+
+/// [`preflight`] against a given limit.
+pub fn check(plan: &Plan, residency: Residency, limit: &MemoryLimit) -> Result<()> {
+    let here = residency.processes_here.max(1);
+    let est = estimate(plan, residency.ranks_per_process);
+    let need = need_here(&est, here);
+    tracing::debug!(
+        "preflight: estimate {} ({}) of {} ({})",
+        bytes(need),
+        est.breakdown(),
+        bytes(limit.bytes as usize),
+        limit.source
+    );
+    if need as u64 <= limit.bytes {
+        return Ok(());
+    }
+    let per = if here > 1 {
+        format!(
+            "{} per process × {here} processes on this machine = {}",
+            bytes(est.peak),
+            bytes(need)
+        )
+    } else {
+        bytes(need)
+    };
+    Err(KilnError::config(format!(
+        "preflight: this run needs about {per} of memory ({}) but {} may use {} ({}); {} — or set train.preflight = false to run anyway",
+        est.breakdown(),
+        if here > 1 { "they" } else { "this process" },
+        bytes(limit.bytes as usize),
+        limit.source,
+        suggestion(plan, residency, limit.bytes)
+    )))
+}
+
+fn need_here(est: &Estimate, processes_here: usize) -> usize {
+    est.peak.saturating_mul(processes_here)
+}
+
+/// One candidate: the keys it changes and the plan it gives.
+struct Candidate {
+    changes: Vec<String>,
+    plan: Plan,
+}
+
+/// Candidates in the order they are offered: every combination of a higher ZeRO stage, the nvme
+/// tier (on this CPU backend `cpu` holds the states in the same memory as `none`), recompute
+/// and a smaller micro-batch, preferring (in that order) the stage, the tier, recompute, and a
+/// micro-batch as large as possible.
+fn candidates(plan: &Plan) -> Vec<Candidate> {
+    let m = plan.micro_batch;
+    let micros: Vec<usize> = (1..=m).rev().filter(|d| m % d == 0).collect();
+    let tiers = if plan.offload == Tier::Nvme {
+        vec![false]
+    } else {
+        vec![false, true]
+    };
+    let recomputes = if plan.config.train.recompute {
+        vec![false]
+    } else {
+        vec![false, true]
+    };
+    let mut out = Vec::new();
+    for &micro in &micros {
+        for &recompute in &recomputes {
+            for &nvme in &tiers {
+                for stage in plan.stage..=3 {
+                    let mut p = plan.clone();
+                    let mut changes = Vec::new();
+                    if stage != plan.stage {
+                        p.stage = stage;
+                        p.config.parallel.stage = stage;
+                        changes.push(format!("parallel.stage={stage}"));
+                    }
+                    if nvme {
+                        p.offload = Tier::Nvme;
+                        p.config.offload.optimizer = "nvme".into();
+                        changes.push("offload.optimizer=nvme".into());
+                    }
+                    if recompute {
+                        p.config.train.recompute = true;
+                        changes.push("train.recompute=true".into());
+                    }
+                    if micro != m {
+                        p.micro_batch = micro;
+                        p.grad_accum = plan.grad_accum * (m / micro);
+                        p.config.train.micro_batch = Some(micro);
+                        p.config.train.grad_accum = Some(p.grad_accum);
+                        changes.push(format!(
+                            "train.micro_batch={micro} (with train.grad_accum={} for the same global batch)",
+                            p.grad_accum
+                        ));
+                    }
+                    if !changes.is_empty() {
+                        out.push(Candidate { changes, plan: p });
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What to change: the first candidate that fits, else how many ranks would, else a smaller
+/// model.
+fn suggestion(plan: &Plan, residency: Residency, limit: u64) -> String {
+    let here = residency.processes_here.max(1);
+    let fits =
+        |p: &Plan, ranks: usize, here: usize| need_here(&estimate(p, ranks), here) as u64 <= limit;
+    if let Some(c) = candidates(plan)
+        .into_iter()
+        .find(|c| fits(&c.plan, residency.ranks_per_process, here))
+    {
+        return format!("this would fit: --set {}", c.changes.join(" --set "));
+    }
+    let tried = "no setting of parallel.stage, offload.optimizer, train.recompute or train.micro_batch fits";
+    // The leanest setting, one rank per process and one process per machine, at growing world
+    // sizes: ZeRO-3 divides the model states, not the unit a rank computes on.
+    let mut lean = candidates(plan)
+        .pop()
+        .map_or_else(|| plan.clone(), |c| c.plan);
+    lean.stage = 3;
+    lean.config.parallel.stage = 3;
+    for world in (0..=16).map(|k| 1usize << k) {
+        if world <= plan.world {
+            continue;
+        }
+        lean.world = world;
+        if fits(&lean, 1, 1) {
+            return format!(
+                "{tried}; use more ranks (about {world} with one process per machine like this one, at parallel.stage=3 with offload.optimizer=nvme, train.recompute=true and train.micro_batch=1) or a smaller model"
+            );
+        }
+    }
+    let unit = largest_unit_bytes(&plan_layout(plan));
+    format!(
+        "{tried}, nor does any number of ranks (each rank computes on whole units, and the largest holds {} of parameters); use a smaller model",
+        bytes(unit)
+    )
+}
