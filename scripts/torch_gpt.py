@@ -4,6 +4,10 @@ untied head, linear weights stored [d_in, d_out]) in PyTorch, as a reference on 
 
   bench:  python scripts/torch_gpt.py bench --threads 1 --micro-batch 8 --steps 20
           prints the median ms per optimizer step (forward, backward, AdamW) of the tiny preset.
+          --device cuda: on the GPU, f32 (TF32 off unless --tf32), fused AdamW; also prints the
+          peak GPU memory (torch.cuda.max_memory_allocated / max_memory_reserved). For the H100
+          comparison with `kiln train --set train.device=cuda` (README, "GPU"):
+          python scripts/torch_gpt.py bench --device cuda --preset gpt2-124m --micro-batch 8
   train:  kiln dump-data --config configs/tiny.toml --out /tmp/rows.bin
           python scripts/torch_gpt.py train --data /tmp/rows.bin --steps 600 --global-batch 16
           trains on exactly the rows kiln trains on and prints the loss per step.
@@ -15,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PRESETS = {"tiny": (256, 256, 4, 4, 128), "small": (256, 512, 8, 8, 256)}
+PRESETS = {"tiny": (256, 256, 4, 4, 128), "small": (256, 512, 8, 8, 256), "gpt2-124m": (50304, 768, 12, 12, 1024)}
 
 
 class Block(torch.nn.Module):
@@ -35,7 +39,7 @@ class Block(torch.nn.Module):
 
     def forward(self, x):
         b, t, d = x.shape
-        zeros = torch.zeros(d, dtype=x.dtype)
+        zeros = torch.zeros(d, dtype=x.dtype, device=x.device)
         bias = torch.cat([self.qv_b[:d], zeros, self.qv_b[d:]])
         qkv = self.ln1(x) @ self.qkv_w + bias
         q, k, v = (z.view(b, t, self.h, d // self.h).transpose(1, 2) for z in qkv.split(d, dim=2))
@@ -62,10 +66,26 @@ class Gpt(torch.nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def optimizer(model, lr):
+def optimizer(model, lr, fused=None):
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+
+
+def set_device(args):
+    """The torch device of --device; on CUDA, f32 matmuls stay f32 unless --tf32 (PyTorch's
+    default for matmul; cuDNN's is TF32, switched off too)."""
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no CUDA GPU")
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    return torch.device(args.device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def lr_at(t, lr, warmup, steps, min_ratio=0.1):
@@ -78,39 +98,51 @@ def lr_at(t, lr, warmup, steps, min_ratio=0.1):
 
 def bench(args):
     torch.set_num_threads(args.threads)
+    device = set_device(args)
     vocab, d, n_layers, h, seq = PRESETS[args.preset]
     torch.manual_seed(0)
-    model = Gpt(vocab, d, n_layers, h, seq)
-    opt = optimizer(model, 1e-3)
-    idx = torch.randint(0, vocab, (args.micro_batch, seq + 1))
+    model = Gpt(vocab, d, n_layers, h, seq).to(device)
+    # The strongest AdamW PyTorch has on each device: fused on CUDA, the default on the CPU.
+    opt = optimizer(model, 1e-3, fused=True if device.type == "cuda" else None)
+    idx = torch.randint(0, vocab, (args.micro_batch, seq + 1)).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for step in range(args.steps + 3):
+        sync(device)
         start = time.perf_counter()
         loss = model(idx[:, :-1], idx[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sync(device)
         if step >= 3:
             times.append((time.perf_counter() - start) * 1e3)
     ms = statistics.median(times)
-    print(f"torch {torch.__version__} threads {args.threads} preset {args.preset} micro-batch {args.micro_batch}: "
+    where = f"threads {args.threads}" if device.type == "cpu" else f"{torch.cuda.get_device_name(device)}, f32{' (TF32 matmuls)' if args.tf32 else ''}"
+    print(f"torch {torch.__version__} {where} preset {args.preset} micro-batch {args.micro_batch}: "
           f"median {ms:.1f} ms/step, {args.micro_batch * seq / ms * 1e3:.0f} tokens/s")
+    if device.type == "cuda":
+        mib = 1 << 20
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / mib:.0f} MiB allocated, "
+              f"{torch.cuda.max_memory_reserved(device) / mib:.0f} MiB reserved")
 
 
 def train(args):
     torch.set_num_threads(args.threads)
     vocab, d, n_layers, h, seq = PRESETS[args.preset]
     seq = args.seq_len or seq
+    device = set_device(args)
     torch.manual_seed(0)
-    model = Gpt(vocab, d, n_layers, h, PRESETS[args.preset][4])
+    model = Gpt(vocab, d, n_layers, h, PRESETS[args.preset][4]).to(device)
     opt = optimizer(model, args.lr)
     rows = np.fromfile(args.data, dtype="<u2").astype(np.int64).reshape(-1, args.global_batch, seq + 1)
     losses = []
     for t in range(min(args.steps, rows.shape[0])):
         for g in opt.param_groups:
             g["lr"] = lr_at(t, args.lr, args.warmup, args.steps)
-        batch = torch.from_numpy(rows[t])
+        batch = torch.from_numpy(rows[t]).to(device)
         loss = model(batch[:, :-1], batch[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -129,6 +161,8 @@ def main():
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--micro-batch", type=int, default=8)
     b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    b.add_argument("--tf32", action="store_true", help="CUDA: let f32 matmuls use TF32 tensor cores")
     t = sub.add_parser("train")
     t.add_argument("--data", required=True)
     t.add_argument("--preset", default="tiny")
@@ -139,6 +173,8 @@ def main():
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--warmup", type=int, default=50)
     t.add_argument("--every", type=int, default=25)
+    t.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    t.add_argument("--tf32", action="store_true", help="CUDA: let f32 matmuls use TF32 tensor cores")
     args = p.parse_args()
     bench(args) if args.cmd == "bench" else train(args)
 

@@ -15,6 +15,8 @@ use crate::flat::ModelLayout;
 use crate::model::{MicroBatch, UnitModel};
 use crate::strategy::{MicroStep, Strategy};
 use burn::tensor::{Device, Tensor, TensorData};
+use std::cell::Cell;
+use std::time::{Duration, Instant};
 
 /// Runs micro-steps of a [`UnitModel`] on one device.
 pub struct Engine {
@@ -27,6 +29,9 @@ pub struct Engine {
     recompute: bool,
     /// Reused gradient buffer of one unit (padded length of the largest unit).
     grad_scratch: Vec<f32>,
+    /// Host time spent uploading parameters and downloading gradients since the last
+    /// [`Engine::take_transfer_ms`] (a `Cell`: uploads happen where only `&self` is at hand).
+    transfer: Cell<Duration>,
 }
 
 /// What a unit kept from the forward pass for its backward.
@@ -58,6 +63,7 @@ impl Engine {
             autodiff,
             recompute,
             grad_scratch: vec![0.0; largest],
+            transfer: Cell::new(Duration::ZERO),
         }
     }
 
@@ -71,6 +77,14 @@ impl Engine {
         self.model.as_ref()
     }
 
+    /// Milliseconds of parameter uploads and gradient downloads since the last call (the
+    /// ZeRO-Offload data path's cost; on the CPU, flex's copies). Host wall time: a download
+    /// is timed after the device has finished the work queued before it, so compute is not
+    /// counted; an upload that the device copies asynchronously counts only its host part.
+    pub fn take_transfer_ms(&mut self) -> f64 {
+        self.transfer.replace(Duration::ZERO).as_secs_f64() * 1e3
+    }
+
     fn param_tensors(
         &self,
         unit: usize,
@@ -78,7 +92,8 @@ impl Engine {
         device: &Device,
         require_grad: bool,
     ) -> Vec<Tensor<1>> {
-        self.layout.units[unit]
+        let start = Instant::now();
+        let params = self.layout.units[unit]
             .params
             .iter()
             .map(|p| {
@@ -92,7 +107,9 @@ impl Engine {
                     t
                 }
             })
-            .collect()
+            .collect();
+        self.transfer.set(self.transfer.get() + start.elapsed());
+        params
     }
 
     /// One forward + backward of `batch`. Gradients are handed to `strategy.on_grads_ready` unit
@@ -157,6 +174,12 @@ impl Engine {
                 .backward();
             let layout = &self.layout.units[unit];
             let scratch = &mut self.grad_scratch[..layout.padded_len];
+            // The first download would wait for the unit's backward kernels; wait here instead,
+            // so that the transfer time is the copies alone (a no-op on the CPU).
+            self.device
+                .sync()
+                .unwrap_or_else(|e| panic!("the device failed in backward: {e:?}"));
+            let start = Instant::now();
             for (p, entry) in params.iter().zip(&layout.params) {
                 let dst = &mut scratch[entry.range()];
                 match p.grad(&grads) {
@@ -166,6 +189,7 @@ impl Engine {
                     None => dst.fill(0.0),
                 }
             }
+            self.transfer.set(self.transfer.get() + start.elapsed());
             scratch[layout.numel..].fill(0.0);
             if let Some(input) = input {
                 upstream = input.grad(&grads).expect("a unit's input requires grad");

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod comm;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod flat;

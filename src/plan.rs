@@ -36,6 +36,8 @@ pub struct Plan {
     pub bucket_bytes: usize,
     /// Where optimizer states live.
     pub offload: Tier,
+    /// `train.device`: which device each rank computes on is chosen where it runs.
+    pub device: crate::device::DeviceSetting,
 }
 
 fn bad(key: &str, msg: impl std::fmt::Display) -> KilnError {
@@ -190,6 +192,7 @@ impl Plan {
             stage: p.stage,
             bucket_bytes: (p.bucket_mb * 1024.0 * 1024.0) as usize,
             offload,
+            device: crate::device::DeviceSetting::parse(&t.device)?,
         })
     }
 }

@@ -153,6 +153,11 @@ pub struct TrainConfig {
     /// memory this process may use (its cgroup limit, else MemAvailable), naming a setting that
     /// would. `false` skips the check, for when you know better than the estimate.
     pub preflight: bool,
+    /// Where each rank computes: `auto` (a CUDA GPU when kiln is built with the `cuda` feature
+    /// and one is visible, else the CPU), `cpu`, or `cuda` (an error without a GPU). Each rank
+    /// takes GPU `local rank % visible GPUs`. Parameters, gradients, collectives and AdamW stay
+    /// in host memory; each unit's parameters are uploaded before it runs.
+    pub device: String,
 }
 
 impl Default for TrainConfig {
@@ -179,6 +184,7 @@ impl Default for TrainConfig {
             clip_grad: 1.0,
             threads: 0,
             preflight: true,
+            device: "auto".into(),
         }
     }
 }

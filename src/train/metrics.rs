@@ -23,12 +23,18 @@ pub struct StepRecord {
     pub comm_wait_ms: f64,
     /// Time of the AdamW update, optimizer-state transfers included, ms.
     pub optimizer_ms: f64,
+    /// Time spent uploading each unit's parameters to the device and downloading its gradients,
+    /// ms (host wall time; on the CPU, flex's copies). See [`crate::engine::Engine::take_transfer_ms`].
+    pub transfer_ms: f64,
     /// Global-batch tokens per second.
     pub tokens_per_s: f64,
     /// Model-state bytes by kind on this rank.
     pub memory: MemoryReport,
     /// Peak resident set size so far (VmHWM), MiB.
     pub peak_rss_mb: f64,
+    /// Device memory burn's allocator holds at the end of the step (pages kept for reuse
+    /// included), MiB; `null` on the CPU.
+    pub gpu_reserved_mb: Option<f64>,
 }
 
 /// `summary.json`.

@@ -16,7 +16,6 @@ use crate::flat::ModelLayout;
 use crate::model::Gpt;
 use crate::plan::Plan;
 use crate::strategy::{self, MicroStep};
-use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::Arc;
 use std::time::Instant;
@@ -66,6 +65,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
     let started = Instant::now();
     let (rank, world) = (comm.rank(), comm.world());
     let lead = rank == 0;
+    let rank_device = crate::device::for_rank(plan.device, rank, world)?;
     let model = Gpt::new(plan.model);
     let layout = ModelLayout::new(&model, world);
     let source = data::open(&plan.config.data, plan.model.vocab, plan.model.seq_len)?;
@@ -101,11 +101,10 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         let c = &plan.config.checkpoint;
         !c.dir.is_empty() && ((c.every > 0 && step % c.every == 0) || step == plan.steps)
     };
-    let device = Device::flex();
     let mut engine = Engine::new(
         Box::new(model),
         layout.clone(),
-        device,
+        rank_device.burn_device(),
         plan.config.train.recompute,
     );
 
@@ -117,6 +116,10 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
     } else {
         None
     };
+    tracing::info!(
+        "rank {rank} (local rank {}) computes on {rank_device}",
+        crate::comm::placement(rank, world).local_rank
+    );
     let bar = progress_bar(lead && !opts.quiet, plan.steps);
     let seq_len = plan.model.seq_len;
     let rows_per_rank = (plan.micro_batch * plan.grad_accum) as u64;
@@ -165,6 +168,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
             return Err(KilnError::config(format!("the loss became {loss} at step {step}; lower `train.lr` or enable `train.clip_grad`")));
         }
         let ms = step_start.elapsed().as_secs_f64() * 1e3;
+        let transfer_ms = engine.take_transfer_ms();
         losses.push(loss);
         grad_norms.push(stats.grad_norm);
         step_ms.push(ms);
@@ -178,9 +182,14 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
                 step_ms: ms,
                 comm_wait_ms: stats.comm_wait_ms,
                 optimizer_ms: stats.optimizer_ms,
+                transfer_ms,
                 tokens_per_s,
                 memory: strategy.memory(),
                 peak_rss_mb: peak_rss_bytes() as f64 / (1 << 20) as f64,
+                gpu_reserved_mb: engine
+                    .device()
+                    .memory_pool_usage()
+                    .map(|u| u.bytes_reserved as f64 / (1 << 20) as f64),
             })?;
         }
         if checkpoint_due(step + 1) || (stop && !plan.config.checkpoint.dir.is_empty()) {
