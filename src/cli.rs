@@ -145,7 +145,20 @@ fn init_logging() {
 
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version, and the help a bare `kiln` or `kiln check` prints: clap's own.
+        Err(e)
+            if !e.use_stderr()
+                || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            eprintln!("kiln: error: {}", usage_error(&e));
+            return 2;
+        }
+    };
     init_logging();
     let result = match cli.command {
         Command::Train {
@@ -181,6 +194,33 @@ pub fn main() -> i32 {
             code
         }
     }
+}
+
+/// A command-line usage error as one line, like every other user error. clap renders the
+/// message, a tip, the usage and a hint on separate lines; kiln keeps the message and the tip
+/// and points to the subcommand's --help.
+fn usage_error(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let mut line = String::new();
+    let mut command = "kiln".to_string();
+    for l in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(usage) = l.strip_prefix("Usage: ") {
+            command = usage
+                .split_whitespace()
+                .take_while(|w| !w.starts_with(['[', '<', '-']))
+                .collect::<Vec<_>>()
+                .join(" ");
+        } else if !l.starts_with("For more information") {
+            let l = l.strip_prefix("error: ").unwrap_or(l);
+            let sep = match line.is_empty() {
+                true => "",
+                false if line.ends_with(':') => " ",
+                false => "; ",
+            };
+            line = format!("{line}{sep}{l}");
+        }
+    }
+    format!("{line} (see `{command} --help`)")
 }
 
 fn train(

@@ -31,6 +31,26 @@ pub enum KilnError {
         /// The step reached.
         step: u64,
     },
+    /// The filesystem holding a file kiln writes is full (ENOSPC) or over quota (EDQUOT): the
+    /// user's environment, not a fault of kiln's, so exit code 2 like other user errors.
+    #[error("{path}: {source}")]
+    NoSpace {
+        /// The file being written.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A checkpoint could not be saved; its partial files were removed, and the previous
+    /// checkpoint and `latest` are as they were.
+    #[error("checkpoint of step {step} not saved: {cause}; {kept}")]
+    CheckpointNotSaved {
+        /// The step it was for.
+        step: u64,
+        /// Why.
+        cause: Box<KilnError>,
+        /// What `latest` still names.
+        kept: String,
+    },
     /// An I/O failure on a path kiln chose (outputs, offload files).
     #[error("{path}: {source}")]
     Io {
@@ -55,18 +75,20 @@ impl KilnError {
         }
     }
 
-    /// Wraps an I/O error with the path it concerns.
+    /// Wraps an I/O error with the path it concerns (a full disk or quota is `NoSpace`).
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        KilnError::Io {
-            path: path.as_ref().display().to_string(),
-            source,
+        let path = path.as_ref().display().to_string();
+        match source.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT) => KilnError::NoSpace { path, source },
+            _ => KilnError::Io { path, source },
         }
     }
 
     /// Process exit code: 2 for anything the user can fix, 75 for a stop by a signal, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            KilnError::Config(_) | KilnError::File { .. } => 2,
+            KilnError::Config(_) | KilnError::File { .. } | KilnError::NoSpace { .. } => 2,
+            KilnError::CheckpointNotSaved { cause, .. } => cause.exit_code(),
             KilnError::ReportedByAnotherRank(code) => *code,
             KilnError::Stopped { .. } => crate::signals::EXIT_STOPPED,
             KilnError::Comm(_) | KilnError::Io { .. } => 1,

@@ -184,15 +184,18 @@ pub fn run_process(config: &Config, opts: &RunOptions) -> Result<RunOutcome> {
         Ok(plan) => {
             let threads = threads_per_rank(config, place.local_ranks);
             // Every rank says where it landed: a wrong local size from the launcher shows up
-            // as oversubscribed or idle cores, and this line is how to tell.
+            // as oversubscribed or idle cores, and this line is how to tell. (A lone process
+            // has nothing to tell, and a bad input then stays one line.)
             let nodes = place
                 .num_nodes
                 .map_or(String::new(), |n| format!(" on {n} nodes"));
-            tracing::info!(
-                "rank {rank} of {world}{nodes}: local rank {} of {} on this node, {threads} compute threads",
-                place.local_rank,
-                place.local_ranks,
-            );
+            if world > 1 {
+                tracing::info!(
+                    "rank {rank} of {world}{nodes}: local rank {} of {} on this node, {threads} compute threads",
+                    place.local_rank,
+                    place.local_ranks,
+                );
+            }
             preflight_process(&plan, comm.as_ref(), place.local_ranks).and_then(|()| {
                 with_threads(threads, || {
                     let _span = tracing::info_span!("rank", r = rank).entered();

@@ -141,8 +141,8 @@ impl Manifest {
 
     /// Errors unless this checkpoint can continue `plan`: the model must be the same, and so
     /// must the data stream (`data.*` and the resolved global batch). World size, stage, tier,
-    /// steps and optimizer settings may change; those differences are logged.
-    pub fn check_compatible(&self, dir: &Path, plan: &Plan) -> Result<()> {
+    /// steps and optimizer settings may change; returns the keys that did, for the log.
+    pub fn check_compatible(&self, dir: &Path, plan: &Plan) -> Result<Vec<String>> {
         let (model, config) = (&plan.model, &plan.config);
         let path = dir.join("manifest.json");
         let model_diff = differing_keys(&to_json(model), &to_json(&self.model), "model");
@@ -177,17 +177,10 @@ impl Manifest {
                 ),
             ));
         }
-        let changed: Vec<&str> = diff
-            .iter()
-            .map(|(k, _, _)| k.as_str())
+        Ok(diff
+            .into_iter()
+            .map(|(k, _, _)| k)
             .filter(|k| !k.starts_with("model.") && !k.starts_with("checkpoint."))
-            .collect();
-        if !changed.is_empty() {
-            tracing::info!(
-                "resuming with settings that differ from the checkpoint's: {}",
-                changed.join(", ")
-            );
-        }
-        Ok(())
+            .collect())
     }
 }

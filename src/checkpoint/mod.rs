@@ -17,7 +17,7 @@ pub use manifest::{DataPosition, FileEntry, Manifest, FORMAT};
 pub use shards::CheckpointReader;
 pub use tensor_file::{file_crc32, TensorFileReader, TensorFileWriter};
 
-use crate::comm::Communicator;
+use crate::comm::{agree, agree_on, Communicator};
 use crate::config::CheckpointConfig;
 use crate::error::{KilnError, Result};
 use crate::plan::Plan;
@@ -53,6 +53,11 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// Saves the state after `step` optimizer steps (collective: every rank calls it).
+///
+/// Rank 0 prepares a temporary directory, every rank writes its file into it, rank 0 publishes
+/// it; each phase ends with the ranks agreeing on its outcome. So a failure on any rank (a full
+/// disk, say) is reported once, by the rank that hit it, every rank returns the same way, the
+/// temporary directory is removed, and `latest` and the previous checkpoint stay as they were.
 pub fn save(
     plan: &Plan,
     comm: &dyn Communicator,
@@ -66,24 +71,43 @@ pub fn save(
     let name = step_dir_name(step);
     let tmp = root.join(format!(".{name}.tmp"));
     let done = root.join(&name);
-    if rank == 0 {
-        std::fs::create_dir_all(&root)
-            .map_err(|e| KilnError::file(&root, format!("cannot create checkpoint.dir: {e}")))?;
-        if tmp.exists() {
-            // Left by a run killed while saving this step: never a valid checkpoint.
-            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    let not_saved = |cause: KilnError| {
+        if rank == 0 {
+            discard(&root, &tmp);
         }
-        std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-    }
-    comm.barrier()?;
+        match cause {
+            KilnError::ReportedByAnotherRank(_) | KilnError::Comm(_) => cause,
+            cause => KilnError::CheckpointNotSaved {
+                step,
+                cause: Box::new(cause),
+                kept: match std::fs::read_to_string(root.join(LATEST)) {
+                    Ok(name) => format!("`latest` still names {}", name.trim()),
+                    Err(_) => "no earlier checkpoint".into(),
+                },
+            },
+        }
+    };
+    let prepared = if rank == 0 {
+        prepare_dir(&root).and_then(|()| {
+            if tmp.exists() {
+                // Left by a run killed while saving this step: never a valid checkpoint.
+                std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+            }
+            std::fs::create_dir(&tmp).map_err(io(&tmp))
+        })
+    } else {
+        Ok(())
+    };
+    agree_on(comm, prepared).map_err(not_saved)?;
     let file = tmp.join(rank_file_name(rank));
-    shards::write_rank_file(&file, strategy.state_view(), rank, step)?;
-    let bytes = std::fs::metadata(&file).map_err(io(&file))?.len();
-    let crc = file_crc32(&file)?;
-    let mut entry = bytes.to_le_bytes().to_vec();
-    entry.extend(crc.to_le_bytes());
-    let entries = comm.all_gather_bytes(&entry)?;
-    if rank == 0 {
+    let written =
+        shards::write_rank_file(&file, strategy.state_view(), rank, step).and_then(|()| {
+            let bytes = std::fs::metadata(&file).map_err(io(&file))?.len();
+            let crc = file_crc32(&file)?;
+            Ok([&bytes.to_le_bytes()[..], &crc.to_le_bytes()].concat())
+        });
+    let entries = agree(comm, written).map_err(not_saved)?;
+    let published = if rank == 0 {
         let files = entries
             .iter()
             .enumerate()
@@ -111,37 +135,62 @@ pub fn save(
             },
             files,
         };
-        publish(&root, &tmp, &done, &manifest, plan.config.checkpoint.keep)?;
-        let bytes: u64 = manifest.files.iter().map(|f| f.bytes).sum();
-        tracing::info!(
-            "checkpoint saved: {} ({:.1} MiB in {:.2} s)",
-            done.display(),
-            bytes as f64 / (1 << 20) as f64,
-            started.elapsed().as_secs_f64()
-        );
-    }
-    comm.barrier()?;
+        publish(&root, &tmp, &done, &manifest, plan.config.checkpoint.keep).map(|()| {
+            let bytes: u64 = manifest.files.iter().map(|f| f.bytes).sum();
+            tracing::info!(
+                "checkpoint saved: {} ({:.1} MiB in {:.2} s)",
+                done.display(),
+                bytes as f64 / (1 << 20) as f64,
+                started.elapsed().as_secs_f64()
+            );
+        })
+    } else {
+        Ok(())
+    };
+    agree_on(comm, published).map_err(not_saved)?;
     Ok(done)
 }
 
-/// Rank 0's half of a save: manifest, rename, pointer, pruning.
+/// Creates `checkpoint.dir` (rank 0, at start-up too: a bad path fails before any training).
+pub fn prepare_dir(root: &Path) -> Result<()> {
+    std::fs::create_dir_all(root)
+        .map_err(|e| KilnError::file(root, format!("cannot create checkpoint.dir: {e}")))
+}
+
+/// Removes what a failed save left: its temporary directory and pointer (best effort; the error
+/// being reported matters more).
+fn discard(root: &Path, tmp: &Path) {
+    let _ = std::fs::remove_dir_all(tmp);
+    let _ = std::fs::remove_file(root.join(format!(".{LATEST}.tmp")));
+}
+
+/// Rank 0's half of a save: manifest and pointer written (everything that needs space), then
+/// the renames that commit it, then pruning.
 fn publish(root: &Path, tmp: &Path, done: &Path, manifest: &Manifest, keep: usize) -> Result<()> {
     let path = tmp.join("manifest.json");
     let text = serde_json::to_string_pretty(manifest).expect("manifest serialises");
     write_synced(&path, text.as_bytes())?;
+    let pointer = root.join(LATEST);
+    let pointer_tmp = root.join(format!(".{LATEST}.tmp"));
+    let name = done.file_name().expect("step dir name").to_string_lossy();
+    write_synced(&pointer_tmp, format!("{name}\n").as_bytes())?;
     if done.exists() {
         tracing::warn!("replacing the existing checkpoint {}", done.display());
         std::fs::remove_dir_all(done).map_err(io(done))?;
     }
     std::fs::rename(tmp, done).map_err(io(done))?;
+    let committed =
+        sync_dir(root).and_then(|()| std::fs::rename(&pointer_tmp, &pointer).map_err(io(&pointer)));
+    if let Err(e) = committed {
+        let _ = std::fs::remove_dir_all(done);
+        return Err(e);
+    }
     sync_dir(root)?;
-    let pointer = root.join(LATEST);
-    let pointer_tmp = root.join(format!(".{LATEST}.tmp"));
-    let name = done.file_name().expect("step dir name").to_string_lossy();
-    write_synced(&pointer_tmp, format!("{name}\n").as_bytes())?;
-    std::fs::rename(&pointer_tmp, &pointer).map_err(io(&pointer))?;
-    sync_dir(root)?;
-    prune(root, keep, &name)
+    // Saved: a step directory that cannot be removed costs space, not the checkpoint.
+    if let Err(e) = prune(root, keep, &name) {
+        tracing::warn!("{e}");
+    }
+    Ok(())
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -265,10 +314,11 @@ pub fn resume(
     strategy: &mut dyn Strategy,
 ) -> Result<u64> {
     let rank = comm.rank();
+    let mut changed = Vec::new();
     let checked = if rank == 0 {
         Manifest::read(dir).and_then(|m| {
             check_lengths(dir, &m)?;
-            m.check_compatible(dir, plan)?;
+            changed = m.check_compatible(dir, plan)?;
             if m.step >= plan.steps {
                 return Err(KilnError::config(format!(
                     "key `train.steps`: {} but the checkpoint {} is at step {}; raise it to continue",
@@ -286,25 +336,18 @@ pub fn resume(
         check_crcs(dir, &m, rank, comm.world())?;
         Ok(m)
     });
-    let verdict = match comm.all_gather_bytes(&[checked.is_ok() as u8]) {
-        Ok(v) => v,
-        // Another rank gave up first; this rank's own finding is the better message.
-        Err(e) => return Err(checked.err().unwrap_or(e)),
-    };
-    let ok: Vec<bool> = verdict.iter().map(|v| v.as_slice() == [1]).collect();
-    if !ok.iter().all(|&x| x) {
-        // Rank 0's finding first (every rank may have hit it); otherwise each rank that found
-        // something reports it, and the others stay silent.
-        return Err(match checked {
-            Err(e) if rank == 0 || ok[0] => e,
-            Err(e) => KilnError::ReportedByAnotherRank(e.exit_code()),
-            Ok(_) => KilnError::ReportedByAnotherRank(2),
-        });
-    }
-    let manifest = checked?;
+    // The lowest rank that found something reports it (rank 0's finding first: every rank may
+    // have hit it); the others stay silent.
+    let manifest = agree_on(comm, checked)?;
     let reader = CheckpointReader::open(dir, &manifest)?;
     shards::load(&reader, strategy.state_view(), rank)?;
     strategy.after_load()?;
+    if rank == 0 && !changed.is_empty() {
+        tracing::info!(
+            "resuming with settings that differ from the checkpoint's: {}",
+            changed.join(", ")
+        );
+    }
     if rank == 0 {
         tracing::info!(
             "resumed from {} (step {}, written by {} ranks at stage {}, tier {})",

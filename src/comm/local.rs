@@ -47,11 +47,14 @@ impl AbortableBarrier {
             self.cv.notify_all();
             return Ok(());
         }
+        // A meeting that completed stands even if a rank aborts right after it, before this
+        // thread wakes: that rank has returned an error of its own, and this one must not see
+        // a collective failure that did not happen.
         while s.generation == generation {
-            s = self.cv.wait(s).expect("barrier lock");
             if let Some(why) = &s.aborted {
                 return Err(KilnError::Comm(format!("another rank failed: {why}")));
             }
+            s = self.cv.wait(s).expect("barrier lock");
         }
         Ok(())
     }

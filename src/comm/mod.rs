@@ -17,12 +17,14 @@
 //! DDP buckets and ZeRO shards give bitwise equal sums, and the local and MPI backends agree
 //! bitwise with each other (both use [`sum_shard_in_rank_order`]).
 
+mod agree;
 pub mod conformance;
 mod local;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod worker;
 
+pub use agree::{agree, agree_on};
 pub use local::{simulate_group, LocalGroup};
 #[cfg(feature = "mpi")]
 pub use mpi::mpi_communicator;

@@ -52,7 +52,7 @@ impl NvmeStore {
             .min(len.div_ceil(CHUNK_GRAIN).max(1))
             * CHUNK_GRAIN;
         let bytes = (len.div_ceil(chunk) * chunk * 8) as u64;
-        let (file, direct) = open_new(&path)?;
+        let (file, direct_at_open) = open_new(&path)?;
         let mut store = NvmeStore {
             path,
             file,
@@ -60,20 +60,29 @@ impl NvmeStore {
             chunk,
             buffer_count: config.buffer_count.max(1),
             idle: Vec::new(),
-            direct,
+            direct: direct_at_open,
         };
         store.preallocate(bytes)?;
-        if store.direct && bytes > 0 && !store.direct_io_works() {
-            tracing::warn!(
-                "{}: the filesystem refused O_DIRECT transfers; using buffered I/O",
-                store.path.display()
-            );
+        let refused = store.direct && bytes > 0 && !store.direct_io_works();
+        if refused {
             store.file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&store.path)
                 .map_err(|e| cannot(&store.path, e))?;
             store.direct = false;
+        }
+        // Said once the store exists, and by one rank: a run that cannot start says only why.
+        if !store.direct && rank == 0 {
+            tracing::warn!(
+                "{}: the filesystem {} O_DIRECT; using buffered I/O",
+                dir.display(),
+                if refused {
+                    "refused transfers with"
+                } else {
+                    "does not support"
+                }
+            );
         }
         Ok(store)
     }
@@ -103,8 +112,20 @@ impl NvmeStore {
         if bytes == 0 {
             return Ok(());
         }
-        // SAFETY: a valid open descriptor and in-range lengths.
-        let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, bytes as libc::off_t) };
+        let fallocate = |file: &File| {
+            // SAFETY: a valid open descriptor and in-range lengths.
+            unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, bytes as libc::off_t) }
+        };
+        let mut rc = fallocate(&self.file);
+        if self.direct && matches!(rc, libc::EOPNOTSUPP | libc::EINVAL) {
+            // Without fallocate (ext2, NFSv3…) glibc reserves the blocks by writing a byte into
+            // each, which O_DIRECT refuses: reserve them through a buffered descriptor.
+            let buffered = OpenOptions::new()
+                .write(true)
+                .open(&self.path)
+                .map_err(|e| cannot(&self.path, e))?;
+            rc = fallocate(&buffered);
+        }
         match rc {
             0 => Ok(()),
             libc::ENOSPC => Err(KilnError::file(
@@ -114,7 +135,8 @@ impl NvmeStore {
                     bytes as f64 / (1 << 20) as f64
                 ),
             )),
-            // Filesystems without fallocate: a sparse file reads as zeros all the same.
+            // Nothing reserves blocks here: a sparse file reads as zeros all the same, and a
+            // full disk shows at a write instead, as an error naming the file.
             libc::EOPNOTSUPP | libc::EINVAL => self
                 .file
                 .set_len(bytes)
@@ -147,10 +169,6 @@ fn open_new(path: &Path) -> Result<(File, bool)> {
     match open(libc::O_DIRECT) {
         Ok(f) => Ok((f, true)),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            tracing::warn!(
-                "{}: the filesystem does not support O_DIRECT; using buffered I/O",
-                path.display()
-            );
             Ok((open(0).map_err(|e| cannot(path, e))?, false))
         }
         Err(e) => Err(cannot(path, e)),

@@ -17,27 +17,48 @@ pub fn export_safetensors(path: &str, layout: &ModelLayout, params: &[Vec<f32>])
     })
 }
 
+/// Creates the directory `target` will be written to: at start-up for `output.export`, so that
+/// a path that cannot be written fails before the training rather than after it.
+pub fn create_parent_dir(target: &Path) -> Result<()> {
+    match target.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::create_dir_all(dir)
+            .map_err(|e| KilnError::file(dir, format!("cannot create the output directory: {e}"))),
+        None => Ok(()),
+    }
+}
+
 /// Writes every unit's parameters to `target`; `fill(u, buf)` provides unit u's unpadded
 /// buffer. Only one unit is held at a time.
 pub fn write_params(
     target: &Path,
     layout: &ModelLayout,
     metadata: &BTreeMap<String, String>,
-    mut fill: impl FnMut(usize, &mut [f32]) -> Result<()>,
+    fill: impl FnMut(usize, &mut [f32]) -> Result<()>,
 ) -> Result<()> {
-    if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            KilnError::file(dir, format!("cannot create the output directory: {e}"))
-        })?;
-    }
+    create_parent_dir(target)?;
     let tmp = target.with_extension("safetensors.tmp");
     let _ = std::fs::remove_file(&tmp);
+    let written = write_tmp(&tmp, layout, metadata, fill)
+        .and_then(|()| std::fs::rename(&tmp, target).map_err(|e| KilnError::io(target, e)));
+    if written.is_err() {
+        // A full disk, say: leave nothing half-written behind (and free its space).
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+fn write_tmp(
+    tmp: &Path,
+    layout: &ModelLayout,
+    metadata: &BTreeMap<String, String>,
+    mut fill: impl FnMut(usize, &mut [f32]) -> Result<()>,
+) -> Result<()> {
     let tensors: Vec<(String, Vec<usize>)> = layout
         .units
         .iter()
         .flat_map(|u| u.params.iter().map(|p| (p.path.clone(), p.shape.clone())))
         .collect();
-    let writer = TensorFileWriter::create(&tmp, &tensors, metadata)?;
+    let writer = TensorFileWriter::create(tmp, &tensors, metadata)?;
     for (u, unit) in layout.units.iter().enumerate() {
         let mut buf = vec![0.0f32; unit.numel];
         fill(u, &mut buf)?;
@@ -45,6 +66,5 @@ pub fn write_params(
             writer.write(&p.path, 0, &buf[p.range()])?;
         }
     }
-    writer.finish()?;
-    std::fs::rename(&tmp, target).map_err(|e| KilnError::io(target, e))
+    writer.finish()
 }

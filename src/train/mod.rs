@@ -8,7 +8,7 @@ pub use export::{export_safetensors, write_params};
 pub use metrics::{peak_rss_bytes, MetricsWriter, StepRecord, Summary};
 
 use crate::checkpoint;
-use crate::comm::{Communicator, ReduceOp};
+use crate::comm::{agree_on, Communicator, ReduceOp};
 use crate::data;
 use crate::engine::Engine;
 use crate::error::{KilnError, Result};
@@ -68,21 +68,17 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
     let rank_device = crate::device::for_rank(plan.device, rank, world)?;
     let model = Gpt::new(plan.model);
     let layout = ModelLayout::new(&model, world);
-    let source = data::open(&plan.config.data, plan.model.vocab, plan.model.seq_len)?;
-    if lead {
-        tracing::info!("{}", source.describe());
-        tracing::info!(
-            "model {} ({} parameters), world {world} ({} backend), stage {}, global batch {} = micro {} × accum {} × world {world}",
-            plan.config.model.preset,
-            layout.num_params(),
-            comm.backend(),
-            plan.stage,
-            plan.global_batch,
-            plan.micro_batch,
-            plan.grad_accum
-        );
-    }
-    let mut strategy = strategy::build(plan, comm.clone(), &layout, &model)?;
+    // Start-up steps that can fail on some ranks only (a file missing on one node, a full nvme
+    // disk) end with the ranks agreeing on the outcome: the failure is one line, said by the
+    // rank that hit it, and no rank is left in a collective.
+    let source = agree_on(
+        comm.as_ref(),
+        data::open(&plan.config.data, plan.model.vocab, plan.model.seq_len),
+    )?;
+    let mut strategy = agree_on(
+        comm.as_ref(),
+        strategy::build(plan, comm.clone(), &layout, &model),
+    )?;
     let first_step = match &opts.resume {
         Some(arg) => {
             let dir = checkpoint::locate(arg, &plan.config.checkpoint).map_err(|e| {
@@ -108,18 +104,43 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         plan.config.train.recompute,
     );
 
-    let mut writer = if lead && !opts.no_outputs {
-        Some(MetricsWriter::create(
-            &plan.config.output.dir,
-            first_step > 0,
-        )?)
-    } else {
-        None
+    // Output paths are created now, so that one that cannot be written fails before training.
+    let outputs = || -> Result<Option<MetricsWriter>> {
+        let (checkpoints, export) = (&plan.config.checkpoint.dir, &plan.config.output.export);
+        if !lead {
+            return Ok(None);
+        }
+        if !checkpoints.is_empty() {
+            checkpoint::prepare_dir(std::path::Path::new(checkpoints))?;
+        }
+        if opts.no_outputs {
+            return Ok(None);
+        }
+        if !export.is_empty() {
+            export::create_parent_dir(std::path::Path::new(export))?;
+        }
+        MetricsWriter::create(&plan.config.output.dir, first_step > 0).map(Some)
     };
+    let mut writer = agree_on(comm.as_ref(), outputs())?;
+    // Only now, when everything that can fail at start-up has been checked: a run that cannot
+    // start prints one line, the reason.
     tracing::info!(
         "rank {rank} (local rank {}) computes on {rank_device}",
         crate::comm::placement(rank, world).local_rank
     );
+    if lead {
+        tracing::info!("{}", source.describe());
+        tracing::info!(
+            "model {} ({} parameters), world {world} ({} backend), stage {}, global batch {} = micro {} × accum {} × world {world}",
+            plan.config.model.preset,
+            layout.num_params(),
+            comm.backend(),
+            plan.stage,
+            plan.global_batch,
+            plan.micro_batch,
+            plan.grad_accum
+        );
+    }
     let bar = progress_bar(lead && !opts.quiet, plan.steps);
     let seq_len = plan.model.seq_len;
     let rows_per_rank = (plan.micro_batch * plan.grad_accum) as u64;
