@@ -272,10 +272,10 @@ fn nvme_state_survives_the_filesystem_filling_up_after_start() {
             .filter(|n| n.ends_with(".optim"))
             .count();
         let ended = child.try_wait().unwrap();
-        assert!(
-            ended.is_none() && optim == 2,
-            "{fs:?}: the run ended ({ended:?}, {optim} state files) before the filesystem was full"
-        );
+        if ended.is_some() || optim != 2 {
+            let _ = child.kill();
+            panic!("{fs:?}: the run ended ({ended:?}, {optim} state files) before the filesystem was full");
+        }
         let status = child.wait().unwrap();
         std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
         assert!(status.success(), "{fs:?}: {status}\n{log}");
