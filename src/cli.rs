@@ -185,9 +185,7 @@ pub fn main() -> i32 {
     match result {
         Ok(()) => 0,
         // Already said: by the rank that owns the message (a stop: rank 0's log line).
-        Err(e @ (KilnError::ReportedByAnotherRank(_) | KilnError::Stopped { .. })) => {
-            e.exit_code()
-        }
+        Err(e @ (KilnError::ReportedByAnotherRank(_) | KilnError::Stopped { .. })) => e.exit_code(),
         Err(e) => {
             let code = e.exit_code();
             eprintln!("kiln: error: {e}");
@@ -260,15 +258,15 @@ fn consolidate(checkpoint: &std::path::Path, out: &std::path::Path) -> Result<()
 fn check_comm(simulate: Option<usize>, large: bool, mismatch: bool) -> Result<(), KilnError> {
     use crate::comm::{conformance, Communicator};
     use std::sync::Arc;
-    let verify = mismatch;
+    let options = crate::comm::CommOptions::new(mismatch);
     let comms: Vec<Arc<dyn Communicator>> = match simulate {
         Some(0) => {
             return Err(KilnError::config(
                 "--simulate: the number of ranks must be at least 1",
             ))
         }
-        Some(n) => crate::comm::simulate_group(n, verify),
-        None => vec![crate::comm::open("auto", verify)?],
+        Some(n) => crate::comm::simulate_group(n, &options),
+        None => vec![crate::comm::open("auto", &options)?],
     };
     let results: Vec<Result<Vec<String>, KilnError>> = std::thread::scope(|s| {
         let handles: Vec<_> = comms

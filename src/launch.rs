@@ -95,7 +95,7 @@ pub fn simulate(config: &Config, world: usize, opts: &RunOptions) -> Result<Vec<
             processes_here: 1,
         },
     )?;
-    let comms = comm::simulate_group(world, config.comm.verify);
+    let comms = comm::simulate_group(world, &comm::CommOptions::from_config(&config.comm)?);
     let threads = threads_per_rank(config, world);
     let results: Vec<Result<RunOutcome>> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
@@ -174,7 +174,8 @@ fn preflight_process(plan: &Plan, comm: &dyn Communicator, local_ranks: usize) -
 
 /// Trains as one rank of this process's launch (world 1 when not under a launcher).
 pub fn run_process(config: &Config, opts: &RunOptions) -> Result<RunOutcome> {
-    let comm: Arc<dyn Communicator> = comm::open(&config.comm.backend, config.comm.verify)?;
+    let options = comm::CommOptions::from_config(&config.comm)?;
+    let comm: Arc<dyn Communicator> = comm::open(&config.comm.backend, &options)?;
     let (rank, world) = (comm.rank(), comm.world());
     let place = comm::placement(rank, world);
     // Every rank validates the same config; rank 0 alone reports the error.

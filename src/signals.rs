@@ -13,7 +13,7 @@
 //! both. Slurm's `--signal=B:USR1@120` therefore reaches every rank whichever starts them
 //! (PyTorch Lightning's Slurm requeue uses SIGUSR1 for the same reason).
 
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 
 /// Exit code of a run that a stop signal ended at a step boundary, after its checkpoint:
 /// sysexits.h's EX_TEMPFAIL ("temporary failure; the user is invited to retry"). It differs
@@ -29,6 +29,10 @@ pub const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::S
 static RECEIVED: AtomicU32 = AtomicU32::new(0);
 /// The first stop signal's number, for messages.
 static FIRST: AtomicI32 = AtomicI32::new(0);
+/// Whether the handler says at once that it heard the signal: only for a person at a terminal.
+/// Under mpirun stderr is a pipe, and mpirun sends SIGTERM to the ranks of every job that fails,
+/// so the notice would follow every error line; rank 0 logs a real stop anyway.
+static NOTICE: AtomicBool = AtomicBool::new(false);
 
 /// Whether the run has been asked to stop. Copy it into every rank; [`StopRequest::NEVER`]
 /// (the default) never asks.
@@ -66,6 +70,8 @@ fn signal_name(sig: libc::c_int) -> &'static str {
 /// Call it once, before the ranks start (before MPI_Init, so that MPI's own handlers, if any,
 /// come after).
 pub fn install() -> StopRequest {
+    use std::io::IsTerminal;
+    NOTICE.store(std::io::stderr().is_terminal(), Ordering::SeqCst);
     for sig in STOP_SIGNALS {
         // SAFETY: a zeroed sigaction is a valid value (empty mask, no flags); the handler is an
         // `extern "C" fn(c_int)` that does only async-signal-safe work (atomics, write(2),
@@ -95,8 +101,10 @@ extern "C" fn on_stop_signal(sig: libc::c_int) {
         };
         // SAFETY: write(2) is async-signal-safe; the buffer is a static byte string. A short or
         // failed write only loses the message.
-        unsafe {
-            libc::write(libc::STDERR_FILENO, msg.as_ptr().cast(), msg.len());
+        if NOTICE.load(Ordering::SeqCst) {
+            unsafe {
+                libc::write(libc::STDERR_FILENO, msg.as_ptr().cast(), msg.len());
+            }
         }
     } else {
         // A second signal: die of it now, with the status a shell reports as 128 + N. The

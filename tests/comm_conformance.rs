@@ -2,7 +2,7 @@
 //! runs under a real mpirun in tests/mpi_launch.rs), and comm.verify turning a mismatched
 //! collective into an error instead of a hang.
 
-use kiln::comm::{conformance, simulate_group, Communicator};
+use kiln::comm::{conformance, simulate_group, CommOptions, Communicator};
 use kiln::launch;
 use std::sync::Arc;
 
@@ -35,7 +35,7 @@ fn on_every_rank<T: Send>(
 #[test]
 fn local_backend_passes_the_suite_at_world_sizes_1_to_4() {
     for world in 1..=4 {
-        let passed = on_every_rank(simulate_group(world, false), |c| {
+        let passed = on_every_rank(simulate_group(world, &CommOptions::new(false)), |c| {
             conformance::run_suite(c, true)
         });
         assert!(
@@ -48,7 +48,10 @@ fn local_backend_passes_the_suite_at_world_sizes_1_to_4() {
 #[test]
 fn verify_names_the_operation_the_ranks_and_the_lengths() {
     for world in [2, 3] {
-        let errors = on_every_rank(simulate_group(world, true), conformance::provoke_mismatch);
+        let errors = on_every_rank(
+            simulate_group(world, &CommOptions::new(true)),
+            conformance::provoke_mismatch,
+        );
         for e in errors {
             let msg = e.to_string();
             for needle in [
@@ -64,7 +67,7 @@ fn verify_names_the_operation_the_ranks_and_the_lengths() {
 #[test]
 fn a_failing_rank_releases_the_others() {
     // Rank 1 aborts instead of joining the collective; rank 0 must get an error, not hang.
-    let comms = simulate_group(2, false);
+    let comms = simulate_group(2, &CommOptions::new(false));
     let (c0, c1) = (comms[0].clone(), comms[1].clone());
     let waiter = std::thread::spawn(move || {
         c0.all_reduce(vec![1.0; 4], kiln::comm::ReduceOp::Sum)

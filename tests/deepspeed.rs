@@ -4,28 +4,31 @@
 
 mod common;
 
-use common::{bitwise_equal, Scratch, QUIET};
+use common::{bitwise_equal, Scratch, QUIET, TEST_MODEL};
 use kiln::config::{self, Config};
 use kiln::launch;
 use kiln::plan::Plan;
 use std::path::Path;
 use std::process::Command;
 
-/// The test model of `common::small_run` (units not multiples of the world size), 12 steps.
-const MODEL: &[&str] = &[
-    "model.vocab=61",
-    "model.d_model=21",
-    "model.n_heads=3",
-    "model.n_layers=2",
-    "model.max_seq_len=37",
-    "model.seq_len=16",
-    "data.markov_symbols=16",
-    "train.steps=12",
-    "train.threads=1",
-];
+/// `common::TEST_MODEL` (units not multiples of the world size), 12 steps.
+fn model_keys() -> Vec<String> {
+    let mut keys = strings(TEST_MODEL);
+    keys.extend(strings(&["train.steps=12", "train.threads=1"]));
+    keys
+}
 
 fn strings(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
+}
+
+fn assert_warned(warnings: &[String], keys: &[&str]) {
+    for key in keys {
+        assert!(
+            warnings.iter().any(|w| w.contains(&format!("`{key}`"))),
+            "no warning for {key}: {warnings:?}"
+        );
+    }
 }
 
 fn write(dir: &Scratch, name: &str, text: &str) -> std::path::PathBuf {
@@ -37,12 +40,12 @@ fn write(dir: &Scratch, name: &str, text: &str) -> std::path::PathBuf {
 /// The config from a DeepSpeed file on top of the test model, and what it warned about.
 fn from_deepspeed(ds: &Path) -> (Config, Vec<String>) {
     let (c, t) =
-        config::load_layers(None, Some(ds), &strings(MODEL)).expect("valid DeepSpeed config");
+        config::load_layers(None, Some(ds), &model_keys()).expect("valid DeepSpeed config");
     (c, t.warnings)
 }
 
 fn from_recipe(keys: &[&str]) -> Config {
-    let mut sets = strings(MODEL);
+    let mut sets = model_keys();
     sets.extend(strings(keys));
     config::load(None, &sets).expect("valid recipe")
 }
@@ -125,16 +128,14 @@ fn stage_2_with_cpu_offload_equals_its_recipe() {
         "output.log_every=5",
     ]);
     assert_trains_the_same(&ds, &recipe);
-    for key in [
-        "zero_optimization.allgather_partitions",
-        "zero_optimization.allgather_bucket_size",
-        "zero_optimization.offload_optimizer.pin_memory",
-    ] {
-        assert!(
-            warnings.iter().any(|w| w.contains(&format!("`{key}`"))),
-            "no warning for {key}: {warnings:?}"
-        );
-    }
+    assert_warned(
+        &warnings,
+        &[
+            "zero_optimization.allgather_partitions",
+            "zero_optimization.allgather_bucket_size",
+            "zero_optimization.offload_optimizer.pin_memory",
+        ],
+    );
     assert_eq!(warnings.len(), 3, "{warnings:?}");
 }
 
@@ -193,17 +194,15 @@ fn stage_3_with_nvme_offload_equals_its_recipe() {
         4,
         "micro 2 × accum 1 × world 2"
     );
-    for key in [
-        "zero_optimization.stage3_max_live_parameters",
-        "zero_optimization.stage3_max_reuse_distance",
-        "zero_optimization.sub_group_size",
-        "aio",
-    ] {
-        assert!(
-            warnings.iter().any(|w| w.contains(&format!("`{key}`"))),
-            "no warning for {key}: {warnings:?}"
-        );
-    }
+    assert_warned(
+        &warnings,
+        &[
+            "zero_optimization.stage3_max_live_parameters",
+            "zero_optimization.stage3_max_reuse_distance",
+            "zero_optimization.sub_group_size",
+            "aio",
+        ],
+    );
 }
 
 #[test]
@@ -240,7 +239,7 @@ fn auto_values_take_kilns_own() {
         "train.beta2=0.98",
         "train.warmup_steps=5",
     ];
-    let mut sets = strings(MODEL);
+    let mut sets = model_keys();
     sets.extend(strings(&kiln_values));
     let (ds, t) = config::load_layers(None, Some(&ds), &sets).expect("valid");
     assert!(t.warnings.is_empty(), "{:?}", t.warnings);
@@ -442,7 +441,7 @@ fn kiln_config_prints_a_recipe_that_resolves_the_same() {
 #[test]
 fn deepspeed_schedules_give_deepspeeds_numbers() {
     let schedule = |keys: &[&str], steps: u64| {
-        let mut sets = strings(MODEL);
+        let mut sets = model_keys();
         sets.extend(strings(keys));
         sets.push(format!("train.steps={steps}"));
         Plan::resolve(&config::load(None, &sets).unwrap(), 1)

@@ -2,6 +2,9 @@
 //! mismatch, and DDP over MPI bitwise equal to DDP over the local backend.
 //! Without mpirun these tests skip, except under CI=true, where a missing mpirun is a failure.
 
+mod common;
+
+use common::output_text as text;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -36,15 +39,6 @@ fn mpirun(np: usize, args: &[&str]) -> Output {
         .env("KILN_LOG", "warn")
         .output()
         .expect("run mpirun")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[test]

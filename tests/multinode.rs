@@ -10,9 +10,9 @@
 
 mod common;
 
-use common::Scratch;
+use common::{output_text as text, Scratch, TEST_MODEL};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 const SUBNET: &str = "10.213.16.0/24";
 const ADDRS: [&str; 2] = ["10.213.16.1", "10.213.16.2"];
@@ -108,25 +108,10 @@ fn hosts() -> Option<Hosts> {
     }
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 /// `small_run`'s model and batch (tests/common), as `kiln train` arguments writing into `dir`.
 fn train_args(stage: u8, dir: &Path, extra: &[String]) -> Vec<String> {
-    let sets = [
-        "model.vocab=61".to_string(),
-        "model.d_model=21".into(),
-        "model.n_heads=3".into(),
-        "model.n_layers=2".into(),
-        "model.max_seq_len=37".into(),
-        "model.seq_len=16".into(),
-        "data.markov_symbols=16".into(),
+    let mut sets: Vec<String> = TEST_MODEL.iter().map(|s| s.to_string()).collect();
+    sets.extend([
         format!("train.steps={STEPS}"),
         "train.lr=1e-2".into(),
         "train.warmup_steps=3".into(),
@@ -136,7 +121,7 @@ fn train_args(stage: u8, dir: &Path, extra: &[String]) -> Vec<String> {
         format!("parallel.stage={stage}"),
         format!("output.dir={}", dir.display()),
         format!("output.export={}", dir.join("final.safetensors").display()),
-    ];
+    ]);
     let mut args = vec!["train".to_string(), "--quiet".into()];
     for s in sets.iter().chain(extra) {
         args.extend(["--set".to_string(), s.clone()]);

@@ -346,8 +346,10 @@ fn a_second_signal_ends_the_run_at_once() {
     // Mid-step: no further step was finished and no checkpoint written.
     assert_eq!(metrics_lines(dir).len(), done, "{text}");
     assert!(!dir.join("ckpt/latest").exists(), "{text}");
+    // stderr is a pipe here, not a terminal: the handler's immediate notice is for people at a
+    // terminal only (under mpirun it would follow every failed job's error line).
     assert!(
-        text.contains("kiln: SIGTERM: stopping after the step in progress"),
+        !text.contains("stopping after the step in progress"),
         "{text}"
     );
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use burn::tensor::Device;
-use kiln::comm::{simulate_group, Communicator};
+use kiln::comm::{simulate_group, CommOptions, Communicator};
 use kiln::data;
 use kiln::engine::Engine;
 use kiln::flat::ModelLayout;
@@ -60,7 +60,7 @@ fn on_ranks<T: Send>(
     plans: &[Plan],
     f: impl Fn(&Plan, Arc<dyn Communicator>) -> T + Sync,
 ) -> Vec<T> {
-    let comms = simulate_group(world, false);
+    let comms = simulate_group(world, &CommOptions::new(false));
     std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()
@@ -98,7 +98,7 @@ fn buckets_follow_arrival_order_with_a_small_first_bucket() {
     // 0.5 MiB buckets: the tiny preset's blocks (≈3 MiB each) get one bucket apiece, the head
     // (≈0.26 MiB) arrives first and fills the first, 1 MiB-capped, bucket.
     let p = plan(1, &["parallel.bucket_mb=0.5"]);
-    let comm = simulate_group(1, false).pop().unwrap();
+    let comm = simulate_group(1, &CommOptions::new(false)).pop().unwrap();
     let ddp = train_rank(&p, comm, 1).unwrap();
     let plan = ddp.bucket_plan().unwrap();
     let num_units = Gpt::new(p.model).num_units();
@@ -117,7 +117,7 @@ fn buckets_follow_arrival_order_with_a_small_first_bucket() {
 #[test]
 fn a_unit_out_of_order_is_an_error_naming_it() {
     let p = plan(1, &[]);
-    let comm = simulate_group(1, false).pop().unwrap();
+    let comm = simulate_group(1, &CommOptions::new(false)).pop().unwrap();
     let mut ddp = train_rank(&p, comm, 1).unwrap();
     let grads = vec![0.0f32; 1_000_000];
     let layout = ModelLayout::new(&Gpt::new(p.model), 1);
@@ -135,7 +135,7 @@ fn a_unit_out_of_order_is_an_error_naming_it() {
 #[test]
 fn a_missing_unit_is_an_error_naming_it() {
     let p = plan(1, &[]);
-    let comm = simulate_group(1, false).pop().unwrap();
+    let comm = simulate_group(1, &CommOptions::new(false)).pop().unwrap();
     let mut ddp = train_rank(&p, comm, 1).unwrap();
     let layout = ModelLayout::new(&Gpt::new(p.model), 1);
     let head = layout.units.len() - 1;

@@ -105,7 +105,7 @@ impl ShapeArgs {
 pub fn run(what: BenchCommand) -> Result<()> {
     match what {
         BenchCommand::Comm { json } => {
-            let comm = crate::comm::open("auto", false)?;
+            let comm = crate::comm::open("auto", &crate::comm::CommOptions::new(false))?;
             if comm.world() < 2 {
                 return Err(KilnError::config(
                     "bench comm needs at least 2 ranks: run it under mpirun -np N",

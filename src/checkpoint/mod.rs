@@ -87,6 +87,7 @@ pub fn save(
             },
         }
     };
+    comm.set_serves(&format!("the checkpoint of step {step}"));
     let prepared = if rank == 0 {
         prepare_dir(&root).and_then(|()| {
             if tmp.exists() {
@@ -336,6 +337,7 @@ pub fn resume(
         check_crcs(dir, &m, rank, comm.world())?;
         Ok(m)
     });
+    comm.set_serves("the checks of the checkpoint to resume from");
     // The lowest rank that found something reports it (rank 0's finding first: every rank may
     // have hit it); the others stay silent.
     let manifest = agree_on(comm, checked)?;

@@ -2,9 +2,15 @@
 //! Each rank publishes a pointer to its buffer, the ranks meet at a barrier, each one reads the
 //! parts it needs straight from the others' buffers, and a second barrier keeps every buffer
 //! alive and untouched until all readers are done.
+//!
+//! Every operation starts with the ranks meeting at the barrier with the operation they are in
+//! (sequence number, kind, length): in shared memory that check is nearly free, so ranks that
+//! call different collectives get an error naming both instead of mixing unrelated buffers.
 
+use super::flight::Entry;
+use super::watchdog::LocalPeers;
 use super::worker::{Transport, WorkerComm};
-use super::{sum_shard_in_rank_order, Communicator, ReduceOp};
+use super::{sum_shard_in_rank_order, CommOptions, Communicator, ReduceOp};
 use crate::error::{KilnError, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -13,9 +19,8 @@ use std::sync::{Arc, Condvar, Mutex};
 pub struct LocalGroup {
     world: usize,
     barrier: AbortableBarrier,
-    /// Address and length of each rank's published buffer.
+    /// Address of each rank's published buffer.
     ptrs: Vec<AtomicUsize>,
-    lens: Vec<AtomicUsize>,
     bytes: Mutex<Vec<Vec<u8>>>,
 }
 
@@ -31,32 +36,55 @@ struct BarrierState {
     arrived: usize,
     generation: u64,
     aborted: Option<String>,
+    /// What each rank brought to a meeting, by generation parity: a rank that has passed a
+    /// meeting can reach the next one (the other slot) but not the one after, so the slot of
+    /// the generation just passed stays intact until every rank has read it.
+    brought: [Vec<(String, String)>; 2],
 }
 
 impl AbortableBarrier {
     fn wait(&self) -> Result<()> {
+        self.arrive(None).map(|_| ())
+    }
+
+    /// Waits at the barrier with `(key, label)`; every rank's pair, in rank order, when all came.
+    fn meet(&self, rank: usize, key: &str, label: &str) -> Result<Vec<(String, String)>> {
+        self.arrive(Some((rank, key, label)))
+    }
+
+    fn arrive(&self, bring: Option<(usize, &str, &str)>) -> Result<Vec<(String, String)>> {
         let mut s = self.state.lock().expect("barrier lock");
         if let Some(why) = &s.aborted {
             return Err(KilnError::Comm(format!("another rank failed: {why}")));
         }
         let generation = s.generation;
+        let slot = (generation % 2) as usize;
+        if let Some((rank, key, label)) = bring {
+            let world = self.world;
+            let brought = &mut s.brought[slot];
+            brought.resize(world, (String::new(), String::new()));
+            brought[rank] = (key.to_string(), label.to_string());
+        }
         s.arrived += 1;
         if s.arrived == self.world {
             s.arrived = 0;
             s.generation += 1;
             self.cv.notify_all();
-            return Ok(());
-        }
-        // A meeting that completed stands even if a rank aborts right after it, before this
-        // thread wakes: that rank has returned an error of its own, and this one must not see
-        // a collective failure that did not happen.
-        while s.generation == generation {
-            if let Some(why) = &s.aborted {
-                return Err(KilnError::Comm(format!("another rank failed: {why}")));
+        } else {
+            // A meeting that completed stands even if a rank aborts right after it, before
+            // this thread wakes: that rank has returned an error of its own, and this one
+            // must not see a collective failure that did not happen.
+            while s.generation == generation {
+                if let Some(why) = &s.aborted {
+                    return Err(KilnError::Comm(format!("another rank failed: {why}")));
+                }
+                s = self.cv.wait(s).expect("barrier lock");
             }
-            s = self.cv.wait(s).expect("barrier lock");
         }
-        Ok(())
+        Ok(match bring {
+            Some(_) => s.brought[slot].clone(),
+            None => Vec::new(),
+        })
     }
 
     fn abort(&self, why: &str) {
@@ -75,40 +103,50 @@ impl LocalGroup {
                     arrived: 0,
                     generation: 0,
                     aborted: None,
+                    brought: [Vec::new(), Vec::new()],
                 }),
                 cv: Condvar::new(),
                 world,
             },
             ptrs: (0..world).map(|_| AtomicUsize::new(0)).collect(),
-            lens: (0..world).map(|_| AtomicUsize::new(0)).collect(),
             bytes: Mutex::new(vec![Vec::new(); world]),
         }
     }
 }
 
 /// Creates `world` communicators, one per rank, sharing one group. Rank r is element r.
-pub fn simulate_group(world: usize, verify: bool) -> Vec<Arc<dyn Communicator>> {
+pub fn simulate_group(world: usize, options: &CommOptions) -> Vec<Arc<dyn Communicator>> {
     let group = Arc::new(LocalGroup::new(world));
-    (0..world)
+    let comms: Vec<WorkerComm> = (0..world)
         .map(|rank| {
             let g = group.clone();
             let hook_group = group.clone();
             let hook: Arc<dyn Fn(&str) + Send + Sync> =
                 Arc::new(move |why: &str| hook_group.barrier.abort(&format!("rank {rank}: {why}")));
-            let comm = WorkerComm::spawn(
+            WorkerComm::spawn(
                 "local",
-                verify,
+                options,
                 move || {
                     Ok(LocalTransport {
                         rank,
                         group: g,
                         scratch: Vec::new(),
+                        key: String::new(),
+                        label: String::new(),
                     })
                 },
                 hook,
             )
-            .expect("spawning a thread for the local backend");
-            Arc::new(comm) as Arc<dyn Communicator>
+            .expect("spawning a thread for the local backend")
+        })
+        .collect();
+    // The watchdog of a simulated rank reads the others' recorders directly.
+    let peers = Arc::new(LocalPeers(comms.iter().map(|c| c.recorder()).collect()));
+    comms
+        .into_iter()
+        .map(|c| {
+            c.set_peers(peers.clone());
+            Arc::new(c) as Arc<dyn Communicator>
         })
         .collect()
 }
@@ -118,31 +156,37 @@ struct LocalTransport {
     group: Arc<LocalGroup>,
     /// Reused accumulator for reduce-scatter, so that no step allocates.
     scratch: Vec<f32>,
+    /// The operation in progress: what must agree across ranks, and what it serves.
+    key: String,
+    label: String,
 }
 
 impl LocalTransport {
-    /// Publishes this rank's buffer. From here to the collective's last barrier the buffer is
-    /// only accessed through `own`, the pointer the other ranks read through too.
-    fn publish(&self, own: *mut f32, len: usize) -> Result<()> {
-        self.group.ptrs[self.rank].store(own as usize, Ordering::Release);
-        self.group.lens[self.rank].store(len, Ordering::Release);
-        self.group.barrier.wait()?;
-        for q in 0..self.group.world {
-            if self.group.lens[q].load(Ordering::Acquire) != len {
-                // Finish the protocol before failing so that no rank is left reading this buffer.
-                let lens: Vec<usize> = self
-                    .group
-                    .lens
-                    .iter()
-                    .map(|l| l.load(Ordering::Acquire))
-                    .collect();
-                self.group.barrier.wait()?;
-                return Err(KilnError::Comm(format!(
-                    "ranks passed buffers of different lengths {lens:?}"
-                )));
-            }
+    /// The first barrier of every operation: every rank must be at the same one.
+    fn meet(&self) -> Result<()> {
+        let all = self.group.barrier.meet(self.rank, &self.key, &self.label)?;
+        if all.iter().all(|(key, _)| *key == self.key) {
+            return Ok(());
         }
-        Ok(())
+        // Every rank sees the same table and fails here, before any buffer is read.
+        let detail: Vec<String> = all
+            .iter()
+            .enumerate()
+            .map(|(r, (key, label))| format!("rank {r}: {key}{label}"))
+            .collect();
+        Err(KilnError::Comm(format!(
+            "ranks called different collectives (desync): {}",
+            detail.join("; ")
+        )))
+    }
+
+    /// Publishes this rank's buffer. From here to the collective's last barrier the buffer is
+    /// only accessed through `own`, the pointer the other ranks read through too. The meeting
+    /// compares the operations' keys, which include their lengths, so agreeing ranks have
+    /// published buffers of equal length.
+    fn publish(&self, own: *mut f32) -> Result<()> {
+        self.group.ptrs[self.rank].store(own as usize, Ordering::Release);
+        self.meet()
     }
 
     /// Shard `q` of rank `owner`'s published buffer.
@@ -167,12 +211,22 @@ impl Transport for LocalTransport {
         self.group.world
     }
 
+    fn begin(&mut self, entry: &Entry) {
+        self.key = format!("{} #{}", entry.op, entry.seq);
+        self.label = match (entry.step, entry.serves.as_str()) {
+            (None, "") => String::new(),
+            (None, what) => format!(" serving {what}"),
+            (Some(step), "") => format!(" at step {step}"),
+            (Some(step), what) => format!(" at step {step} serving {what}"),
+        };
+    }
+
     fn reduce_scatter(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
         let world = self.group.world;
         let shard = buf.len() / world;
         let start = self.rank * shard;
         let own = buf.as_mut_ptr();
-        self.publish(own, buf.len())?;
+        self.publish(own)?;
         // Each rank reads shard `rank` of every buffer (its own included) into an accumulator and
         // writes it back into its own buffer only after the second barrier, when nobody reads.
         let mut out = std::mem::take(&mut self.scratch);
@@ -194,7 +248,7 @@ impl Transport for LocalTransport {
         let world = self.group.world;
         let shard = buf.len() / world;
         let own = buf.as_mut_ptr();
-        self.publish(own, buf.len())?;
+        self.publish(own)?;
         for q in (0..world).filter(|&q| q != self.rank) {
             // SAFETY: shard q of rank q's buffer is only read during this collective; shard q of
             // this rank's buffer is written by this rank alone and read by nobody.
@@ -209,7 +263,7 @@ impl Transport for LocalTransport {
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
         let len = buf.len();
         let own = buf.as_mut_ptr();
-        self.publish(own, len)?;
+        self.publish(own)?;
         if self.rank != root {
             // SAFETY: the root's buffer is only read during this collective; this rank's buffer
             // is written only by this rank and read by nobody.
@@ -223,13 +277,13 @@ impl Transport for LocalTransport {
 
     fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.group.bytes.lock().expect("bytes lock")[self.rank] = mine.to_vec();
-        self.group.barrier.wait()?;
+        self.meet()?;
         let all = self.group.bytes.lock().expect("bytes lock").clone();
         self.group.barrier.wait()?;
         Ok(all)
     }
 
     fn barrier(&mut self) -> Result<()> {
-        self.group.barrier.wait()
+        self.meet()
     }
 }

@@ -19,9 +19,13 @@
 
 mod agree;
 pub mod conformance;
+pub mod flight;
 mod local;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "mpi")]
+mod status_net;
+pub mod watchdog;
 mod worker;
 
 pub use agree::{agree, agree_on};
@@ -32,6 +36,43 @@ pub use worker::{Collective, Pending, ReferenceKind, Transport, WorkerComm};
 
 use crate::error::{KilnError, Result};
 use std::sync::Arc;
+
+/// How a communicator checks and times its collectives (`[comm]`).
+#[derive(Debug, Clone)]
+pub struct CommOptions {
+    /// `comm.verify`: check every collective's operation and length across ranks first.
+    pub verify: bool,
+    /// `comm.timeout_s`: how long one collective may take before the watchdog ends the job.
+    pub timeout: std::time::Duration,
+}
+
+impl CommOptions {
+    /// NCCL's default collective timeout.
+    pub const DEFAULT_TIMEOUT_S: f64 = 600.0;
+
+    /// Options with the default timeout.
+    pub fn new(verify: bool) -> Self {
+        CommOptions {
+            verify,
+            timeout: std::time::Duration::from_secs_f64(Self::DEFAULT_TIMEOUT_S),
+        }
+    }
+
+    /// The options `[comm]` sets, checked (this runs before the plan is resolved, since the
+    /// communicator is opened first).
+    pub fn from_config(c: &crate::config::CommConfig) -> Result<Self> {
+        if !(c.timeout_s.is_finite() && c.timeout_s > 0.0 && c.timeout_s < 1e9) {
+            return Err(KilnError::config(format!(
+                "key `comm.timeout_s`: {} must be a positive number of seconds",
+                c.timeout_s
+            )));
+        }
+        Ok(CommOptions {
+            verify: c.verify,
+            timeout: std::time::Duration::from_secs_f64(c.timeout_s),
+        })
+    }
+}
 
 /// How the contributions of the ranks are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +101,15 @@ pub trait Communicator: Send + Sync {
     fn barrier(&self) -> Result<()>;
     /// Tells the other ranks that this one is failing, so that they stop waiting for it.
     fn abort(&self, why: &str);
+    /// The training loop entered optimizer step `step` (for the watchdog and flight record).
+    fn set_step(&self, step: u64);
+    /// Names what the collectives issued from now on serve (a bucket, a unit's gather, the
+    /// loss), so that a timeout or the flight record can say it.
+    fn set_serves(&self, what: &str);
+    /// Where the flight record goes: `dir/flight/rank-R.json`.
+    fn set_flight_dir(&self, dir: &std::path::Path);
+    /// Writes the flight record now (after an error); its path, if one was written.
+    fn dump_flight(&self) -> Option<std::path::PathBuf>;
 
     /// Non-blocking all-reduce of the whole buffer (any length).
     fn all_reduce(&self, buf: Vec<f32>, op: ReduceOp) -> Pending {
@@ -257,7 +307,7 @@ pub fn check_launched_world(launched: Option<usize>, mpi_world: usize) -> Result
 
 /// Opens the communicator `comm.backend` names for a process launched on its own (`local`, world
 /// 1) or under mpirun/srun (`mpi`).
-pub fn open(backend: &str, verify: bool) -> Result<Arc<dyn Communicator>> {
+pub fn open(backend: &str, options: &CommOptions) -> Result<Arc<dyn Communicator>> {
     let use_mpi = match backend {
         "auto" => running_under_launcher() && cfg!(feature = "mpi"),
         "local" => false,
@@ -271,7 +321,7 @@ pub fn open(backend: &str, verify: bool) -> Result<Arc<dyn Communicator>> {
     };
     if use_mpi {
         #[cfg(feature = "mpi")]
-        return mpi_communicator(verify).and_then(|comm| {
+        return mpi_communicator(options).and_then(|comm| {
             check_launched_world(launched_world(|n| std::env::var(n).ok()), comm.world())?;
             Ok(comm)
         });
@@ -285,5 +335,5 @@ pub fn open(backend: &str, verify: bool) -> Result<Arc<dyn Communicator>> {
             "comm.backend = local under a launcher: every process trains alone as world 1"
         );
     }
-    Ok(simulate_group(1, verify).pop().expect("one rank"))
+    Ok(simulate_group(1, options).pop().expect("one rank"))
 }

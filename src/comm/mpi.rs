@@ -9,7 +9,8 @@
 //! ring reduce-scatter, (N−1)/N of the buffer.
 
 use super::worker::{ReferenceKind, Transport, WorkerComm};
-use super::{sum_shard_in_rank_order, Communicator as KilnCommunicator, ReduceOp};
+use super::{status_net, sum_shard_in_rank_order, CommOptions};
+use super::{Communicator as KilnCommunicator, ReduceOp};
 use crate::error::{KilnError, Result};
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
@@ -17,11 +18,27 @@ use mpi::traits::*;
 use mpi::Threading;
 use std::sync::Arc;
 
-/// Opens the MPI communicator of this process (MPI_COMM_WORLD).
-pub fn mpi_communicator(verify: bool) -> Result<Arc<dyn KilnCommunicator>> {
+/// Opens the MPI communicator of this process (MPI_COMM_WORLD), with the watchdog's side channel:
+/// each rank serves its status over TCP and the ranks swap addresses once, now, while MPI works.
+pub fn mpi_communicator(options: &CommOptions) -> Result<Arc<dyn KilnCommunicator>> {
     // A failing rank exits the process; mpirun then stops the others, so no abort hook is needed.
     let hook: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(|_: &str| {});
-    let comm = WorkerComm::spawn("mpi", verify, MpiTransport::init, hook)?;
+    let comm = WorkerComm::spawn("mpi", options, MpiTransport::init, hook)?;
+    let rank = comm.rank();
+    let advert = status_net::serve(rank, comm.recorder())
+        .map_err(|e| KilnError::Comm(format!("cannot serve the watchdog's status port: {e}")))?;
+    comm.set_serves("start-up: watchdog addresses");
+    let all = comm.all_gather_bytes(&serde_json::to_vec(&advert).expect("advert serialises"))?;
+    let adverts = all
+        .iter()
+        .map(|b| serde_json::from_slice(b))
+        .collect::<std::result::Result<Vec<status_net::Advert>, _>>()
+        .map_err(|e| KilnError::Comm(format!("a rank sent a malformed status address: {e}")))?;
+    comm.set_peers(Arc::new(status_net::NetPeers::new(
+        rank,
+        comm.recorder(),
+        adverts,
+    )));
     Ok(Arc::new(comm))
 }
 

@@ -1,12 +1,17 @@
 //! The per-rank communication thread shared by every backend. A backend only provides a
 //! [`Transport`] (blocking primitives, created on the thread itself so that e.g. MPI is
 //! initialised and called from one thread); the worker queues collectives in issue order,
-//! checks them across ranks when `comm.verify` is on, and hands buffers back through [`Pending`].
+//! checks them across ranks when `comm.verify` is on, records each in the rank's
+//! [`FlightRecorder`] (which the [`Watchdog`] watches), and hands buffers back through
+//! [`Pending`].
 
-use super::{padded_len, Communicator, ReduceOp};
+use super::flight::{Entry, FlightRecorder};
+use super::watchdog::{Peers, Watchdog, WatchdogSetup};
+use super::{padded_len, CommOptions, Communicator, ReduceOp};
 use crate::error::{KilnError, Result};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 /// A collective with the buffer it owns while in flight.
@@ -72,6 +77,11 @@ impl Collective {
         }
     }
 
+    /// Bytes this rank passes in.
+    fn bytes(&self) -> usize {
+        self.len() * std::mem::size_of::<f32>()
+    }
+
     fn len(&self) -> usize {
         match self {
             Collective::AllReduce { buf, .. }
@@ -113,6 +123,11 @@ pub trait Transport {
     fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>>;
     /// Barrier.
     fn barrier(&mut self) -> Result<()>;
+    /// Called on the communication thread before each operation with its record, e.g. to
+    /// check that every rank is at the same one.
+    fn begin(&mut self, entry: &Entry) {
+        let _ = entry;
+    }
     /// Times one call of the library's own collective, in seconds.
     fn reference(&mut self, kind: ReferenceKind, buf: &mut [f32]) -> Result<f64> {
         let _ = (kind, buf);
@@ -126,6 +141,16 @@ enum Job {
     Collective(Collective, Sender<Result<Vec<f32>>>),
     Bytes(Vec<u8>, Sender<Result<Vec<Vec<u8>>>>),
     Barrier(Sender<Result<()>>),
+}
+
+impl Job {
+    fn describe(&self) -> (String, usize) {
+        match self {
+            Job::Collective(c, _) => (c.descriptor(), c.bytes()),
+            Job::Bytes(b, _) => (format!("all_gather_bytes(len {})", b.len()), b.len()),
+            Job::Barrier(_) => ("barrier".to_string(), 0),
+        }
+    }
 }
 
 /// The handle of a collective in flight. Its buffer comes back only from [`Pending::wait`].
@@ -148,16 +173,22 @@ pub struct WorkerComm {
     rank: usize,
     world: usize,
     backend: &'static str,
-    jobs: Mutex<Option<Sender<Job>>>,
+    jobs: Mutex<Option<Sender<(Entry, Job)>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     abort_hook: Arc<dyn Fn(&str) + Send + Sync>,
+    recorder: Arc<FlightRecorder>,
+    peers: Arc<OnceLock<Arc<dyn Peers>>>,
+    flight_dir: Arc<OnceLock<PathBuf>>,
+    // Fields drop after `Drop::drop` has joined the communication thread, so the watchdog
+    // still watches the collectives that drain at shutdown.
+    _watchdog: Watchdog,
 }
 
 impl WorkerComm {
     /// Starts the communication thread; `make` builds the transport on that thread.
     pub fn spawn<F, T>(
         backend: &'static str,
-        verify: bool,
+        options: &CommOptions,
         make: F,
         abort_hook: Arc<dyn Fn(&str) + Send + Sync>,
     ) -> Result<Self>
@@ -165,8 +196,10 @@ impl WorkerComm {
         F: FnOnce() -> Result<T> + Send + 'static,
         T: Transport,
     {
-        let (job_tx, job_rx) = channel::<Job>();
+        let verify = options.verify;
+        let (job_tx, job_rx) = channel::<(Entry, Job)>();
         let (ready_tx, ready_rx) = channel::<Result<(usize, usize)>>();
+        let (recorder_tx, recorder_rx) = channel::<Arc<FlightRecorder>>();
         let thread = std::thread::Builder::new()
             .name(format!("kiln-comm-{backend}"))
             .spawn(move || {
@@ -178,12 +211,26 @@ impl WorkerComm {
                     }
                 };
                 let _ = ready_tx.send(Ok((transport.rank(), transport.world())));
-                run_jobs(&mut transport, job_rx, verify);
+                if let Ok(recorder) = recorder_rx.recv() {
+                    run_jobs(&mut transport, job_rx, verify, &recorder);
+                }
             })
             .map_err(|e| KilnError::Comm(format!("cannot start the communication thread: {e}")))?;
         let (rank, world) = ready_rx
             .recv()
             .map_err(|_| KilnError::Comm(format!("the {backend} backend failed to start")))??;
+        let recorder = Arc::new(FlightRecorder::new(rank, options.timeout));
+        let _ = recorder_tx.send(recorder.clone());
+        let peers = Arc::new(OnceLock::new());
+        let flight_dir = Arc::new(OnceLock::new());
+        let watchdog = Watchdog::spawn(WatchdogSetup {
+            rank,
+            recorder: recorder.clone(),
+            peers: peers.clone(),
+            flight_dir: flight_dir.clone(),
+            timeout: options.timeout,
+        })
+        .map_err(|e| KilnError::Comm(format!("cannot start the watchdog thread: {e}")))?;
         Ok(WorkerComm {
             rank,
             world,
@@ -191,30 +238,63 @@ impl WorkerComm {
             jobs: Mutex::new(Some(job_tx)),
             thread: Mutex::new(Some(thread)),
             abort_hook,
+            recorder,
+            peers,
+            flight_dir,
+            _watchdog: watchdog,
         })
     }
 
+    /// This rank's flight recorder.
+    pub fn recorder(&self) -> Arc<FlightRecorder> {
+        self.recorder.clone()
+    }
+
+    /// Tells the watchdog how to reach the other ranks (once; later calls are ignored).
+    pub fn set_peers(&self, peers: Arc<dyn Peers>) {
+        let _ = self.peers.set(peers);
+    }
+
     fn send(&self, job: Job) {
+        let (op, bytes) = job.describe();
+        let entry = self.recorder.issue(op, bytes);
         if let Some(tx) = self.jobs.lock().expect("jobs lock").as_ref() {
             // A closed channel means the thread is gone; the reply channel then reports it.
-            let _ = tx.send(job);
+            let _ = tx.send((entry, job));
         }
     }
 }
 
-fn run_jobs<T: Transport>(t: &mut T, jobs: Receiver<Job>, verify: bool) {
-    while let Ok(job) = jobs.recv() {
-        match job {
+fn run_jobs<T: Transport>(
+    t: &mut T,
+    jobs: Receiver<(Entry, Job)>,
+    verify: bool,
+    recorder: &FlightRecorder,
+) {
+    while let Ok((entry, job)) = jobs.recv() {
+        recorder.start(entry.seq);
+        t.begin(&entry);
+        let ok = match job {
             Job::Collective(c, reply) => {
-                let _ = reply.send(run_collective(t, c, verify));
+                let r = run_collective(t, c, verify);
+                let ok = r.is_ok();
+                let _ = reply.send(r);
+                ok
             }
             Job::Bytes(b, reply) => {
-                let _ = reply.send(t.all_gather_bytes(&b));
+                let r = t.all_gather_bytes(&b);
+                let ok = r.is_ok();
+                let _ = reply.send(r);
+                ok
             }
             Job::Barrier(reply) => {
-                let _ = reply.send(t.barrier());
+                let r = t.barrier();
+                let ok = r.is_ok();
+                let _ = reply.send(r);
+                ok
             }
-        }
+        };
+        recorder.finish(entry.seq, ok);
     }
 }
 
@@ -332,6 +412,23 @@ impl Communicator for WorkerComm {
 
     fn abort(&self, why: &str) {
         (self.abort_hook)(why)
+    }
+
+    fn set_step(&self, step: u64) {
+        self.recorder.set_step(step);
+    }
+
+    fn set_serves(&self, what: &str) {
+        self.recorder.set_serves(what);
+    }
+
+    fn set_flight_dir(&self, dir: &Path) {
+        let _ = self.flight_dir.set(dir.to_path_buf());
+    }
+
+    fn dump_flight(&self) -> Option<PathBuf> {
+        let dir = self.flight_dir.get()?;
+        self.recorder.dump(dir).ok()
     }
 }
 

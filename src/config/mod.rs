@@ -296,6 +296,9 @@ pub struct CommConfig {
     /// Check before every collective that all ranks call the same operation with the same
     /// length (PyTorch's TORCH_DISTRIBUTED_DEBUG=DETAIL). Costs one small exchange per call.
     pub verify: bool,
+    /// Seconds one collective may take before the watchdog reports where every rank is and ends
+    /// the job (NCCL's default, 600; twice that during start-up and the first step).
+    pub timeout_s: f64,
 }
 
 impl Default for CommConfig {
@@ -303,6 +306,7 @@ impl Default for CommConfig {
         CommConfig {
             backend: "auto".into(),
             verify: false,
+            timeout_s: 600.0,
         }
     }
 }

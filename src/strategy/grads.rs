@@ -150,6 +150,7 @@ impl GradBuckets {
 
     fn launch(&mut self, bucket: usize) {
         let (comm, reduction) = (&self.comm, self.reduction);
+        comm.set_serves(&format!("gradient bucket {bucket}"));
         let start = |buf: Vec<f32>| match reduction {
             Reduction::AllReduce => comm.all_reduce(buf, ReduceOp::Sum),
             Reduction::ReduceScatter => comm.reduce_scatter(buf, ReduceOp::Sum),
@@ -486,6 +487,7 @@ impl GradBuckets {
 
 /// Errors unless every rank passes the same plan `hash`, naming the ranks that differ.
 fn check_same_plan(comm: &dyn Communicator, hash: u64) -> Result<()> {
+    comm.set_serves("the bucket plan check");
     let hashes = comm.all_gather_bytes(&hash.to_le_bytes())?;
     let ranks: Vec<String> = hashes
         .iter()

@@ -16,6 +16,7 @@ pub fn global_grad_norm<'a>(
     let partial: f64 = (0..layout.units.len())
         .map(|u| sum_squares(shard_grads(u)))
         .sum();
+    comm.set_serves("the global gradient norm");
     let all = comm.all_gather_bytes(&partial.to_le_bytes())?;
     let mut total = 0.0f64;
     for bytes in all {

@@ -109,7 +109,12 @@ impl Replicated {
         let pending: Vec<_> = self
             .params
             .iter_mut()
-            .map(|p| self.comm.all_gather(std::mem::take(p)))
+            .enumerate()
+            .map(|(unit, p)| {
+                self.comm
+                    .set_serves(&format!("the updated parameters of unit {unit}"));
+                self.comm.all_gather(std::mem::take(p))
+            })
             .collect();
         for (slot, p) in self.params.iter_mut().zip(pending) {
             *slot = p.wait()?;
@@ -133,6 +138,7 @@ pub(crate) fn check_same_on_all_ranks(
     what: &str,
     hash: u64,
 ) -> Result<()> {
+    comm.set_serves(&format!("the check that {what} agree"));
     let all = comm.all_gather_bytes(&hash.to_le_bytes())?;
     let differing: Vec<String> = all
         .iter()

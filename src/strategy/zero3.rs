@@ -122,6 +122,7 @@ impl Zero3 {
         buf.clear();
         buf.resize(layout.padded_len, 0.0);
         buf[layout.shard(self.comm.rank(), world).range()].copy_from_slice(&self.shards[unit]);
+        self.comm.set_serves(&format!("the gather of unit {unit}"));
         self.gathered[unit] = Gathered::InFlight(self.comm.all_gather(buf));
     }
 

@@ -2,6 +2,7 @@
 //! of this rank, runs them through the engine, and calls the strategy's step.
 
 mod export;
+mod fault;
 mod metrics;
 
 pub use export::{export_safetensors, write_params};
@@ -54,23 +55,39 @@ pub struct RunOutcome {
 
 /// Trains `plan` as rank `comm.rank()` of `comm.world()`.
 pub fn run(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Result<RunOutcome> {
-    let result = run_inner(plan, comm.clone(), opts);
-    if let Err(e) = &result {
-        comm.abort(&e.to_string());
+    let e = match run_inner(plan, comm.clone(), opts) {
+        Ok(outcome) => return Ok(outcome),
+        Err(e) => e,
+    };
+    comm.abort(&e.to_string());
+    match e {
+        // A collective failed: keep the evidence, as a timeout does. (Not for bad input, which
+        // must leave nothing behind.)
+        KilnError::Comm(msg) => {
+            let record = comm.dump_flight().map_or(String::new(), |p| {
+                format!("; flight record in {}", p.display())
+            });
+            Err(KilnError::Comm(format!("{msg}{record}")))
+        }
+        e => Err(e),
     }
-    result
 }
 
 fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Result<RunOutcome> {
     let started = Instant::now();
     let (rank, world) = (comm.rank(), comm.world());
     let lead = rank == 0;
+    let fault = fault::Fault::from_env()?;
     let rank_device = crate::device::for_rank(plan.device, rank, world)?;
+    if !opts.no_outputs {
+        comm.set_flight_dir(std::path::Path::new(&plan.config.output.dir));
+    }
     let model = Gpt::new(plan.model);
     let layout = ModelLayout::new(&model, world);
     // Start-up steps that can fail on some ranks only (a file missing on one node, a full nvme
     // disk) end with the ranks agreeing on the outcome: the failure is one line, said by the
     // rank that hit it, and no rank is left in a collective.
+    comm.set_serves("the start-up checks");
     let source = agree_on(
         comm.as_ref(),
         data::open(&plan.config.data, plan.model.vocab, plan.model.seq_len),
@@ -121,6 +138,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         }
         MetricsWriter::create(&plan.config.output.dir, first_step > 0).map(Some)
     };
+    comm.set_serves("the start-up checks");
     let mut writer = agree_on(comm.as_ref(), outputs())?;
     // Only now, when everything that can fail at start-up has been checked: a run that cannot
     // start prints one line, the reason.
@@ -156,6 +174,10 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
 
     bar.set_position(first_step);
     for step in first_step..plan.steps {
+        comm.set_step(step);
+        if let Some(f) = &fault {
+            f.at_step(comm.as_ref(), step)?;
+        }
         let step_start = Instant::now();
         let mut loss_sum = 0.0f32;
         for index in 0..plan.grad_accum {
@@ -181,6 +203,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         let stats = strategy.step(step, lr)?;
         loss_buf[0] = loss_sum;
         loss_buf[1] = if opts.stop.requested() { 1.0 } else { 0.0 };
+        comm.set_serves("the step's loss");
         loss_buf = comm.all_reduce(loss_buf, ReduceOp::Sum).wait()?;
         let loss = loss_buf[0] / (world * plan.grad_accum) as f32;
         // A request during the last step changes nothing: the run ends there anyway.
@@ -289,7 +312,9 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
     if let (Some(step), true) = (stopped_at, lead) {
         tracing::warn!(
             "stopped by {} after step {step} of {}: {}",
-            opts.stop.signal_name().unwrap_or("a signal to another rank"),
+            opts.stop
+                .signal_name()
+                .unwrap_or("a signal to another rank"),
             plan.steps,
             match &last_checkpoint {
                 Some(dir) => format!("checkpoint {}; continue with --resume", dir.display()),
