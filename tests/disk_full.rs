@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{output_text, Scratch, TEST_MODEL};
+use common::{mpirun_available, output_text, Scratch, TEST_MODEL};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -285,20 +285,6 @@ fn nvme_state_survives_the_filesystem_filling_up_after_start() {
         );
         assert_eq!(mnt.entries(), ["filler"], "{fs:?}: state files left");
     }
-}
-
-fn mpirun_available() -> bool {
-    let found = Command::new("mpirun")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found && std::env::var("CI").as_deref() == Ok("true") {
-        panic!("mpirun is required when CI=true (apt-get install openmpi-bin libopenmpi-dev)");
-    }
-    if !found {
-        eprintln!("skipping the mpirun leg: mpirun not found");
-    }
-    found
 }
 
 #[test]

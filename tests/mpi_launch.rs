@@ -4,24 +4,9 @@
 
 mod common;
 
-use common::output_text as text;
+use common::{mpirun_available, output_text as text};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn mpirun_available() -> bool {
-    let found = Command::new("mpirun")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found && std::env::var("CI").as_deref() == Ok("true") {
-        panic!("mpirun is required when CI=true (apt-get install openmpi-bin libopenmpi-dev)");
-    }
-    if !found {
-        eprintln!("skipping: mpirun not found");
-    }
-    found
-}
 
 fn mpirun(np: usize, args: &[&str]) -> Output {
     Command::new("mpirun")

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{output_text, Scratch, TEST_MODEL};
+use common::{mpirun_available, output_text, Scratch, TEST_MODEL};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -33,21 +33,6 @@ enum Target {
     Started(libc::c_int),
     /// The rank process of this rank under mpirun.
     MpiRank(usize, libc::c_int),
-}
-
-fn mpirun_available() -> bool {
-    let found = Command::new("mpirun")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found && std::env::var("CI").as_deref() == Ok("true") {
-        panic!("mpirun is required when CI=true (apt-get install openmpi-bin libopenmpi-dev)");
-    }
-    if !found {
-        eprintln!("skipping: mpirun not found");
-    }
-    found
 }
 
 /// The test model with 64-token rows and 4 micro-batches per rank: about 20 ms a step here, so

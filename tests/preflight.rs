@@ -4,6 +4,9 @@
 //! is the trainer's own report, byte for byte; the limit parsers read sample files of each
 //! cgroup layout.
 
+mod common;
+
+use common::TEST_MODEL;
 use kiln::config;
 use kiln::memory::limit::{
     cgroup_dirs, parse_meminfo_available, parse_mountinfo, parse_proc_cgroup, parse_v1_limit,
@@ -19,19 +22,6 @@ use std::time::Instant;
 
 /// The example: the tiny preset at d_model 65536 with one head, 206 billion parameters.
 const HUGE: &[&str] = &["model.d_model=65536", "model.n_heads=1"];
-
-/// A model small enough for a matrix of in-process runs, with shards that carry padding.
-const TEST_MODEL: &[&str] = &[
-    "model.vocab=61",
-    "model.d_model=21",
-    "model.n_heads=3",
-    "model.n_layers=2",
-    "model.max_seq_len=37",
-    "model.seq_len=16",
-    "data.markov_symbols=16",
-    "train.threads=1",
-    "parallel.bucket_mb=0.01",
-];
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kiln-preflight-{}-{name}", std::process::id()));
@@ -261,7 +251,11 @@ fn estimated_model_states_equal_the_trainers_report() {
         }
     }
     for (stage, world, accum, extra) in cases {
-        let mut sets: Vec<String> = TEST_MODEL.iter().map(|s| s.to_string()).collect();
+        let mut sets: Vec<String> = TEST_MODEL
+            .iter()
+            .chain(&["train.threads=1", "parallel.bucket_mb=0.01"])
+            .map(|s| s.to_string())
+            .collect();
         sets.extend([
             "train.steps=2".to_string(),
             format!("parallel.stage={stage}"),

@@ -5,27 +5,12 @@
 
 mod common;
 
-use common::{output_text, Scratch, TEST_MODEL};
+use common::{mpirun_available, output_text, Scratch, TEST_MODEL};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const TIMEOUT_S: u64 = 3;
-
-fn mpirun_available() -> bool {
-    let found = Command::new("mpirun")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found && std::env::var("CI").as_deref() == Ok("true") {
-        panic!("mpirun is required when CI=true (apt-get install openmpi-bin libopenmpi-dev)");
-    }
-    if !found {
-        eprintln!("skipping: mpirun not found");
-    }
-    found
-}
 
 /// `kiln train` arguments: the test model, many steps (the run is stopped long before), outputs
 /// in `dir`, a short collective timeout.

@@ -137,3 +137,19 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 pub fn bitwise_equal(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
+
+/// Whether `mpirun` can be run here. Tests that need it skip without it, saying so, except under
+/// `CI=true`, where a missing mpirun is a failure.
+pub fn mpirun_available() -> bool {
+    let found = std::process::Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found && std::env::var("CI").as_deref() == Ok("true") {
+        panic!("mpirun is required when CI=true (apt-get install openmpi-bin libopenmpi-dev)");
+    }
+    if !found {
+        eprintln!("skipping: mpirun not found");
+    }
+    found
+}
