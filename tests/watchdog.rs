@@ -82,6 +82,15 @@ fn steps_done(dir: &Path) -> usize {
     std::fs::read_to_string(dir.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
 }
 
+/// kiln's error line in a run's stderr (mpirun adds lines of its own around it).
+fn error_line(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .find(|l| l.starts_with("kiln: error:"))
+        .unwrap_or_else(|| panic!("no error line: {}", output_text(out)))
+        .to_string()
+}
+
 fn assert_flight_record(dir: &Path, rank: usize) {
     let path = dir.join(format!("flight/rank-{rank}.json"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -108,11 +117,7 @@ fn a_stalled_simulated_rank_is_named_and_the_job_ends() {
     let (out, took) = wait_bounded(child, started);
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(124), "{text}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("kiln: error:"))
-        .unwrap_or_else(|| panic!("no error line: {text}"));
+    let line = error_line(&out);
     assert!(line.contains("collective timed out after"), "{line}");
     assert!(line.contains("rank 0 in "), "{line}");
     assert!(line.contains("at step 3"), "{line}");
@@ -232,11 +237,7 @@ fn a_stopped_mpi_rank_is_named_and_the_job_ends() {
     unsafe { libc::kill(pids[1] as i32, libc::SIGKILL) };
     let text = output_text(&out);
     assert_ne!(out.status.code(), Some(0), "{text}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("kiln: error:"))
-        .unwrap_or_else(|| panic!("no error line: {text}"));
+    let line = error_line(&out);
     assert!(line.contains("collective timed out after"), "{line}");
     assert!(
         line.contains("never arrived: rank 1 (did not answer"),
@@ -263,11 +264,7 @@ fn an_mpi_desync_names_both_collectives() {
     let (out, _) = wait_bounded(child, started);
     let text = output_text(&out);
     assert_ne!(out.status.code(), Some(0), "{text}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("kiln: error:"))
-        .unwrap_or_else(|| panic!("no error line: {text}"));
+    let line = error_line(&out);
     assert!(line.contains("rank 0 in all_reduce(Sum, len"), "{line}");
     assert!(
         line.contains("in a different collective (desync): rank 1 is in barrier #"),
