@@ -1,218 +1,12 @@
-//! DeepSpeed's `ds_config.json` read as kiln keys (`kiln train --deepspeed FILE`).
-//!
-//! Every key DeepSpeed users set for a feature kiln has becomes the kiln key with the same
-//! meaning (DeepSpeed's config-json documentation is the reference; its sizes are element
-//! counts). A key kiln cannot honour is an error naming it and why; a key that only tunes
-//! DeepSpeed's internals is a warning naming it. `"auto"` — what the Hugging Face Trainer writes
-//! and then fills in from its own arguments — takes kiln's value for that key instead (from
-//! `--config`, `--set`, or kiln's default).
+//! The sections of a DeepSpeed config that map onto kiln features: optimizer, scheduler,
+//! zero_optimization (with offload_optimizer) and activation_checkpointing.
 
-use crate::error::{KilnError, Result};
+use super::Reader;
+use crate::error::Result;
 use serde_json::{Map, Value};
-use std::path::{Path, PathBuf};
-
-/// What a DeepSpeed config says, in kiln's terms.
-#[derive(Debug, Default)]
-pub struct Translation {
-    /// kiln keys and values, applied between the base recipe and `--set` overrides.
-    pub sets: Vec<(String, toml::Value)>,
-    /// Keys kiln ignores, one line each (`FILE: key …`).
-    pub warnings: Vec<String>,
-    /// How a key was read where that is not obvious, one line each.
-    pub notes: Vec<String>,
-}
-
-/// Reads `path`. `block_params` gives the parameter count of one transformer block of the
-/// configured model (DeepSpeed's stage-3 prefetch budget is in elements; kiln's in units).
-pub fn translate(path: &Path, block_params: &dyn Fn() -> Result<usize>) -> Result<Translation> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| KilnError::file(path, format!("cannot read DeepSpeed config: {e}")))?;
-    let root: Value = serde_json::from_str(&text).map_err(|e| {
-        KilnError::file(
-            path,
-            format!("not valid JSON: {e} (expected a DeepSpeed config object)"),
-        )
-    })?;
-    let Value::Object(root) = root else {
-        return Err(KilnError::file(
-            path,
-            "expected a JSON object (a DeepSpeed config)",
-        ));
-    };
-    let mut r = Reader {
-        path: path.to_path_buf(),
-        out: Translation::default(),
-    };
-    // The scheduler last: its warmup_max_lr replaces the optimizer's lr, as under DeepSpeed.
-    let (scheduler, rest): (Vec<_>, Vec<_>) = root.iter().partition(|(k, _)| *k == "scheduler");
-    for (key, v) in rest.into_iter().chain(scheduler) {
-        r.top_level(key, v, block_params)?;
-    }
-    if !root.contains_key("scheduler") {
-        // DeepSpeed without a scheduler keeps the optimizer's learning rate from the first step.
-        r.set("train.schedule", "constant");
-        r.set("train.warmup_steps", 0i64);
-    }
-    Ok(r.out)
-}
-
-struct Reader {
-    path: PathBuf,
-    out: Translation,
-}
-
-/// DeepSpeed keys that tune only DeepSpeed's own machinery; kiln has nothing to set for them.
-const INTERNALS: &[&str] = &[
-    "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer",
-    "dump_state",
-    "memory_breakdown",
-    "flops_profiler",
-    "tensorboard",
-    "wandb",
-    "csv_monitor",
-    "comet",
-    "comms_logger",
-    "monitor_config",
-    "aio",
-    "checkpoint",
-    "timers",
-    "autotuning",
-    "sparse_gradients",
-    "prescale_gradients",
-    "gradient_predivide_factor",
-    "disable_allgather",
-    "zero_optimization.sub_group_size",
-    "zero_optimization.stage3_max_live_parameters",
-    "zero_optimization.stage3_max_reuse_distance",
-    "zero_optimization.stage3_gather_16bit_weights_on_model_save",
-    "zero_optimization.stage3_gather_fp16_weights_on_model_save",
-    "zero_optimization.round_robin_gradients",
-    "zero_optimization.elastic_checkpoint",
-    "zero_optimization.ignore_unused_parameters",
-    "zero_optimization.load_from_fp32_weights",
-    "zero_optimization.memory_efficient_linear",
-    "zero_optimization.use_multi_rank_bucket_allreduce",
-    "zero_optimization.stage3_module_granularity_threshold",
-    "zero_optimization.model_persistence_threshold",
-    "zero_optimization.log_trace_cache_warnings",
-    "zero_optimization.pipeline_loading_checkpoint",
-    "zero_optimization.override_module_apply",
-    "zero_optimization.legacy_stage1",
-    "zero_optimization.stage3_use_all_reduce_for_fetch_params",
-    "zero_optimization.allgather_partitions",
-    "zero_optimization.allgather_bucket_size",
-    "zero_optimization.offload_optimizer.pipeline",
-    "zero_optimization.offload_optimizer.pipeline_read",
-    "zero_optimization.offload_optimizer.pipeline_write",
-    "zero_optimization.offload_optimizer.fast_init",
-    "activation_checkpointing.contiguous_memory_optimization",
-    "activation_checkpointing.number_checkpoints",
-    "activation_checkpointing.synchronize_checkpoint_boundary",
-    "activation_checkpointing.profile",
-    "optimizer.params.torch_adam",
-    "optimizer.params.fused",
-    "scheduler.params.last_batch_iteration",
-];
-
-/// Sections that switch on a feature kiln does not have; harmless while `enabled` is false.
-const UNSUPPORTED_FEATURES: &[(&str, &str)] = &[
-    (
-        "amp",
-        "kiln trains in f32; mixed precision is not built yet",
-    ),
-    (
-        "bf16",
-        "kiln trains in f32; mixed precision is not built yet",
-    ),
-    (
-        "fp16",
-        "kiln trains in f32; fp16 with loss scaling is not built",
-    ),
-    ("elasticity", "elastic batch sizes are not built"),
-    (
-        "curriculum_learning",
-        "curriculum learning is not built; the data rows depend only on (seed, step)",
-    ),
-    (
-        "data_efficiency",
-        "data sampling and routing are not built; the data rows depend only on (seed, step)",
-    ),
-    ("compression_training", "compression training is not built"),
-    ("sparse_attention", "sparse attention is not built"),
-];
 
 impl Reader {
-    fn set(&mut self, key: &str, v: impl Into<toml::Value>) {
-        self.out.sets.push((key.to_string(), v.into()));
-    }
-
-    fn error(&self, key: &str, msg: impl std::fmt::Display) -> KilnError {
-        KilnError::file(&self.path, format!("`{key}`: {msg}"))
-    }
-
-    fn warn(&mut self, key: &str, why: &str) {
-        let line = format!("{}: `{key}` {why}; ignored", self.path.display());
-        self.out.warnings.push(line);
-    }
-
-    fn note(&mut self, line: String) {
-        self.out
-            .notes
-            .push(format!("{}: {line}", self.path.display()));
-    }
-
-    fn top_level(
-        &mut self,
-        key: &str,
-        v: &Value,
-        block_params: &dyn Fn() -> Result<usize>,
-    ) -> Result<()> {
-        match key {
-            "train_batch_size" => self.int_to(key, v, "train.global_batch")?,
-            "train_micro_batch_size_per_gpu" => self.int_to(key, v, "train.micro_batch")?,
-            "gradient_accumulation_steps" => self.int_to(key, v, "train.grad_accum")?,
-            "gradient_clipping" => {
-                if let Some(x) = self.number(key, v)? {
-                    self.set("train.clip_grad", x);
-                }
-            }
-            "steps_per_print" => self.int_to(key, v, "output.log_every")?,
-            // kiln always times compute, exposed communication and the optimizer
-            // (metrics.jsonl; the output.log_every line).
-            "wall_clock_breakdown" => {
-                self.boolean(key, v)?;
-            }
-            "optimizer" => self.optimizer(self.object(key, v)?)?,
-            "scheduler" => self.scheduler(self.object(key, v)?)?,
-            "zero_optimization" => self.zero(self.object(key, v)?, block_params)?,
-            "activation_checkpointing" => self.activation_checkpointing(self.object(key, v)?)?,
-            "communication_data_type" => self.fp32_only(key, v)?,
-            "data_types" => {
-                for (k, dv) in self.object(key, v)? {
-                    let full = format!("{key}.{k}");
-                    match k.as_str() {
-                        "grad_accum_dtype" => self.fp32_only(&full, dv)?,
-                        _ => self.warn(&full, "is not a DeepSpeed key kiln knows"),
-                    }
-                }
-            }
-            _ => {
-                if let Some((_, why)) = UNSUPPORTED_FEATURES.iter().find(|(k, _)| *k == key) {
-                    if self.enabled(key, v)? {
-                        return Err(self.error(&format!("{key}.enabled"), why));
-                    }
-                } else if INTERNALS.contains(&key) {
-                    self.warn(key, "only tunes DeepSpeed's internals");
-                } else {
-                    self.warn(key, "is not a DeepSpeed key kiln knows");
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn optimizer(&mut self, o: &Map<String, Value>) -> Result<()> {
+    pub(super) fn optimizer(&mut self, o: &Map<String, Value>) -> Result<()> {
         let kind = match o.get("type") {
             Some(v) => self.string("optimizer.type", v)?,
             None => return Err(self.error("optimizer.type", "missing; expected Adam or AdamW")),
@@ -285,7 +79,7 @@ impl Reader {
         Ok(())
     }
 
-    fn scheduler(&mut self, o: &Map<String, Value>) -> Result<()> {
+    pub(super) fn scheduler(&mut self, o: &Map<String, Value>) -> Result<()> {
         let kind = match o.get("type") {
             Some(v) => self.string("scheduler.type", v)?,
             None => {
@@ -360,7 +154,7 @@ impl Reader {
         Ok(())
     }
 
-    fn zero(
+    pub(super) fn zero(
         &mut self,
         o: &Map<String, Value>,
         block_params: &dyn Fn() -> Result<usize>,
@@ -480,7 +274,7 @@ impl Reader {
         Ok(())
     }
 
-    fn activation_checkpointing(&mut self, o: &Map<String, Value>) -> Result<()> {
+    pub(super) fn activation_checkpointing(&mut self, o: &Map<String, Value>) -> Result<()> {
         // kiln's model is built in, so the section itself switches recompute on (under
         // DeepSpeed the model code must call deepspeed.checkpointing for it to act).
         self.set("train.recompute", true);
@@ -499,90 +293,6 @@ impl Reader {
                 }
                 _ => self.ignore(&key),
             }
-        }
-        Ok(())
-    }
-
-    /// A key kiln does nothing with: a warning, worded by whether DeepSpeed knows it.
-    fn ignore(&mut self, key: &str) {
-        if INTERNALS.contains(&key) {
-            self.warn(key, "only tunes DeepSpeed's internals");
-        } else {
-            self.warn(key, "is not a DeepSpeed key kiln knows");
-        }
-    }
-
-    fn fp32_only(&mut self, key: &str, v: &Value) -> Result<()> {
-        match v {
-            Value::Null => Ok(()),
-            Value::String(s) if ["fp32", "float32", "float", "auto"].contains(&s.as_str()) => {
-                Ok(())
-            }
-            _ => Err(self.error(
-                key,
-                format!("{v}: kiln computes and communicates in f32 only"),
-            )),
-        }
-    }
-
-    fn object<'a>(&self, key: &str, v: &'a Value) -> Result<&'a Map<String, Value>> {
-        v.as_object()
-            .ok_or_else(|| self.error(key, format!("expected an object, got {v}")))
-    }
-
-    /// `enabled` of a feature section; `"auto"` leaves it to kiln, which has it off.
-    fn enabled(&self, key: &str, v: &Value) -> Result<bool> {
-        match self.object(key, v)?.get("enabled") {
-            None => Ok(false),
-            Some(e) => Ok(self.boolean(&format!("{key}.enabled"), e)?.unwrap_or(false)),
-        }
-    }
-
-    /// A boolean, or `None` for "auto".
-    fn boolean(&self, key: &str, v: &Value) -> Result<Option<bool>> {
-        match v {
-            Value::Bool(b) => Ok(Some(*b)),
-            Value::String(s) if s == "auto" => Ok(None),
-            _ => Err(self.error(key, format!("expected true, false or \"auto\", got {v}"))),
-        }
-    }
-
-    /// A number, or `None` for "auto".
-    fn number(&self, key: &str, v: &Value) -> Result<Option<f64>> {
-        match v {
-            Value::Number(n) => Ok(n.as_f64()),
-            Value::String(s) if s == "auto" => Ok(None),
-            _ => Err(self.error(key, format!("expected a number or \"auto\", got {v}"))),
-        }
-    }
-
-    /// A whole number ≥ 0 (DeepSpeed configs often write sizes as 5e8), or `None` for "auto".
-    fn int(&self, key: &str, v: &Value) -> Result<Option<u64>> {
-        let Some(x) = self.number(key, v)? else {
-            return Ok(None);
-        };
-        if x < 0.0 || x.fract() != 0.0 || x > i64::MAX as f64 {
-            return Err(self.error(key, format!("expected a whole number ≥ 0, got {v}")));
-        }
-        Ok(Some(x as u64))
-    }
-
-    fn string(&self, key: &str, v: &Value) -> Result<String> {
-        v.as_str()
-            .map(str::to_string)
-            .ok_or_else(|| self.error(key, format!("expected a string, got {v}")))
-    }
-
-    fn int_to(&mut self, key: &str, v: &Value, kiln_key: &str) -> Result<()> {
-        if let Some(n) = self.int(key, v)? {
-            self.set(kiln_key, n as i64);
-        }
-        Ok(())
-    }
-
-    fn number_to(&mut self, key: &str, v: &Value, kiln_key: &str) -> Result<()> {
-        if let Some(x) = self.number(key, v)? {
-            self.set(kiln_key, x);
         }
         Ok(())
     }
