@@ -7,25 +7,9 @@
 
 mod common;
 
-use common::{output_text, Scratch, TEST_MODEL};
+use common::{output_text, snapshot, Scratch, TEST_MODEL};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// Every file and directory under `dir` with its bytes (directories: empty).
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.push((p.clone(), Vec::new()));
-            out.extend(snapshot(&p));
-        } else {
-            out.push((p.clone(), std::fs::read(&p).unwrap()));
-        }
-    }
-    out.sort();
-    out
-}
 
 /// The differences between two snapshots, by path.
 fn changes(before: &[(PathBuf, Vec<u8>)], after: &[(PathBuf, Vec<u8>)]) -> Vec<String> {

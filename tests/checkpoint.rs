@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{small_run, small_run_resumed, Scratch};
+use common::{small_run, small_run_resumed, snapshot, Scratch};
 use kiln::train::RunOutcome;
 use std::path::Path;
 
@@ -98,21 +98,6 @@ fn a_checkpoint_loads_at_another_world_size_and_stage() {
             assert!((a - b).abs() <= 1e-5 * b.abs(), "{name}: loss {a} vs {b}");
         }
     }
-}
-
-/// Every file under `dir` with its bytes.
-fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(snapshot(&p));
-        } else {
-            out.push((p.display().to_string(), std::fs::read(&p).unwrap()));
-        }
-    }
-    out.sort();
-    out
 }
 
 #[test]

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{mpirun_available, output_text, Scratch, TEST_MODEL};
+use common::{mpirun_available, output_text, snapshot, Scratch, TEST_MODEL};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -162,21 +162,6 @@ fn one_line(out: &Output) -> String {
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "one line: {}", output_text(out));
     lines[0].to_string()
-}
-
-/// Every file under `dir` (hidden ones included) with its bytes.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(snapshot(&p));
-        } else {
-            out.push((p.clone(), std::fs::read(&p).unwrap()));
-        }
-    }
-    out.sort();
-    out
 }
 
 #[test]

@@ -153,3 +153,20 @@ pub fn mpirun_available() -> bool {
     }
     found
 }
+
+/// Every file and directory under `dir` with its bytes (directories: empty), sorted: two
+/// snapshots are equal when nothing under `dir` was created, removed or changed.
+pub fn snapshot(dir: &std::path::Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.push((p.clone(), Vec::new()));
+            out.extend(snapshot(&p));
+        } else {
+            out.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
