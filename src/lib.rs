@@ -25,4 +25,5 @@ pub mod plan;
 pub mod rng;
 pub mod signals;
 pub mod strategy;
+pub mod tokenizer;
 pub mod train;

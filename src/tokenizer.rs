@@ -1,0 +1,142 @@
+//! Text to token ids and back (issue 12): GPT-2's byte-level BPE, or one token per byte.
+//!
+//! `gpt2` is tiktoken's `r50k_base`, GPT-2's exact vocabulary and merges compiled into the
+//! `tiktoken-rs` crate, so nothing is downloaded at run time. It is checked against Hugging
+//! Face's `GPT2TokenizerFast` on `tests/fixtures/tokenizer/` (ASCII, accents, CJK, emoji,
+//! whitespace runs, `<|endoftext|>` inside text).
+
+use crate::error::{KilnError, Result};
+use tiktoken_rs::CoreBPE;
+
+/// GPT-2's end-of-text token, `<|endoftext|>`: its last id.
+pub const GPT2_EOT: u32 = 50256;
+
+/// A tokenizer kiln can prepare data with and sample through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tokenizer {
+    /// GPT-2's byte-level BPE (`r50k_base`): 50257 ids, `<|endoftext|>` = 50256.
+    Gpt2,
+    /// One token per UTF-8 byte: 256 ids, no end-of-text token.
+    Bytes,
+}
+
+/// The names [`Tokenizer::from_name`] accepts, for messages.
+pub const TOKENIZER_NAMES: &str = "gpt2, bytes";
+
+impl Tokenizer {
+    /// The tokenizer called `name` (`gpt2` or `bytes`); the error names the value and the
+    /// choices.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "gpt2" => Ok(Tokenizer::Gpt2),
+            "bytes" => Ok(Tokenizer::Bytes),
+            other => Err(KilnError::config(format!(
+                "tokenizer `{other}` is not one of {TOKENIZER_NAMES}"
+            ))),
+        }
+    }
+
+    /// The name `from_name` takes.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Tokenizer::Gpt2 => "gpt2",
+            Tokenizer::Bytes => "bytes",
+        }
+    }
+
+    /// Number of ids (a model trained on this tokenizer needs at least this vocab).
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Tokenizer::Gpt2 => GPT2_EOT as usize + 1,
+            Tokenizer::Bytes => 256,
+        }
+    }
+
+    /// The end-of-text id that separates documents, if the tokenizer has one.
+    pub fn eot(&self) -> Option<u32> {
+        match self {
+            Tokenizer::Gpt2 => Some(GPT2_EOT),
+            Tokenizer::Bytes => None,
+        }
+    }
+
+    /// Token ids of `text`. For `gpt2`, `<|endoftext|>` written in the text becomes 50256, as
+    /// Hugging Face's `GPT2TokenizerFast` does (it holds it as an added special token and splits
+    /// it out before the byte-level BPE).
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        match self {
+            Tokenizer::Gpt2 => gpt2().encode_with_special_tokens(text),
+            Tokenizer::Bytes => text.bytes().map(u32::from).collect(),
+        }
+    }
+
+    /// The text of `ids`. Bytes that do not form UTF-8 (a character cut by the end of a sample,
+    /// or ids out of the vocabulary) become U+FFFD instead of an error: a sampler prints what it
+    /// has.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        String::from_utf8_lossy(&self.decode_bytes(ids)).into_owned()
+    }
+
+    /// The bytes of `ids`; an id outside the vocabulary contributes the bytes of U+FFFD.
+    pub fn decode_bytes(&self, ids: &[u32]) -> Vec<u8> {
+        const REPLACEMENT: &[u8] = "\u{FFFD}".as_bytes();
+        match self {
+            Tokenizer::Gpt2 => {
+                let bpe = gpt2();
+                let mut out = Vec::with_capacity(ids.len() * 4);
+                for &id in ids {
+                    match bpe.decode_bytes(&[id]) {
+                        Ok(bytes) => out.extend_from_slice(&bytes),
+                        Err(_) => out.extend_from_slice(REPLACEMENT),
+                    }
+                }
+                out
+            }
+            Tokenizer::Bytes => ids
+                .iter()
+                .flat_map(|&id| match u8::try_from(id) {
+                    Ok(b) => vec![b],
+                    Err(_) => REPLACEMENT.to_vec(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The r50k_base BPE, built once per process: building it parses 50k base64 ranks and compiles
+/// the pre-tokenizer regex (tens of milliseconds). tiktoken-rs keeps it in a `LazyLock`.
+fn gpt2() -> &'static CoreBPE {
+    tiktoken_rs::r50k_base_singleton()
+}
+
+/// Byte offsets at which `text` can be cut into pieces that `gpt2` encodes independently with
+/// the same ids as the whole: just after a `\n` that sits between two non-whitespace
+/// characters. GPT-2's pre-tokenizer regex only puts whitespace into whitespace pieces, and a
+/// lone `\n` between non-whitespace is a piece of its own whether or not the text ends there
+/// (`\s` and `\s++$` match it alike), so no piece or special token straddles the cut. Cuts are
+/// at least `min_len` bytes apart; used to encode large files in parallel and report progress.
+pub fn split_points(text: &str, min_len: usize) -> Vec<usize> {
+    let bytes = text.as_bytes();
+    let mut cuts = Vec::new();
+    let mut i = min_len.max(1);
+    while i + 1 < bytes.len() {
+        match bytes[i..].iter().position(|&b| b == b'\n') {
+            None => break,
+            Some(off) => {
+                let nl = i + off;
+                // `\s` is Unicode White_Space (U+00A0, U+3000 …), which `char::is_whitespace`
+                // is too; the text's ends count as whitespace (no cut there).
+                let before = text[..nl].chars().next_back();
+                let after = text[nl + 1..].chars().next();
+                let solid = |c: Option<char>| c.is_some_and(|c| !c.is_whitespace());
+                if solid(before) && solid(after) {
+                    cuts.push(nl + 1);
+                    i = nl + 1 + min_len.max(1);
+                } else {
+                    i = nl + 1;
+                }
+            }
+        }
+    }
+    cuts
+}
