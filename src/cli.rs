@@ -52,6 +52,10 @@ enum Command {
         /// Output safetensors file.
         out: PathBuf,
     },
+    /// Tokenize text files into nanoGPT-style DIR/train.bin and DIR/val.bin (little-endian
+    /// uint16 tokens for `data.path` / `data.val_path` with data.source = "tokens") and
+    /// DIR/meta.json. val.bin is the tail --val-fraction of the token stream.
+    PrepareData(crate::data::prepare::PrepareArgs),
     /// Write the training rows of a recipe to a flat uint16 token file (step-major, then row,
     /// each row seq_len + 1 tokens), e.g. to train a reference implementation on the same data.
     DumpData {
@@ -170,6 +174,7 @@ pub fn main() -> i32 {
             .load()
             .and_then(|cfg| train(&cfg, simulate, quiet, resume)),
         Command::Consolidate { checkpoint, out } => consolidate(&checkpoint, &out),
+        Command::PrepareData(args) => crate::data::prepare::run(&args),
         Command::DumpData { recipe, out } => recipe.load().and_then(|cfg| dump_data(&cfg, &out)),
         Command::Config { recipe } => recipe.load().and_then(|cfg| print_config(&recipe, &cfg)),
         Command::Check {

@@ -4,6 +4,7 @@
 
 mod file;
 mod markov;
+pub mod prepare;
 
 pub use file::FileSource;
 pub use markov::MarkovSource;
