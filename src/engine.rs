@@ -29,6 +29,12 @@ pub struct Engine {
     recompute: bool,
     /// Reused gradient buffer of one unit (padded length of the largest unit).
     grad_scratch: Vec<f32>,
+    /// Per unit, the gradient its borrowers (tied weights) computed for its parameters in this
+    /// micro-step's backward, added to its own when its turn comes; empty for units nobody
+    /// borrows from.
+    borrowed_grads: Vec<Vec<f32>>,
+    /// Per unit, the ranges of its flat buffer that other units borrow.
+    lent_ranges: Vec<Vec<std::ops::Range<usize>>>,
     /// Host time spent uploading parameters and downloading gradients since the last
     /// [`Engine::take_transfer_ms`] (a `Cell`: uploads happen where only `&self` is at hand).
     transfer: Cell<Duration>,
@@ -56,6 +62,19 @@ impl Engine {
     ) -> Self {
         let largest = layout.units.iter().map(|u| u.padded_len).max().unwrap_or(0);
         let autodiff = device.clone().autodiff();
+        let mut borrowed_grads = vec![Vec::new(); layout.units.len()];
+        let mut lent_ranges = vec![Vec::new(); layout.units.len()];
+        for unit in 0..model.num_units() {
+            for r in model.borrowed_params(unit) {
+                assert!(
+                    r.unit < unit,
+                    "unit {unit} borrows from unit {}, which does not run before it",
+                    r.unit
+                );
+                borrowed_grads[r.unit] = vec![0.0; layout.units[r.unit].padded_len];
+                lent_ranges[r.unit].push(layout.units[r.unit].params[r.index].range());
+            }
+        }
         Engine {
             model,
             layout,
@@ -63,6 +82,8 @@ impl Engine {
             autodiff,
             recompute,
             grad_scratch: vec![0.0; largest],
+            borrowed_grads,
+            lent_ranges,
             transfer: Cell::new(Duration::ZERO),
         }
     }
@@ -85,18 +106,28 @@ impl Engine {
         self.transfer.replace(Duration::ZERO).as_secs_f64() * 1e3
     }
 
-    fn param_tensors(
+    /// The tensors `forward_unit` takes for `unit`: its own parameters, then those it borrows
+    /// (tied weights), read from the strategy's buffers.
+    pub(crate) fn param_tensors(
         &self,
         unit: usize,
-        flat: &[f32],
+        strategy: &dyn Strategy,
         device: &Device,
         require_grad: bool,
     ) -> Vec<Tensor<1>> {
         let start = Instant::now();
-        let params = self.layout.units[unit]
-            .params
-            .iter()
-            .map(|p| {
+        let own = strategy.unit_params(unit);
+        let borrowed = self.model.borrowed_params(unit);
+        let entries = self.layout.units[unit].params.iter().map(|p| (own, p));
+        let lent = borrowed.iter().map(|r| {
+            (
+                strategy.unit_params(r.unit),
+                &self.layout.units[r.unit].params[r.index],
+            )
+        });
+        let params = entries
+            .chain(lent)
+            .map(|(flat, p)| {
                 let t = Tensor::<1>::from_data(
                     TensorData::new(flat[p.range()].to_vec(), [p.len]),
                     device,
@@ -127,14 +158,12 @@ impl Engine {
         for unit in 0..num_units {
             strategy.before_forward(unit)?;
             if recompute {
-                let params =
-                    self.param_tensors(unit, strategy.unit_params(unit), &self.autodiff, false);
+                let params = self.param_tensors(unit, strategy, &self.autodiff, false);
                 let y = self.model.forward_unit(unit, &params, x.clone(), batch);
                 saved.push(Saved::Input(x.take()));
                 x = Some(y);
             } else {
-                let params =
-                    self.param_tensors(unit, strategy.unit_params(unit), &self.autodiff, true);
+                let params = self.param_tensors(unit, strategy, &self.autodiff, true);
                 let input = x.take().map(|t| t.detach().require_grad());
                 let output = self.model.forward_unit(unit, &params, input.clone(), batch);
                 x = Some(output.clone());
@@ -162,8 +191,7 @@ impl Engine {
                     output,
                 } => (params, input, output),
                 Saved::Input(input) => {
-                    let params =
-                        self.param_tensors(unit, strategy.unit_params(unit), &self.autodiff, true);
+                    let params = self.param_tensors(unit, strategy, &self.autodiff, true);
                     let input = input.map(|t| t.detach().require_grad());
                     let output = self.model.forward_unit(unit, &params, input.clone(), batch);
                     (params, input, output)
@@ -180,13 +208,33 @@ impl Engine {
                 .sync()
                 .unwrap_or_else(|e| panic!("the device failed in backward: {e:?}"));
             let start = Instant::now();
-            for (p, entry) in params.iter().zip(&layout.params) {
+            let (own, lent) = params.split_at(layout.params.len());
+            for (p, entry) in own.iter().zip(&layout.params) {
                 let dst = &mut scratch[entry.range()];
                 match p.grad(&grads) {
                     Some(g) => {
                         dst.copy_from_slice(g.into_data().as_slice::<f32>().expect("f32 gradient"))
                     }
                     None => dst.fill(0.0),
+                }
+            }
+            // A borrowed parameter's gradient waits for its owner's backward, which comes later
+            // (the owner runs earlier): the tied weight's gradient is the sum of both uses,
+            // added in the same order on every rank and at every stage.
+            for (p, r) in lent.iter().zip(self.model.borrowed_params(unit)) {
+                let range = self.layout.units[r.unit].params[r.index].range();
+                if let Some(g) = p.grad(&grads) {
+                    let g = g.into_data();
+                    let g = g.as_slice::<f32>().expect("f32 gradient");
+                    let dst = &mut self.borrowed_grads[r.unit][range];
+                    dst.iter_mut().zip(g).for_each(|(d, g)| *d += g);
+                }
+            }
+            for range in &self.lent_ranges[unit] {
+                let lent = &mut self.borrowed_grads[unit][range.clone()];
+                for (g, b) in scratch[range.clone()].iter_mut().zip(lent.iter_mut()) {
+                    *g += *b;
+                    *b = 0.0;
                 }
             }
             self.transfer.set(self.transfer.get() + start.elapsed());

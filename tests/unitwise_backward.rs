@@ -68,6 +68,17 @@ fn small_gpt() -> GptConfig {
         n_heads: 4,
         max_seq_len: 32,
         seq_len: 24,
+        key_bias: false,
+        tie_embeddings: false,
+    }
+}
+
+/// GPT-2's variant: key bias and the LM head tied to the token embedding.
+fn gpt2_style() -> GptConfig {
+    GptConfig {
+        key_bias: true,
+        tie_embeddings: true,
+        ..small_gpt()
     }
 }
 
@@ -97,7 +108,12 @@ fn whole_model_grads(
         .collect();
     let mut x = None;
     for unit in 0..model.num_units() {
-        x = Some(model.forward_unit(unit, &leaves[unit], x, batch));
+        // A tied weight is the same leaf in both units: autodiff sums its two uses.
+        let mut params = leaves[unit].clone();
+        for r in model.borrowed_params(unit) {
+            params.push(leaves[r.unit][r.index].clone());
+        }
+        x = Some(model.forward_unit(unit, &params, x, batch));
     }
     let grads = x.unwrap().sum().backward();
     layout
@@ -122,7 +138,27 @@ fn whole_model_grads(
 
 #[test]
 fn unit_wise_gradients_equal_whole_model_gradients() {
-    let cfg = small_gpt();
+    unit_wise_equals_whole_model(small_gpt());
+}
+
+/// The tied weight's gradient (embedding use + head use, summed by the engine across units)
+/// equals autodiff's through one graph where both uses are the same leaf.
+#[test]
+fn tied_embeddings_and_key_bias_gradients_equal_whole_model_gradients() {
+    let cfg = gpt2_style();
+    let model = Gpt::new(cfg);
+    assert!(
+        model.unit_params(model.num_units() - 1).iter().all(|p| p.path != "lm_head.weight"),
+        "a tied head has no matrix of its own"
+    );
+    assert!(model
+        .unit_params(1)
+        .iter()
+        .any(|p| p.path == "blocks.0.attn.qkv.bias" && p.shape == [3 * cfg.d_model]));
+    unit_wise_equals_whole_model(cfg);
+}
+
+fn unit_wise_equals_whole_model(cfg: GptConfig) {
     let model = Gpt::new(cfg);
     let layout = ModelLayout::new(&model, 1);
     let params: Vec<Vec<f32>> = (0..model.num_units())
@@ -177,7 +213,11 @@ fn unit_wise_gradients_equal_whole_model_gradients() {
 
 #[test]
 fn recompute_gives_bitwise_the_same_gradients() {
-    let cfg = small_gpt();
+    recompute_is_bitwise(small_gpt());
+    recompute_is_bitwise(gpt2_style());
+}
+
+fn recompute_is_bitwise(cfg: GptConfig) {
     let model = Gpt::new(cfg);
     let layout = ModelLayout::new(&model, 1);
     let params: Vec<Vec<f32>> = (0..model.num_units())

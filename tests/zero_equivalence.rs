@@ -98,3 +98,74 @@ fn stage_three_keeps_shards_and_persistent_units() {
         assert!(common::bitwise_equal(a, b));
     }
 }
+
+/// GPT-2's variant — the LM head tied to the token embedding, and a key bias. The tied weight
+/// exists once (in the embedding unit), its gradient is the sum of both uses, and ZeRO-3 gathers
+/// the embedding unit again for the head: still bitwise equal to DDP at N = 2 and 3 (with
+/// accumulation, and with the nvme tier at stage 3), and close to one process.
+#[test]
+fn tied_embeddings_with_key_bias_are_bitwise_equal_across_stages() {
+    let scratch = common::Scratch::new("tied-nvme");
+    let nvme = format!("offload.nvme_path={}", scratch.str());
+    let gpt2 = ["model.tie_embeddings=true", "model.qkv_bias=qkv"];
+    for (world, accum) in [(2, 2), (3, 1)] {
+        let ddp = run_with(0, world, accum, &gpt2);
+        let names: Vec<&str> = ddp.layout.units[0]
+            .params
+            .iter()
+            .chain(&ddp.layout.units.last().unwrap().params)
+            .map(|p| p.path.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"]
+        );
+        let single = run_with(0, 1, accum * world, &gpt2);
+        // The key bias is left out of the comparison with one process: its gradient is zero in
+        // exact arithmetic (softmax cancels a score shift common to every key) and rounding
+        // noise in f32, which Adam normalises into full-size steps, so it follows the noise of
+        // the reduction order (measured: every other tensor within 1e-6, the key bias 4e-4).
+        let without_key_bias = |run: &kiln::train::RunOutcome| -> Vec<f32> {
+            let mut kept = Vec::new();
+            for (unit, values) in run.layout.units.iter().zip(&run.params) {
+                for p in &unit.params {
+                    let v = &values[p.range()];
+                    if p.path.ends_with("attn.qkv.bias") {
+                        let d = p.len / 3;
+                        kept.extend_from_slice(&v[..d]);
+                        kept.extend_from_slice(&v[2 * d..]);
+                    } else {
+                        kept.extend_from_slice(v);
+                    }
+                }
+            }
+            kept
+        };
+        let whole = common::rel_l2(&without_key_bias(&ddp), &without_key_bias(&single));
+        assert!(
+            whole <= 1e-5,
+            "tied N={world}: DDP differs from one process by {whole:e}"
+        );
+        let untied = run(0, world, accum);
+        assert_ne!(ddp.losses, untied.losses, "the options changed nothing");
+        let nvme_stage3 = [gpt2[0], gpt2[1], "offload.optimizer=nvme", nvme.as_str()];
+        for (stage, extra) in [
+            (1, &gpt2[..]),
+            (2, &gpt2[..]),
+            (3, &gpt2[..]),
+            (3, &nvme_stage3[..]),
+        ] {
+            let zero = run_with(stage, world, accum, extra);
+            assert_eq!(
+                zero.losses, ddp.losses,
+                "tied stage {stage} {extra:?} N={world}: losses differ"
+            );
+            for (u, (a, b)) in zero.params.iter().zip(&ddp.params).enumerate() {
+                assert!(
+                    common::bitwise_equal(a, b),
+                    "tied stage {stage} {extra:?} N={world}: unit {u} differs from DDP"
+                );
+            }
+        }
+    }
+}

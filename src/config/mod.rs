@@ -50,6 +50,23 @@ pub struct ModelConfig {
     pub vocab: Option<usize>,
     /// Sequence length used for training; defaults to the model's maximum.
     pub seq_len: Option<usize>,
+    /// Which attention projections have a bias: `"qv"` (default; the key bias is dropped, see
+    /// the block's comment in src/model/gpt.rs) or `"qkv"` (GPT-2's, needed for its weights).
+    pub qkv_bias: QkvBias,
+    /// The LM head reads the token embedding `wte` (transposed) instead of a matrix of its own,
+    /// as GPT-2 does (Press & Wolf 2017). Default false.
+    pub tie_embeddings: bool,
+}
+
+/// `model.qkv_bias`: the attention input projection's biases.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QkvBias {
+    /// Query and value biases only.
+    #[default]
+    Qv,
+    /// Query, key and value biases (GPT-2).
+    Qkv,
 }
 
 impl Default for ModelConfig {
@@ -62,6 +79,8 @@ impl Default for ModelConfig {
             max_seq_len: None,
             vocab: None,
             seq_len: None,
+            qkv_bias: QkvBias::Qv,
+            tie_embeddings: false,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! A GPT-2 style decoder: token + learned position embeddings, pre-LayerNorm blocks with causal
-//! multi-head self-attention and a 4× GELU MLP, final LayerNorm and an untied LM head.
+//! multi-head self-attention and a 4× GELU MLP, final LayerNorm and an LM head that is a matrix
+//! of its own or, tied, the token embedding transposed (GPT-2's).
 
-use super::{Init, MicroBatch, ParamSpec, UnitModel};
+use super::{Init, MicroBatch, ParamRef, ParamSpec, UnitModel};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::module::{attention, embedding, layer_norm};
 use burn::tensor::ops::AttentionModuleOptions;
@@ -23,6 +24,13 @@ pub struct GptConfig {
     pub max_seq_len: usize,
     /// Sequence length used for training (≤ `max_seq_len`).
     pub seq_len: usize,
+    /// Whether the attention has a key bias (`model.qkv_bias = "qkv"`). Absent from
+    /// checkpoints written before the key existed: false, as they were.
+    #[serde(default)]
+    pub key_bias: bool,
+    /// Whether the LM head is the token embedding transposed (`model.tie_embeddings`).
+    #[serde(default)]
+    pub tie_embeddings: bool,
 }
 
 impl GptConfig {
@@ -41,6 +49,8 @@ impl GptConfig {
             n_heads,
             max_seq_len: seq,
             seq_len: seq,
+            key_bias: false,
+            tie_embeddings: false,
         })
     }
 
@@ -97,11 +107,16 @@ impl Gpt {
                 Init::Normal(INIT_STD),
                 true,
             ),
-            // Query and value biases only: a key bias adds the same score to every key of a query,
-            // which softmax cancels, so its gradient is exactly zero in exact arithmetic and pure
-            // rounding noise in f32 — noise that Adam would normalise into full-size updates
-            // (Whisper drops it for the same reason).
-            p("attn.qv.bias", vec![2 * d], Init::Zeros, false),
+            // By default query and value biases only: a key bias adds the same score to every
+            // key of a query, which softmax cancels, so its gradient is exactly zero in exact
+            // arithmetic and pure rounding noise in f32 — noise that Adam would normalise into
+            // full-size updates (Whisper drops it for the same reason). GPT-2's weights have
+            // one, so `model.qkv_bias = "qkv"` keeps it.
+            if self.cfg.key_bias {
+                p("attn.qkv.bias", vec![3 * d], Init::Zeros, false)
+            } else {
+                p("attn.qv.bias", vec![2 * d], Init::Zeros, false)
+            },
             p(
                 "attn.proj.weight",
                 vec![d, d],
@@ -139,16 +154,20 @@ impl Gpt {
             Some(params[1].clone()),
             LN_EPS,
         );
-        let qv_bias = &params[3];
-        let zeros = Tensor::<1>::zeros([d], &qv_bias.device());
-        let qkv_bias = Tensor::cat(
-            vec![
-                qv_bias.clone().narrow(0, 0, d),
-                zeros,
-                qv_bias.clone().narrow(0, d, d),
-            ],
-            0,
-        );
+        let qkv_bias = if self.cfg.key_bias {
+            params[3].clone()
+        } else {
+            let qv_bias = &params[3];
+            let zeros = Tensor::<1>::zeros([d], &qv_bias.device());
+            Tensor::cat(
+                vec![
+                    qv_bias.clone().narrow(0, 0, d),
+                    zeros,
+                    qv_bias.clone().narrow(0, d, d),
+                ],
+                0,
+            )
+        };
         let qkv = dense(a, w2(2, d, 3 * d), &qkv_bias);
         let heads = |i: usize| {
             qkv.clone()
@@ -232,16 +251,29 @@ impl UnitModel for Gpt {
                 ),
             ],
             u if u <= self.cfg.n_layers => self.block_params(u - 1),
-            _ => vec![
-                p("ln_f.weight", vec![d], Init::Ones, false),
-                p("ln_f.bias", vec![d], Init::Zeros, false),
-                p(
-                    "lm_head.weight",
-                    vec![d, vocab],
-                    Init::Normal(INIT_STD),
-                    true,
-                ),
-            ],
+            _ => {
+                let mut head = vec![
+                    p("ln_f.weight", vec![d], Init::Ones, false),
+                    p("ln_f.bias", vec![d], Init::Zeros, false),
+                ];
+                if !self.cfg.tie_embeddings {
+                    head.push(p(
+                        "lm_head.weight",
+                        vec![d, vocab],
+                        Init::Normal(INIT_STD),
+                        true,
+                    ));
+                }
+                head
+            }
+        }
+    }
+
+    fn borrowed_params(&self, unit: usize) -> Vec<ParamRef> {
+        if self.cfg.tie_embeddings && unit == self.num_units() - 1 {
+            vec![ParamRef { unit: 0, index: 0 }]
+        } else {
+            Vec::new()
         }
     }
 
@@ -273,9 +305,14 @@ impl UnitModel for Gpt {
                 let x = input.expect("the head needs the last block's output");
                 let [b, t, _] = x.dims();
                 let x = layer_norm(x, params[0].clone(), Some(params[1].clone()), LN_EPS);
-                let logits = x
-                    .reshape([b * t, d])
-                    .matmul(params[2].clone().reshape([d, vocab]));
+                // Untied: `lm_head.weight` [d, vocab]; tied: the borrowed `wte.weight`
+                // [vocab, d], transposed.
+                let head = if self.cfg.tie_embeddings {
+                    params[2].clone().reshape([vocab, d]).transpose()
+                } else {
+                    params[2].clone().reshape([d, vocab])
+                };
+                let logits = x.reshape([b * t, d]).matmul(head);
                 let logp = log_softmax(logits, 1);
                 let targets = batch.targets.clone().reshape([b * t, 1]);
                 let nll = logp.gather(1, targets).neg();

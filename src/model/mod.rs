@@ -38,6 +38,17 @@ impl ParamSpec {
     }
 }
 
+/// A parameter one unit reads from another unit (tied weights): the `index`-th entry of
+/// `unit_params(unit)`. It exists once, in its owner's flat buffer; its gradient is the sum of
+/// every use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamRef {
+    /// The owning unit; it runs before the borrowing unit, so its backward comes after.
+    pub unit: usize,
+    /// Position in the owner's `unit_params`.
+    pub index: usize,
+}
+
 /// The token ids of one micro-batch on the compute device.
 pub struct MicroBatch {
     /// Inputs, `[batch, seq]`.
@@ -57,7 +68,12 @@ pub trait UnitModel: Send + Sync {
     fn unit_name(&self, unit: usize) -> String;
     /// The unit's parameters in module-path order: this fixes the flat layout.
     fn unit_params(&self, unit: usize) -> Vec<ParamSpec>;
-    /// Runs one unit. `params` follow `unit_params(unit)`, each as a flat `Tensor<1>`.
+    /// Parameters `unit` reads from earlier units (tied weights); none by default.
+    fn borrowed_params(&self, _unit: usize) -> Vec<ParamRef> {
+        Vec::new()
+    }
+    /// Runs one unit. `params` follow `unit_params(unit)` and then `borrowed_params(unit)`,
+    /// each as a flat `Tensor<1>`.
     fn forward_unit(
         &self,
         unit: usize,

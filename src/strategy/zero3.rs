@@ -6,6 +6,9 @@
 //! as in ZeRO-2. Units with fewer parameters than `parallel.persist_threshold` stay whole on
 //! every rank (DeepSpeed's stage3_param_persistence_threshold).
 //!
+//! A unit that reads another unit's parameters (tied embeddings: the head reads `wte`) gathers
+//! that unit too while it runs, and releases it with itself.
+//!
 //! Every element gets the same arithmetic as in DDP (same parameters, the same bitwise
 //! recompute, the same rank-ordered sums, norm and AdamW), so stage 3 is bitwise equal to the
 //! other stages at the same world size.
@@ -41,6 +44,8 @@ pub struct Zero3 {
     shards: Vec<Vec<f32>>,
     /// Units kept whole on every rank.
     persistent: Vec<bool>,
+    /// Per unit, the other units whose parameters it reads (tied weights).
+    lenders: Vec<Vec<usize>>,
     gathered: Vec<Gathered>,
     /// Released gather buffers kept for the next gathers (at most `prefetch + 1`), so that a
     /// step does not allocate and fault in a unit-sized buffer per unit per pass.
@@ -83,6 +88,9 @@ impl Zero3 {
                 Gathered::Released
             });
         }
+        let lenders = (0..layout.units.len())
+            .map(|u| model.borrowed_params(u).iter().map(|r| r.unit).collect())
+            .collect();
         let state = StateLayout::new(layout, rank..rank + 1);
         let store = offload::open(plan.offload, &plan.config.offload, rank, state.len)?;
         let grads = GradBuckets::new(
@@ -98,6 +106,7 @@ impl Zero3 {
             layout: layout.clone(),
             shards,
             persistent,
+            lenders,
             gathered,
             spare: Vec::new(),
             state,
@@ -169,6 +178,24 @@ impl Zero3 {
         Ok(())
     }
 
+    /// Gathers the units `unit` borrows parameters from (no prefetch: they are needed now).
+    fn gather_lenders(&mut self, unit: usize) -> Result<()> {
+        for lender in self.lenders[unit].clone() {
+            self.gather(lender, std::iter::empty())?;
+        }
+        Ok(())
+    }
+
+    /// Releases what `gather_lenders` gathered; a lender whose own gather a prefetch has
+    /// already started stays (it is about to be used).
+    fn release_lenders(&mut self, unit: usize) {
+        for lender in self.lenders[unit].clone() {
+            if matches!(self.gathered[lender], Gathered::Full(_)) {
+                self.release(lender);
+            }
+        }
+    }
+
     fn release(&mut self, unit: usize) {
         if !self.persistent[unit] {
             let old = std::mem::replace(&mut self.gathered[unit], Gathered::Released);
@@ -188,7 +215,8 @@ impl Strategy for Zero3 {
 
     fn before_forward(&mut self, unit: usize) -> Result<()> {
         let n = self.layout.units.len();
-        self.gather(unit, unit + 1..n)
+        self.gather(unit, unit + 1..n)?;
+        self.gather_lenders(unit)
     }
 
     fn unit_params(&self, unit: usize) -> &[f32] {
@@ -200,15 +228,18 @@ impl Strategy for Zero3 {
 
     fn after_forward(&mut self, unit: usize) -> Result<()> {
         self.release(unit);
+        self.release_lenders(unit);
         Ok(())
     }
 
     fn before_backward(&mut self, unit: usize) -> Result<()> {
-        self.gather(unit, (0..unit).rev())
+        self.gather(unit, (0..unit).rev())?;
+        self.gather_lenders(unit)
     }
 
     fn on_grads_ready(&mut self, unit: usize, grads: &[f32], micro: MicroStep) -> Result<()> {
         self.release(unit);
+        self.release_lenders(unit);
         self.grads.on_grads(unit, grads, micro)
     }
 
