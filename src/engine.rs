@@ -10,6 +10,8 @@
 //! burn dispatches some ops differently without it (flex's native attention instead of the
 //! decomposed one autodiff uses), which would change the recomputed inputs in the last bit.
 
+mod eval;
+
 use crate::error::Result;
 use crate::flat::ModelLayout;
 use crate::model::{MicroBatch, UnitModel};

@@ -64,6 +64,10 @@ fn every_bad_input_is_one_line_exit_2_and_writes_nothing() {
     let mut tokens: Vec<u16> = (0..1000).map(|i| (i % 200) as u16).collect();
     tokens[517] = 300;
     tokens_file(&scratch.path("data/big-id.bin"), &tokens);
+    let short: Vec<u16> = (0..200).map(|i| (i % 50) as u16).collect();
+    tokens_file(&scratch.path("data/val-short.bin"), &short);
+    std::fs::create_dir_all(scratch.path("prepared")).unwrap();
+    tokens_file(&scratch.path("prepared/train.bin"), &short);
     let mut llmc = vec![0u8; 1024];
     llmc[0..4].copy_from_slice(&20240520i32.to_le_bytes());
     llmc[8..12].copy_from_slice(&5000i32.to_le_bytes());
@@ -450,6 +454,66 @@ fn every_bad_input_is_one_line_exit_2_and_writes_nothing() {
     case(
         strings(&["dump-data", "--out", &s("afile/x.bin")]),
         &[&s("afile/x.bin"), "cannot create"],
+    );
+
+    // Validation (issue 12).
+    case(
+        train(&["train.eval_every=5"]),
+        &["train.eval_every", "data.val_path"],
+    );
+    case(
+        train(&["train.eval_every=5", "data.val_path=/no/such/val.bin"]),
+        &["/no/such/val.bin"],
+    );
+    case(
+        train(&[
+            "train.eval_every=5",
+            &format!("data.val_path={}", s("data/val-short.bin")),
+        ]),
+        &[&s("data/val-short.bin"), "train.eval_batches", "200 tokens"],
+    );
+    case(
+        train(&[
+            "train.eval_every=5",
+            "train.eval_batches=0",
+            &format!("data.val_path={}", s("data/val-short.bin")),
+        ]),
+        &["train.eval_batches"],
+    );
+
+    // kiln prepare-data (issue 12).
+    let prep = |inputs: &[&str], extra: &[&str]| {
+        let mut a = strings(&["prepare-data"]);
+        a.extend(strings(inputs));
+        a.extend(strings(&["--out", &s("prep-out")]));
+        a.extend(strings(extra));
+        a
+    };
+    case(
+        prep(&[&s("data/short.txt")], &["--tokenizer", "gpt3"]),
+        &["--tokenizer", "gpt3", "gpt2, bytes"],
+    );
+    case(
+        prep(&[&s("data/short.txt"), &s("data/latin1.txt")], &[]),
+        &[&s("data/latin1.txt"), "not UTF-8"],
+    );
+    case(
+        prep(&[&s("data/empty.txt")], &[]),
+        &[&s("data/empty.txt"), "empty"],
+    );
+    case(prep(&["/no/such/text.txt"], &[]), &["/no/such/text.txt"]);
+    case(
+        prep(&[&s("data/short.txt")], &["--val-fraction", "1"]),
+        &["--val-fraction"],
+    );
+    case(
+        strings(&[
+            "prepare-data",
+            &s("data/short.txt"),
+            "--out",
+            &s("prepared"),
+        ]),
+        &[&s("prepared/train.bin"), "--force"],
     );
 
     assert!(cases.len() >= 40, "{} cases", cases.len());

@@ -94,6 +94,9 @@ pub struct DataConfig {
     pub source: String,
     /// File for `text` and `tokens`.
     pub path: String,
+    /// Validation tokens: a uint16 token file like `tokens` reads (e.g. `kiln prepare-data`'s
+    /// val.bin); empty means no validation. Its loss is computed every `train.eval_every` steps.
+    pub val_path: String,
     /// Seed of the data stream; the rows of step t depend only on (seed, t).
     pub seed: u64,
     /// markov: number of symbols the chain uses (≤ model vocab).
@@ -107,6 +110,7 @@ impl Default for DataConfig {
         DataConfig {
             source: "markov".into(),
             path: String::new(),
+            val_path: String::new(),
             seed: 1234,
             markov_symbols: 64,
             markov_sharpness: 2.0,
@@ -161,6 +165,13 @@ pub struct TrainConfig {
     pub eps: f64,
     /// Seed of the parameter initialisation.
     pub seed: u64,
+    /// Compute the validation loss on `data.val_path` before the first step, every this many
+    /// steps and after the last; 0 turns validation off.
+    pub eval_every: u64,
+    /// Validation rows, in global batches: the first `eval_batches × global_batch` windows of
+    /// seq_len + 1 tokens of `data.val_path` (stride seq_len), the same rows at every
+    /// evaluation and every world size.
+    pub eval_batches: usize,
     /// Recompute each unit's forward in backward instead of keeping activations.
     pub recompute: bool,
     /// Clip the global gradient norm to this value; 0 turns clipping off.
@@ -199,6 +210,8 @@ impl Default for TrainConfig {
             beta2: 0.999,
             eps: 1e-8,
             seed: 0,
+            eval_every: 0,
+            eval_batches: 8,
             recompute: false,
             clip_grad: 1.0,
             threads: 0,

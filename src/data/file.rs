@@ -102,6 +102,21 @@ impl FileSource {
     }
 }
 
+impl FileSource {
+    /// Number of tokens held.
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Fills `out` with the tokens from `start` on (fixed windows, as validation reads them).
+    pub fn fill_window(&self, start: usize, out: &mut [u32]) {
+        let end = start + out.len();
+        for (o, &t) in out.iter_mut().zip(&self.tokens[start..end]) {
+            *o = t as u32;
+        }
+    }
+}
+
 impl TokenSource for FileSource {
     fn fill_row(&self, step: u64, row: u64, out: &mut [u32]) {
         let mut rng = Rng::derive(self.seed, &[step, row]);

@@ -17,6 +17,10 @@ pub struct StepRecord {
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Mean token loss over the validation rows after this step (`data.val_path`), at the
+    /// steps where it is computed (`train.eval_every`); absent at the others.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f32>,
     /// Wall time of the step, ms.
     pub step_ms: f64,
     /// Time the step waited for gradient communication, ms.
@@ -55,6 +59,18 @@ pub struct Summary {
     pub final_loss: f64,
     /// Steps averaged into `final_loss`.
     pub final_loss_window: usize,
+    /// The last validation loss (`train.eval_every`; absent without validation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    /// The lowest validation loss of the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_val_loss: Option<f64>,
+    /// The step after which `best_val_loss` was measured (0: before training).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_val_step: Option<u64>,
+    /// The validation loss before the first step (a run that starts from step 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initial_val_loss: Option<f64>,
     /// The data's entropy rate (markov), nats/token: the loss floor.
     pub entropy_rate: Option<f64>,
     /// final_loss ÷ entropy_rate.

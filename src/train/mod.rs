@@ -4,6 +4,7 @@
 mod export;
 mod fault;
 mod metrics;
+mod validation;
 
 pub use export::{export_safetensors, write_params};
 pub use metrics::{peak_rss_bytes, MetricsWriter, StepRecord, Summary};
@@ -51,6 +52,9 @@ pub struct RunOutcome {
     pub layout: ModelLayout,
     /// Rank 0's summary.
     pub summary: Summary,
+    /// Validation losses as (optimizer steps done, loss); step 0 is before training. Empty
+    /// without validation (`train.eval_every` = 0).
+    pub val_losses: Vec<(u64, f32)>,
 }
 
 /// Trains `plan` as rank `comm.rank()` of `comm.world()`.
@@ -92,6 +96,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         comm.as_ref(),
         data::open(&plan.config.data, plan.model.vocab, plan.model.seq_len),
     )?;
+    let validation = agree_on(comm.as_ref(), validation::open(plan))?;
     let mut strategy = agree_on(
         comm.as_ref(),
         strategy::build(plan, comm.clone(), &layout, &model),
@@ -148,6 +153,9 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
     );
     if lead {
         tracing::info!("{}", source.describe());
+        if let Some(v) = &validation {
+            tracing::info!("{}", v.describe());
+        }
         tracing::info!(
             "model {} ({} parameters), world {world} ({} backend), stage {}, global batch {} = micro {} × accum {} × world {world}",
             plan.config.model.preset,
@@ -172,6 +180,14 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
     let mut stopped_at = None;
     let mut last_checkpoint = None;
 
+    let mut val_log = validation::ValLog::default();
+    if let (Some(v), 0) = (&validation, first_step) {
+        let loss = v.loss(&mut engine, strategy.as_mut(), comm.as_ref())?;
+        val_log.losses.push((0, loss));
+        if lead {
+            bar.suspend(|| tracing::info!("step 0: validation loss {loss:.4}"));
+        }
+    }
     bar.set_position(first_step);
     for step in first_step..plan.steps {
         comm.set_step(step);
@@ -217,12 +233,22 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         grad_norms.push(stats.grad_norm);
         step_ms.push(ms);
         let tokens_per_s = tokens_per_step / (ms / 1e3);
+        // After the step's timing, so that step_ms and tokens/s are training alone.
+        let val_loss = match &validation {
+            Some(v) if v.due(step + 1, plan.steps) => {
+                let l = v.loss(&mut engine, strategy.as_mut(), comm.as_ref())?;
+                val_log.losses.push((step + 1, l));
+                Some(l)
+            }
+            _ => None,
+        };
         if let Some(w) = writer.as_mut() {
             w.write(&StepRecord {
                 step: step + 1,
                 loss,
                 lr,
                 grad_norm: stats.grad_norm,
+                val_loss,
                 step_ms: ms,
                 comm_wait_ms: stats.comm_wait_ms,
                 optimizer_ms: stats.optimizer_ms,
@@ -260,7 +286,10 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
             });
         }
         bar.set_position(step + 1);
-        bar.set_message(format!("loss {loss:.4}  {tokens_per_s:.0} tok/s"));
+        let val = val_log
+            .last()
+            .map_or(String::new(), |v| format!("  val {v:.4}"));
+        bar.set_message(format!("loss {loss:.4}{val}  {tokens_per_s:.0} tok/s"));
         if stop {
             stopped_at = Some(step + 1);
             break;
@@ -290,6 +319,10 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         backend: comm.backend().to_string(),
         final_loss,
         final_loss_window: tail,
+        val_loss: val_log.last().map(f64::from),
+        best_val_loss: val_log.best().map(|(_, l)| f64::from(l)),
+        best_val_step: val_log.best().map(|(s, _)| s),
+        initial_val_loss: val_log.initial().map(f64::from),
         entropy_rate: source.entropy_rate(),
         loss_over_entropy: source
             .entropy_rate()
@@ -323,12 +356,17 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         );
     } else if lead && !opts.no_outputs {
         tracing::info!(
-            "done: {} steps, final loss {:.4}{}, {:.0} tokens/s, peak RSS {:.0} MiB, {:.1} s",
+            "done: {} steps, final loss {:.4}{}{}, {:.0} tokens/s, peak RSS {:.0} MiB, {:.1} s",
             plan.steps,
             final_loss,
             summary.loss_over_entropy.map_or(String::new(), |r| format!(
                 " ({r:.3} × entropy rate {:.4})",
                 final_loss / r
+            )),
+            summary.val_loss.map_or(String::new(), |v| format!(
+                ", validation loss {v:.4} (best {:.4} at step {})",
+                summary.best_val_loss.unwrap_or(v),
+                summary.best_val_step.unwrap_or(0)
             )),
             summary.tokens_per_s,
             summary.peak_rss_mb,
@@ -342,6 +380,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         stopped_at,
         layout,
         summary,
+        val_losses: val_log.losses,
     })
 }
 
