@@ -56,6 +56,20 @@ enum Command {
     /// uint16 tokens for `data.path` / `data.val_path` with data.source = "tokens") and
     /// DIR/meta.json. val.bin is the tail --val-fraction of the token stream.
     PrepareData(crate::data::prepare::PrepareArgs),
+    /// Write a checkpoint's parameters for other tools: `--format hf` a directory that
+    /// transformers' `GPT2LMHeadModel.from_pretrained` loads (model.safetensors + config.json),
+    /// `--format kiln` one safetensors file with kiln's names (as `kiln consolidate`).
+    Export {
+        /// `hf` or `kiln`.
+        #[arg(long, default_value = "hf")]
+        format: String,
+        /// Checkpoint directory (a step directory, or a checkpoint.dir to take its latest).
+        checkpoint: PathBuf,
+        /// Output: a directory for `hf`, a .safetensors file for `kiln`.
+        out: PathBuf,
+    },
+    /// Continue a prompt with a kiln checkpoint or a Hugging Face GPT-2, printing the text.
+    Sample(crate::sample::SampleArgs),
     /// Write the training rows of a recipe to a flat uint16 token file (step-major, then row,
     /// each row seq_len + 1 tokens), e.g. to train a reference implementation on the same data.
     DumpData {
@@ -174,6 +188,12 @@ pub fn main() -> i32 {
             .load()
             .and_then(|cfg| train(&cfg, simulate, quiet, resume)),
         Command::Consolidate { checkpoint, out } => consolidate(&checkpoint, &out),
+        Command::Export {
+            format,
+            checkpoint,
+            out,
+        } => crate::hf::export_command(&format, &checkpoint, &out),
+        Command::Sample(args) => crate::sample::run_command(&args),
         Command::PrepareData(args) => crate::data::prepare::run(&args),
         Command::DumpData { recipe, out } => recipe.load().and_then(|cfg| dump_data(&cfg, &out)),
         Command::Config { recipe } => recipe.load().and_then(|cfg| print_config(&recipe, &cfg)),

@@ -199,6 +199,9 @@ impl Plan {
 
 /// The model shape `[model]` describes: the preset with any fields overridden.
 pub fn resolve_model(m: &ModelConfig) -> Result<GptConfig> {
+    if !m.init_from.is_empty() {
+        return crate::hf::model_from_file(m);
+    }
     let mut model = GptConfig::preset(&m.preset).ok_or_else(|| {
         bad(
             "model.preset",

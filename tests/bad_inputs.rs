@@ -43,6 +43,37 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A copy of the Hugging Face checkpoint `from` in `to`, its config.json passed through
+/// `config` and each tensor given the shape `tensors` returns (`None` leaves it out).
+fn hf_variant(
+    from: &Path,
+    to: &Path,
+    config: &dyn Fn(&str) -> String,
+    tensors: &dyn Fn(&str, &[usize]) -> Option<Vec<usize>>,
+) {
+    use kiln::checkpoint::{TensorFileReader, TensorFileWriter};
+    std::fs::create_dir_all(to).unwrap();
+    let text = std::fs::read_to_string(from.join("config.json")).unwrap();
+    std::fs::write(to.join("config.json"), config(&text)).unwrap();
+    let src = TensorFileReader::open(&from.join("model.safetensors")).unwrap();
+    let mut names: Vec<String> = src.names().map(str::to_string).collect();
+    names.sort();
+    let kept: Vec<(String, Vec<usize>)> = names
+        .iter()
+        .filter_map(|n| tensors(n, src.shape(n).unwrap()).map(|s| (n.clone(), s)))
+        .collect();
+    let out = TensorFileWriter::create(&to.join("model.safetensors"), &kept, &Default::default())
+        .unwrap();
+    for (name, shape) in &kept {
+        let mut buf = vec![0f32; shape.iter().product()];
+        let have: usize = src.shape(name).unwrap().iter().product();
+        let n = buf.len().min(have);
+        src.read(name, 0, &mut buf[..n]).unwrap();
+        out.write(name, 0, &buf).unwrap();
+    }
+    out.finish().unwrap();
+}
+
 fn strings(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
@@ -421,6 +452,103 @@ fn every_bad_input_is_one_line_exit_2_and_writes_nothing() {
     case(
         strings(&["consolidate", &good_str, "/sys/out.safetensors"]),
         &["/sys/out.safetensors"],
+    );
+
+    // Hugging Face checkpoints (model.init_from, kiln sample --init-from, kiln export).
+    let hf_fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf-gpt2-tiny");
+    let hf = |name: &str,
+              config: &dyn Fn(&str) -> String,
+              tensors: &dyn Fn(&str, &[usize]) -> Option<Vec<usize>>| {
+        hf_variant(
+            &hf_fixture,
+            &scratch.path(&format!("hf/{name}")),
+            config,
+            tensors,
+        );
+        s(&format!("hf/{name}"))
+    };
+    let same_config = |c: &str| c.to_string();
+    let all_tensors = |_: &str, shape: &[usize]| Some(shape.to_vec());
+    let no_fc_bias = hf("missing", &same_config, &|n, shape| {
+        (n != "transformer.h.1.mlp.c_fc.bias").then(|| shape.to_vec())
+    });
+    let short_wpe = hf("shape", &same_config, &|n, shape| {
+        Some(if n == "transformer.wpe.weight" {
+            vec![32, shape[1]]
+        } else {
+            shape.to_vec()
+        })
+    });
+    let relu = hf(
+        "relu",
+        &|c| c.replace("\"gelu_new\"", "\"relu\""),
+        &all_tensors,
+    );
+    let by_layer = hf(
+        "by-layer",
+        &|c| {
+            c.replace(
+                "\"scale_attn_by_inverse_layer_idx\": false",
+                "\"scale_attn_by_inverse_layer_idx\": true",
+            )
+        },
+        &all_tensors,
+    );
+    let from = |path: &str, more: &[&str]| {
+        let init = format!("model.init_from={path}");
+        let mut sets = vec![
+            init.as_str(),
+            "model.qkv_bias=qkv",
+            "model.tie_embeddings=true",
+        ];
+        sets.extend(more);
+        train(&sets)
+    };
+    case(
+        from(&no_fc_bias, &[]),
+        &[&no_fc_bias, "transformer.h.1.mlp.c_fc.bias"],
+    );
+    case(
+        from(&short_wpe, &[]),
+        &[&short_wpe, "transformer.wpe.weight", "[32, 64]", "[64, 64]"],
+    );
+    case(from(&relu, &[]), &[&relu, "activation_function", "relu"]);
+    case(
+        from(&by_layer, &[]),
+        &[&by_layer, "scale_attn_by_inverse_layer_idx"],
+    );
+    let fixture_str = hf_fixture.display().to_string();
+    case(
+        from(&fixture_str, &["model.seq_len=65"]),
+        &["model.seq_len", "65", "n_positions = 64"],
+    );
+    case(
+        from(&fixture_str, &["model.d_model=32"]),
+        &["model.d_model", "32", "n_embd = 64"],
+    );
+    case(
+        train(&[&format!("model.init_from={fixture_str}")]),
+        &["model.tie_embeddings", "tie_word_embeddings = true"],
+    );
+    case(
+        from(&s("no-such-model"), &[]),
+        &[&s("no-such-model"), "model.init_from"],
+    );
+    case(
+        strings(&["sample", "--init-from", &fixture_str, "--prompt", "Hello"]),
+        &["--prompt", "15496", "vocab (384)"],
+    );
+    case(
+        strings(&["sample", "--init-from", &relu, "--prompt", "a"]),
+        &[&relu, "activation_function"],
+    );
+    case(
+        strings(&["export", "--format", "onnx", &good_str, &s("onnx")]),
+        &["--format", "onnx"],
+    );
+    case(
+        strings(&["export", &good_str, &s("afile")]),
+        &[&s("afile"), "is a file"],
     );
 
     // The nvme tier's path.

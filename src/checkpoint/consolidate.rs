@@ -8,6 +8,12 @@ use crate::train::write_params;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// Unit `unit`'s parameters (unpadded, `buf.len()` = the unit's numel) from a checkpoint's
+/// rank files, whatever world size wrote them.
+pub fn read_unit_params(reader: &CheckpointReader<'_>, unit: usize, buf: &mut [f32]) -> Result<()> {
+    reader.read(PARAM, unit, 0..buf.len(), buf)
+}
+
 /// Writes the consolidated parameters of the checkpoint in `dir` to `out`.
 pub fn consolidate(dir: &Path, out: &Path) -> Result<()> {
     let manifest = super::verify(dir)?;

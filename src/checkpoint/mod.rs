@@ -12,7 +12,7 @@ mod manifest;
 mod shards;
 mod tensor_file;
 
-pub use consolidate::consolidate;
+pub use consolidate::{consolidate, read_unit_params};
 pub use manifest::{DataPosition, FileEntry, Manifest, FORMAT};
 pub use shards::CheckpointReader;
 pub use tensor_file::{file_crc32, TensorFileReader, TensorFileWriter};

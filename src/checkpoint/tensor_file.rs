@@ -197,6 +197,11 @@ impl TensorFileReader {
         self.metadata.get(key).map(String::as_str)
     }
 
+    /// The names of the file's tensors.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
     /// Shape of tensor `name`, if present.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.entries.get(name).map(|e| e.shape.as_slice())

@@ -56,6 +56,12 @@ pub struct ModelConfig {
     /// The LM head reads the token embedding `wte` (transposed) instead of a matrix of its own,
     /// as GPT-2 does (Press & Wolf 2017). Default false.
     pub tie_embeddings: bool,
+    /// Start from a Hugging Face GPT-2 checkpoint: a `save_pretrained` directory
+    /// (`config.json` + `model.safetensors`, possibly sharded) or a `.safetensors` file. Its
+    /// `config.json` gives the shape (the preset is ignored; other shape keys may only repeat
+    /// it; `seq_len` may be shorter than `n_positions`). Only the initial weights: `--resume`
+    /// wins. Default empty (initialise from `train.seed`).
+    pub init_from: String,
 }
 
 /// `model.qkv_bias`: the attention input projection's biases.
@@ -81,6 +87,7 @@ impl Default for ModelConfig {
             seq_len: None,
             qkv_bias: QkvBias::Qv,
             tie_embeddings: false,
+            init_from: String::new(),
         }
     }
 }

@@ -143,6 +143,25 @@ impl Gpt {
         ]
     }
 
+    /// The head unit's logits `[batch × seq, vocab]` for the last block's output `x`: `ln_f`,
+    /// then the LM head. `params` are the head's (`forward_unit`'s, borrowed ones included).
+    /// The head's loss is computed from these; `kiln sample` uses them directly.
+    pub fn logits(&self, params: &[Tensor<1>], x: Tensor<3>) -> Tensor<2> {
+        let GptConfig {
+            vocab, d_model: d, ..
+        } = self.cfg;
+        let [b, t, _] = x.dims();
+        let x = layer_norm(x, params[0].clone(), Some(params[1].clone()), LN_EPS);
+        // Untied: `lm_head.weight` [d, vocab]; tied: the borrowed `wte.weight` [vocab, d],
+        // transposed.
+        let head = if self.cfg.tie_embeddings {
+            params[2].clone().reshape([vocab, d]).transpose()
+        } else {
+            params[2].clone().reshape([d, vocab])
+        };
+        x.reshape([b * t, d]).matmul(head)
+    }
+
     fn block_forward(&self, params: &[Tensor<1>], x: Tensor<3>) -> Tensor<3> {
         let [b, t, d] = x.dims();
         let h = self.cfg.n_heads;
@@ -304,16 +323,7 @@ impl UnitModel for Gpt {
             _ => {
                 let x = input.expect("the head needs the last block's output");
                 let [b, t, _] = x.dims();
-                let x = layer_norm(x, params[0].clone(), Some(params[1].clone()), LN_EPS);
-                // Untied: `lm_head.weight` [d, vocab]; tied: the borrowed `wte.weight`
-                // [vocab, d], transposed.
-                let head = if self.cfg.tie_embeddings {
-                    params[2].clone().reshape([vocab, d]).transpose()
-                } else {
-                    params[2].clone().reshape([d, vocab])
-                };
-                let logits = x.reshape([b * t, d]).matmul(head);
-                let logp = log_softmax(logits, 1);
+                let logp = log_softmax(self.logits(params, x), 1);
                 let targets = batch.targets.clone().reshape([b * t, 1]);
                 let nll = logp.gather(1, targets).neg();
                 nll.mean().reshape([1, 1, 1])

@@ -17,7 +17,8 @@ use super::{
 };
 use crate::comm::Communicator;
 use crate::error::{KilnError, Result};
-use crate::flat::{init_unit, ModelLayout};
+use crate::flat::ModelLayout;
+use crate::init::InitSource;
 use crate::model::UnitModel;
 use crate::offload::{self, StateLayout, StateStore};
 use crate::optim::AdamWConfig;
@@ -52,7 +53,8 @@ pub struct Replicated {
 }
 
 impl Replicated {
-    /// Initialises parameters from the seed (identical on every rank; checked by hash).
+    /// Initialises parameters from the seed or `model.init_from` (identical on every rank;
+    /// checked by hash).
     pub fn new(
         plan: &Plan,
         comm: Arc<dyn Communicator>,
@@ -66,10 +68,10 @@ impl Replicated {
             ReplicatedStage::Zero1 => (Reduction::AllReduce, rank..rank + 1, true),
             ReplicatedStage::Zero2 => (Reduction::ReduceScatter, rank..rank + 1, true),
         };
-        let seed = plan.config.train.seed;
+        let init = InitSource::for_plan(plan)?;
         let params: Vec<Vec<f32>> = (0..layout.units.len())
-            .map(|u| init_unit(&model.unit_params(u), &layout.units[u], seed))
-            .collect();
+            .map(|u| init.unit(model, u, &layout.units[u]))
+            .collect::<Result<_>>()?;
         check_same_on_all_ranks(comm.as_ref(), "initial parameters", params_hash(&params))?;
         let state = StateLayout::new(layout, shards);
         let store = offload::open(plan.offload, &plan.config.offload, rank, state.len)?;

@@ -19,7 +19,8 @@ use super::{
 };
 use crate::comm::{Communicator, Pending};
 use crate::error::Result;
-use crate::flat::{init_unit, ModelLayout};
+use crate::flat::ModelLayout;
+use crate::init::InitSource;
 use crate::model::UnitModel;
 use crate::offload::{self, StateLayout, StateStore};
 use crate::optim::AdamWConfig;
@@ -72,13 +73,13 @@ impl Zero3 {
         model: &dyn UnitModel,
     ) -> Result<Self> {
         let (rank, world) = (comm.rank(), comm.world());
-        let seed = plan.config.train.seed;
+        let init = InitSource::for_plan(plan)?;
         let threshold = plan.config.parallel.persist_threshold;
         let mut shards = Vec::new();
         let mut gathered = Vec::new();
         let mut persistent = Vec::new();
         for (u, unit) in layout.units.iter().enumerate() {
-            let full = init_unit(&model.unit_params(u), unit, seed);
+            let full = init.unit(model, u, unit)?;
             shards.push(full[unit.shard(rank, world).range()].to_vec());
             let keep = unit.numel < threshold;
             persistent.push(keep);

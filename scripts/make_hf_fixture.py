@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Makes tests/fixtures/hf-gpt2-tiny/ with Hugging Face transformers, once; the output is
+committed, so CI needs no torch (issue 12).
+
+  make:   python scripts/make_hf_fixture.py --kiln target/release/kiln
+          A small random GPT2LMHeadModel (tied embeddings, key bias, every bias and LayerNorm
+          parameter non-zero) saved with save_pretrained; a uint16 token file; the rows kiln
+          trains on at step 1 (asked from `kiln dump-data`, so the rows are kiln's own); and
+          reference.json: transformers' loss on those rows (its own labels= loss in float32,
+          and the mean next-token NLL from the logits in float32 and float64), and a greedy
+          continuation of a prompt with the margin between the best and second-best logit
+          at each step (a margin far above f32 rounding, so kiln's argmax must agree).
+  check:  python scripts/make_hf_fixture.py --kiln target/release/kiln --check-export
+          Exports the fixture through kiln (`kiln train --set model.init_from=... --set
+          train.steps=... ` is not needed: `kiln export --format hf` of a 0-step checkpoint is
+          the fixture itself), reloads it with GPT2LMHeadModel.from_pretrained, asserts no
+          missing/unexpected/mismatched weights and no warnings, and compares its loss and
+          tensors with the fixture's.
+
+torch and transformers are not dependencies of kiln: install them into a scratch virtualenv
+(python3 -m venv /tmp/venv-hf && /tmp/venv-hf/bin/pip install torch transformers safetensors).
+"""
+import argparse, json, logging, os, subprocess, sys, tempfile
+import numpy as np
+import torch
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
+from safetensors.numpy import load_file
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "hf-gpt2-tiny")
+VOCAB, D, LAYERS, HEADS, POSITIONS = 384, 64, 2, 4, 64
+SEQ, GLOBAL_BATCH, MICRO_BATCH, DATA_SEED = 32, 4, 2, 1234
+PROMPT_TEXT = "a b c"  # r50k (GPT-2) ids 64, 275, 269: all below VOCAB
+PROMPT_IDS = [64, 275, 269]
+GREEDY_TOKENS = 12
+
+# The kiln settings that cut the same rows (tests/hf_gpt2.rs uses the same).
+def kiln_sets(fixture):
+    return [
+        f"model.init_from={fixture}", "model.qkv_bias=qkv", "model.tie_embeddings=true",
+        f"model.seq_len={SEQ}", "data.source=tokens", f"data.path={fixture}/tokens.bin",
+        f"data.seed={DATA_SEED}", "train.steps=1", f"train.global_batch={GLOBAL_BATCH}",
+        f"train.micro_batch={MICRO_BATCH}",
+    ]
+
+
+def losses(model, rows):
+    """transformers' own loss, and the mean next-token NLL from logits in f32 and f64."""
+    ids = torch.tensor(rows, dtype=torch.long)
+    with torch.no_grad():
+        # Positions 0..T-1 predict tokens 1..T; token T is only a label (causal attention), so
+        # this is kiln's loss on inputs row[:T], targets row[1:].
+        own = model(input_ids=ids, labels=ids).loss.item()
+        out = {"transformers_labels_f32": own}
+        for name, dtype in [("nll_f32", torch.float32), ("nll_f64", torch.float64)]:
+            m = model.to(dtype)
+            logits = m(input_ids=ids[:, :-1]).logits.to(torch.float64)
+            logp = torch.log_softmax(logits, dim=-1)
+            out[name] = -logp.gather(-1, ids[:, 1:, None]).mean().item()
+        model.to(torch.float32)
+    return out
+
+
+def greedy(model, prompt, n):
+    ids, margins = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].to(torch.float64)
+            top = torch.topk(logits, 2)
+            margins.append((top.values[0] - top.values[1]).item())
+            ids.append(int(top.indices[0]))
+    return ids[len(prompt):], margins
+
+
+def make(args):
+    os.makedirs(FIXTURE, exist_ok=True)
+    torch.manual_seed(12)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=D, n_layer=LAYERS,
+                     n_head=HEADS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("wte.weight"):
+                # Peaked logits (tied head), so that greedy decoding has clear winners.
+                p.normal_(0.0, 0.15)
+            elif name.endswith(("attn.weight", "proj.weight", "fc.weight", "wpe.weight")):
+                # Blocks strong enough that the continuation is not the tied embedding's
+                # echo of the last token.
+                p.normal_(0.0, 0.15)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+            elif "ln" in name:
+                p.normal_(1.0, 0.1)
+            # No exact zeros (torch's sampler gave two): a step at learning rate 1e-30 then
+            # leaves every value as it is, which the export test relies on.
+            p[p == 0] = 1e-3
+    model.save_pretrained(FIXTURE, safe_serialization=True)
+    rng = np.random.default_rng(7)
+    rng.integers(0, VOCAB, size=4096, dtype=np.uint16).tofile(os.path.join(FIXTURE, "tokens.bin"))
+    with tempfile.TemporaryDirectory() as tmp:
+        rows_path = os.path.join(tmp, "rows.bin")
+        cmd = [args.kiln, "dump-data", "--out", rows_path]
+        for s in kiln_sets(FIXTURE):
+            cmd += ["--set", s]
+        subprocess.run(cmd, check=True)
+        rows = np.fromfile(rows_path, dtype=np.uint16).reshape(GLOBAL_BATCH, SEQ + 1)
+    rows = rows.astype(np.int64).tolist()
+    ref = {
+        "about": "made by scripts/make_hf_fixture.py with transformers " + transformers.__version__
+                 + ", torch " + torch.__version__,
+        "seq_len": SEQ, "global_batch": GLOBAL_BATCH, "micro_batch": MICRO_BATCH,
+        "data_seed": DATA_SEED, "rows": rows, "loss": losses(model, rows),
+        "prompt_text": PROMPT_TEXT, "prompt_ids": PROMPT_IDS,
+    }
+    ref["greedy_ids"], ref["greedy_margins"] = greedy(model, PROMPT_IDS, GREEDY_TOKENS)
+    assert len(set(ref["greedy_ids"])) >= 3, f"a dull continuation: {ref['greedy_ids']}"
+    assert min(ref["greedy_margins"]) > 1e-2, "an argmax too close to call in f32"
+    with open(os.path.join(FIXTURE, "reference.json"), "w") as f:
+        json.dump(ref, f, indent=1)
+        f.write("\n")
+    print(json.dumps(ref["loss"]), "min greedy margin", min(ref["greedy_margins"]))
+
+
+def check_export(args):
+    ref = json.load(open(os.path.join(FIXTURE, "reference.json")))
+    with tempfile.TemporaryDirectory() as tmp:
+        ck, out = os.path.join(tmp, "ck"), os.path.join(tmp, "hf")
+        # A checkpoint holding the fixture's weights: a run whose learning rate is zero.
+        cmd = [args.kiln, "train", "--quiet", "--set", f"checkpoint.dir={ck}",
+               "--set", f"output.dir={tmp}/run", "--set", "train.lr=1e-30",
+               "--set", "train.weight_decay=0"]
+        for s in kiln_sets(FIXTURE):
+            cmd += ["--set", s]
+        subprocess.run(cmd, check=True)
+        subprocess.run([args.kiln, "export", "--format", "hf", ck, out], check=True)
+        records = logging.getLogger("transformers")
+        seen = []
+        handler = logging.Handler()
+        handler.emit = lambda r: seen.append(r.getMessage())
+        records.addHandler(handler)
+        transformers.logging.set_verbosity_warning()
+        model, info = GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
+        model.eval()
+        bad = {k: v for k, v in info.items() if v}
+        assert not bad, f"loading info: {bad}"
+        warnings = [m for m in seen if "weight" in m.lower()]
+        assert not warnings, f"transformers warned: {warnings}"
+        got = losses(model, ref["rows"])
+        mine = load_file(os.path.join(out, "model.safetensors"))
+        theirs = load_file(os.path.join(FIXTURE, "model.safetensors"))
+        assert sorted(mine) == sorted(k for k in theirs if k in mine), "tensor names differ"
+        worst = max(float(np.abs(mine[k] - theirs[k]).max()) for k in mine)
+        loss_step1 = [json.loads(l)["loss"] for l in open(f"{tmp}/run/metrics.jsonl")][0]
+    print(json.dumps({"export_reloaded_loss": got, "fixture_loss": ref["loss"],
+                      "kiln_step1_loss": loss_step1, "max_abs_tensor_diff": worst,
+                      "loading_info": {k: len(v) for k, v in info.items()}}, indent=1))
+    rel = abs(got["transformers_labels_f32"] - loss_step1) / loss_step1
+    print(f"relative difference, reloaded export vs kiln: {rel:.3e}")
+    assert rel <= 1e-5
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kiln", default="target/release/kiln")
+    ap.add_argument("--check-export", action="store_true")
+    a = ap.parse_args()
+    check_export(a) if a.check_export else make(a)

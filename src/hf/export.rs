@@ -1,0 +1,103 @@
+//! `kiln export --format hf`: a directory `GPT2LMHeadModel.from_pretrained` loads —
+//! `model.safetensors` (f32, transformers' names) and `config.json`. Written one unit at a time
+//! to temporary names and renamed, like `output.export`, so a failure leaves no half-written
+//! file under a final name.
+
+use super::config::config_json;
+use super::names::hf_name;
+use crate::checkpoint::{read_unit_params, CheckpointReader, TensorFileWriter};
+use crate::error::{KilnError, Result};
+use crate::flat::ModelLayout;
+use crate::model::GptConfig;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// `kiln export --format hf|kiln CHECKPOINT OUT`: the parameters of a checkpoint (a step
+/// directory, or a checkpoint.dir to take its latest) as a Hugging Face directory, or as one
+/// safetensors file with kiln's names (`kiln consolidate`).
+pub fn export_command(format: &str, checkpoint: &Path, out: &Path) -> Result<()> {
+    let dir = crate::checkpoint::locate(
+        &checkpoint.display().to_string(),
+        &crate::config::CheckpointConfig::default(),
+    )?;
+    match format {
+        "hf" => {
+            let manifest = crate::checkpoint::verify(&dir)?;
+            let reader = CheckpointReader::open(&dir, &manifest)?;
+            export_hf(out, &manifest.model, &manifest.layout, |u, buf| {
+                read_unit_params(&reader, u, buf)
+            })?;
+        }
+        "kiln" => crate::checkpoint::consolidate(&dir, out)?,
+        other => {
+            return Err(KilnError::config(format!(
+                "--format: `{other}` is not one of hf, kiln"
+            )))
+        }
+    }
+    eprintln!("kiln: wrote {} from {}", out.display(), dir.display());
+    Ok(())
+}
+
+/// Writes `out_dir/model.safetensors` and `out_dir/config.json` for `model` laid out as
+/// `layout`; `fill(u, buf)` provides unit u's unpadded buffer. A tied model writes only
+/// `transformer.wte.weight` (transformers ties `lm_head.weight` to it on load); kiln's
+/// query/value-only bias (`model.qkv_bias = "qv"`) is written with a zero key bias, which
+/// computes the same function (softmax cancels a key bias), so every kiln GPT is exported.
+pub fn export_hf(
+    out_dir: &Path,
+    model: &GptConfig,
+    layout: &ModelLayout,
+    mut fill: impl FnMut(usize, &mut [f32]) -> Result<()>,
+) -> Result<()> {
+    let mut tensors = Vec::new();
+    for p in layout.units.iter().flat_map(|u| &u.params) {
+        let (name, transform) = hf_name(&p.path).ok_or_else(|| {
+            KilnError::config(format!(
+                "parameter `{}` has no GPT-2 counterpart; transformers cannot load this model",
+                p.path
+            ))
+        })?;
+        tensors.push((name, transform.hf_shape(&p.shape)));
+    }
+    if out_dir.is_file() {
+        return Err(KilnError::file(
+            out_dir,
+            "is a file; expected a directory to write model.safetensors and config.json into",
+        ));
+    }
+    std::fs::create_dir_all(out_dir).map_err(|e| {
+        KilnError::file(out_dir, format!("cannot create the output directory: {e}"))
+    })?;
+    let weights = out_dir.join("model.safetensors");
+    let tmp = out_dir.join(".model.safetensors.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    // transformers refuses a safetensors file whose metadata has no `format`.
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let written = (|| {
+        let writer = TensorFileWriter::create(&tmp, &tensors, &metadata)?;
+        for (u, unit) in layout.units.iter().enumerate() {
+            let mut buf = vec![0.0f32; unit.numel];
+            fill(u, &mut buf)?;
+            for p in &unit.params {
+                let (name, transform) = hf_name(&p.path).expect("checked above");
+                writer.write(&name, 0, &transform.to_hf(&p.shape, &buf[p.range()]))?;
+            }
+        }
+        writer.finish()?;
+        std::fs::rename(&tmp, &weights).map_err(|e| KilnError::io(&weights, e))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return written;
+    }
+    let config = out_dir.join("config.json");
+    let text = serde_json::to_string_pretty(&config_json(model)).expect("JSON serialises");
+    let tmp = out_dir.join(".config.json.tmp");
+    std::fs::write(&tmp, text + "\n")
+        .and_then(|()| std::fs::rename(&tmp, &config))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            KilnError::io(&config, e)
+        })
+}

@@ -1,0 +1,48 @@
+//! Where the initial parameters come from: the seed (`train.seed`) or a Hugging Face checkpoint
+//! (`model.init_from`). One seam for every strategy: each asks for one unit at a time and keeps
+//! what it holds (ZeRO-3: its shard), so the whole model is never materialised on one rank and
+//! the values never depend on the world size or the stage. A resumed run overwrites them with
+//! the checkpoint's.
+
+use crate::error::Result;
+use crate::flat::{init_unit, UnitLayout};
+use crate::hf::HfCheckpoint;
+use crate::model::UnitModel;
+use crate::plan::Plan;
+use std::path::Path;
+
+/// The source of a run's initial parameters.
+pub enum InitSource {
+    /// Seeded random values (`crate::flat::init_unit`).
+    Seed(u64),
+    /// A Hugging Face GPT-2 checkpoint, read unit by unit.
+    HuggingFace(HfCheckpoint),
+}
+
+impl InitSource {
+    /// The source `plan` asks for. Opening a checkpoint reads only its headers.
+    pub fn for_plan(plan: &Plan) -> Result<InitSource> {
+        let from = &plan.config.model.init_from;
+        if from.is_empty() {
+            Ok(InitSource::Seed(plan.config.train.seed))
+        } else {
+            Ok(InitSource::HuggingFace(HfCheckpoint::open(Path::new(
+                from,
+            ))?))
+        }
+    }
+
+    /// Unit `unit`'s flat buffer, padded to `layout.padded_len` with zeros.
+    pub fn unit(
+        &self,
+        model: &dyn UnitModel,
+        unit: usize,
+        layout: &UnitLayout,
+    ) -> Result<Vec<f32>> {
+        let specs = model.unit_params(unit);
+        match self {
+            InitSource::Seed(seed) => Ok(init_unit(&specs, layout, *seed)),
+            InitSource::HuggingFace(ckpt) => ckpt.unit(&specs, layout),
+        }
+    }
+}
