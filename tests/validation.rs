@@ -100,6 +100,31 @@ fn val_loss_is_the_same_at_every_world_size_and_stage() {
 }
 
 #[test]
+fn tied_embeddings_are_evaluated_at_every_stage() {
+    // The head borrows wte from the embedding unit: ZeRO-3 must gather that unit while the
+    // head runs forward-only too, and the borrowed tensor must be the embedding's values.
+    let scratch = Scratch::new("val-tied");
+    let (train, val) = bytes_data(&scratch);
+    let mut extra = sets(&train, &val);
+    extra.push("model.tie_embeddings=true".into());
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let single = small_run(0, 1, 2, &extra);
+    let ddp = small_run(0, 2, 1, &extra);
+    let zero3 = small_run(3, 2, 1, &extra);
+    assert_eq!(
+        ddp.val_losses, zero3.val_losses,
+        "stage 0 vs stage 3, world 2"
+    );
+    assert_eq!(zero3.val_losses[0], single.val_losses[0]);
+    for (a, b) in zero3.val_losses.iter().zip(&single.val_losses) {
+        assert!(rel(a.1, b.1) < 1e-6, "step {}: {} vs {}", a.0, a.1, b.1);
+    }
+    // Tying changes the model: not the untied run's numbers.
+    let untied = small_run(0, 1, 2, &extra[..extra.len() - 1]);
+    assert_ne!(untied.val_losses[3], single.val_losses[3]);
+}
+
+#[test]
 fn val_loss_before_training_equals_the_training_loss_of_its_rows() {
     let scratch = Scratch::new("val-reference");
     let (train, val) = bytes_data(&scratch);
