@@ -65,15 +65,27 @@ fn reshard(
     to: (usize, u8, usize),
     name: &str,
 ) -> (RunOutcome, RunOutcome) {
+    reshard_with(from, to, name, &[])
+}
+
+fn reshard_with(
+    from: (usize, u8, usize),
+    to: (usize, u8, usize),
+    name: &str,
+    extra: &[&str],
+) -> (RunOutcome, RunOutcome) {
     let scratch = Scratch::new(name);
     let ck = ckpt_sets(&scratch.0, 20);
     let (w, s, a) = from;
-    small_run(s, w, a, &["train.steps=40", &ck[0], &ck[1], &ck[2]]);
+    let mut sets = vec!["train.steps=40", &ck[0], &ck[1], &ck[2]];
+    sets.extend(extra);
+    small_run(s, w, a, &sets);
     let (w, s, a) = to;
     let at_20 = scratch.path("step_000020");
-    let resumed =
-        small_run_resumed(s, w, a, &["train.steps=40"], Some(at_20.to_str().unwrap())).unwrap();
-    let reference = small_run(s, w, a, &["train.steps=40"]);
+    let mut sets = vec!["train.steps=40"];
+    sets.extend(extra);
+    let resumed = small_run_resumed(s, w, a, &sets, Some(at_20.to_str().unwrap())).unwrap();
+    let reference = small_run(s, w, a, &sets);
     assert_eq!(resumed.losses.len(), 20);
     (resumed, reference)
 }
@@ -98,6 +110,28 @@ fn a_checkpoint_loads_at_another_world_size_and_stage() {
             assert!((a - b).abs() <= 1e-5 * b.abs(), "{name}: loss {a} vs {b}");
         }
     }
+}
+
+/// A tied embedding is one tensor in the checkpoint (the embedding unit's `wte`), and loads
+/// as one at another stage and world size.
+#[test]
+fn tied_embeddings_reshard_like_any_parameter() {
+    let tied = ["model.tie_embeddings=true"];
+    let (resumed, reference) = reshard_with((2, 3, 1), (2, 1, 1), "reshard-tied-same", &tied);
+    assert_eq!(resumed.losses, reference.losses[20..]);
+    assert!(same_params(&resumed, &reference));
+    assert!(resumed
+        .layout
+        .units
+        .iter()
+        .flat_map(|u| &u.params)
+        .all(|p| p.path != "lm_head.weight"));
+    let (resumed, reference) = reshard_with((2, 2, 3), (3, 3, 2), "reshard-tied-2z2-3z3", &tied);
+    let diff = common::rel_l2(&resumed.params.concat(), &reference.params.concat());
+    assert!(
+        diff <= 1e-5,
+        "tied 2z2 → 3z3: {diff:e} from an uninterrupted run"
+    );
 }
 
 #[test]
