@@ -238,6 +238,9 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
             Some(v) if v.due(step + 1, plan.steps) => {
                 let l = v.loss(&mut engine, strategy.as_mut(), comm.as_ref())?;
                 val_log.losses.push((step + 1, l));
+                if lead {
+                    bar.suspend(|| tracing::info!("step {}: validation loss {l:.4}", step + 1));
+                }
                 Some(l)
             }
             _ => None,
