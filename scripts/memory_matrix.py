@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Issue 14's matrix: `kiln estimate`'s predicted peak RSS against the measured peak (VmHWM,
+summary.json's peak_rss_mb) of the same run, for tiny and small × stages 0-3 × offload
+none/nvme × recompute off/on/every:2 × N = 1, 2, 4 local ranks (--simulate), plus a subset
+under mpirun. Prints a markdown table (the README's) and exits 1 when a run is outside ±10%.
+
+Each run is its own process (VmHWM is per process). Runs go `--jobs` at a time: resident sets
+do not disturb each other while the machine has memory to spare; only step times do.
+
+    python3 scripts/memory_matrix.py [--kiln target/release/kiln] [--jobs 2] [--quick]
+"""
+import argparse
+import concurrent.futures as cf
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+# tiny at micro-batch 4 is activation-bound, small at 1 model-state-bound (and 4× quicker
+# than at 4, which keeps the matrix to minutes on two cores).
+RAW = None
+MICRO = {"tiny": 4, "small": 1}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_one(kiln, case, scratch):
+    model, stage, tier, recompute, n, launch = case
+    tag = f"{model}-s{stage}-{tier}-{recompute.replace(':', '')}-n{n}-{launch}"
+    out = os.path.join(scratch, tag)
+    sets = [
+        f"parallel.stage={stage}",
+        f"offload.optimizer={tier}",
+        f"offload.nvme_path={scratch}",
+        f"train.recompute={recompute}" if recompute != "every:2" else 'train.recompute="every:2"',
+        "train.steps=2",
+        f"train.micro_batch={MICRO[model]}",
+        f"train.global_batch={MICRO[model] * n}",
+        f"output.dir={out}",
+    ]
+    config = os.path.join(ROOT, "configs", f"{model}.toml")
+    set_args = [a for s in sets for a in ("--set", s)]
+    est_args = [kiln, "estimate", "--json", "--config", config, "--world", str(n)] + set_args
+    train = [kiln, "train", "--quiet", "--config", config] + set_args
+    env = dict(os.environ, KILN_LOG="error")
+    if launch == "simulate":
+        est_args.append("--simulate")
+        train += ["--simulate", str(n)]
+    else:
+        train = ["mpirun", "--oversubscribe", "-np", str(n)] + train
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    est = json.loads(subprocess.run(est_args, check=True, capture_output=True, env=env).stdout)
+    r = subprocess.run(train, capture_output=True, env=env, text=True)
+    if r.returncode != 0:
+        return case, None, None, r.stderr.strip().splitlines()[-1:]
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    predicted = est["configured"]["predicted_peak_rss_bytes"] / 2**20
+    if RAW:
+        with open(RAW, "a") as f:
+            f.write(json.dumps({"case": case, "estimate": est, "summary": summary}) + "\n")
+    return case, predicted, summary["peak_rss_mb"], None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kiln", default=os.path.join(ROOT, "target", "release", "kiln"))
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny only, N = 1 and 2")
+    ap.add_argument("--models", default="tiny,small")
+    ap.add_argument("--worlds", default="1,2,4")
+    ap.add_argument("--stages", default="0,1,2,3")
+    ap.add_argument("--recompute", default="false,true,every:2")
+    ap.add_argument("--launch", default="simulate,mpirun", help="simulate and/or mpirun")
+    ap.add_argument("--raw", help="append each run's estimate and summary to this JSON-lines file")
+    args = ap.parse_args()
+    global RAW
+    RAW = args.raw
+    if args.quick:
+        args.models, args.worlds = "tiny", "1,2"
+    models = args.models.split(",")
+    worlds = [int(n) for n in args.worlds.split(",")]
+    stages = [int(s) for s in args.stages.split(",")]
+    launches = args.launch.split(",")
+    cases = []
+    if "simulate" in launches:
+        cases += [
+            (m, s, t, r, n, "simulate")
+            for m, s, t, r, n in itertools.product(
+                models, stages, ["none", "nvme"], args.recompute.split(","), worlds
+            )
+        ]
+    if "mpirun" in launches:
+        cases += [(m, s, "none", "false", 2, "mpirun") for m in models for s in stages]
+    rows, bad = [], 0
+    with tempfile.TemporaryDirectory(prefix="kiln-matrix-") as scratch:
+        with cf.ThreadPoolExecutor(args.jobs) as pool:
+            for case, predicted, measured, err in pool.map(
+                lambda c: run_one(args.kiln, c, scratch), cases
+            ):
+                rows.append((case, predicted, measured, err))
+                print(case, predicted, measured, err or "", file=sys.stderr, flush=True)
+    print("| model | stage | offload | recompute | ranks | launch | predicted MiB | measured MiB | error |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    errors = []
+    for (m, s, t, r, n, launch), predicted, measured, err in rows:
+        if err:
+            bad += 1
+            print(f"| {m} | {s} | {t} | {r} | {n} | {launch} | failed: {err} | | |")
+            continue
+        e = predicted / measured - 1
+        errors.append(abs(e))
+        bad += abs(e) > 0.10
+        print(f"| {m} | {s} | {t} | {r} | {n} | {launch} | {predicted:.0} | {measured:.0} | {e:+.1%} |")
+    if errors:
+        print(
+            f"\n{len(errors)} runs; |error| median {sorted(errors)[len(errors) // 2]:.1%}, "
+            f"max {max(errors):.1%}; {bad} outside ±10%"
+        )
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
