@@ -112,7 +112,7 @@ def main():
         e = predicted / measured - 1
         errors.append(abs(e))
         bad += abs(e) > 0.10
-        print(f"| {m} | {s} | {t} | {r} | {n} | {launch} | {predicted:.0} | {measured:.0} | {e:+.1%} |")
+        print(f"| {m} | {s} | {t} | {r} | {n} | {launch} | {predicted:.0f} | {measured:.0f} | {e:+.1%} |")
     if errors:
         print(
             f"\n{len(errors)} runs; |error| median {sorted(errors)[len(errors) // 2]:.1%}, "
