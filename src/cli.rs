@@ -52,10 +52,6 @@ enum Command {
         /// Output safetensors file.
         out: PathBuf,
     },
-    /// Tokenize text files into nanoGPT-style DIR/train.bin and DIR/val.bin (little-endian
-    /// uint16 tokens for `data.path` / `data.val_path` with data.source = "tokens") and
-    /// DIR/meta.json. val.bin is the tail --val-fraction of the token stream.
-    PrepareData(crate::data::prepare::PrepareArgs),
     /// Write a checkpoint's parameters for other tools: `--format hf` a directory that
     /// transformers' `GPT2LMHeadModel.from_pretrained` loads (model.safetensors + config.json),
     /// `--format kiln` one safetensors file with kiln's names (as `kiln consolidate`).
@@ -70,6 +66,10 @@ enum Command {
     },
     /// Continue a prompt with a kiln checkpoint or a Hugging Face GPT-2, printing the text.
     Sample(crate::sample::SampleArgs),
+    /// Tokenize text files into nanoGPT-style DIR/train.bin and DIR/val.bin (little-endian
+    /// uint16 tokens for `data.path` / `data.val_path` with data.source = "tokens") and
+    /// DIR/meta.json. val.bin is the tail --val-fraction of the token stream.
+    PrepareData(crate::data::prepare::PrepareArgs),
     /// Write the training rows of a recipe to a flat uint16 token file (step-major, then row,
     /// each row seq_len + 1 tokens), e.g. to train a reference implementation on the same data.
     DumpData {
@@ -89,6 +89,35 @@ enum Command {
     Check {
         #[command(subcommand)]
         what: CheckCommand,
+    },
+    /// Predict the peak memory of one process of a run, by kind, for the configured run and for
+    /// every stage × offload tier × recompute setting (or, with --fit, the largest GPT that fits).
+    Estimate {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// Ranks of the launch.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        world: usize,
+        /// All ranks in this process (`kiln train --simulate N`) instead of one per process.
+        #[arg(long)]
+        simulate: bool,
+        /// Print one JSON object (the configured run carries `predicted_peak_rss_bytes`).
+        #[arg(long)]
+        json: bool,
+        /// The largest model of the GPT family that fits, per stage and offload tier.
+        #[arg(long)]
+        fit: bool,
+        /// With --fit: memory per process, GiB (default: what this process may use).
+        #[arg(long, value_name = "GIB")]
+        memory: Option<f64>,
+    },
+    /// Draw a run's metrics.jsonl as PNG files: loss and learning rate, memory by kind, step time.
+    Plot {
+        /// The run's output.dir (holding metrics.jsonl).
+        run_dir: PathBuf,
+        /// Where to write the PNGs (default: RUN_DIR/plots).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// Benchmarks that print ratios against the strongest reference on this machine.
     Bench {
@@ -205,6 +234,17 @@ pub fn main() -> i32 {
                     mismatch,
                 },
         } => check_comm(simulate, large, mismatch),
+        Command::Estimate {
+            recipe,
+            world,
+            simulate,
+            json,
+            fit,
+            memory,
+        } => recipe.load().and_then(|cfg| {
+            crate::memory::report::run(&cfg, world, simulate, json, fit, memory)
+        }),
+        Command::Plot { run_dir, out } => crate::plot::run(&run_dir, out.as_deref()),
         Command::Bench { what } => crate::bench::run(what),
     };
     match result {

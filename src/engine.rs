@@ -4,9 +4,9 @@
 //! `(y · dy).sum().backward()` — yields its parameter gradients and its input gradient, which is
 //! the next upstream gradient. burn has no per-parameter hooks; this is where kiln's come from.
 //!
-//! With `recompute` the forward runs on untracked tensors (nothing requires grad, so no graph is
-//! kept) and keeps only each unit's input; the backward recomputes the unit with tracked tensors
-//! first (activation checkpointing per unit). Both forwards go through the autodiff device:
+//! A unit that recomputes (`train.recompute`, per unit; every unit under ZeRO-3) runs its forward
+//! on untracked tensors (nothing requires grad, so no graph is kept) and keeps only its input;
+//! its backward recomputes it with tracked tensors first (activation checkpointing per unit). Both forwards go through the autodiff device:
 //! burn dispatches some ops differently without it (flex's native attention instead of the
 //! decomposed one autodiff uses), which would change the recomputed inputs in the last bit.
 
@@ -14,6 +14,7 @@ mod eval;
 
 use crate::error::Result;
 use crate::flat::ModelLayout;
+use crate::memory::phases::Phase;
 use crate::model::{MicroBatch, UnitModel};
 use crate::strategy::{MicroStep, Strategy};
 use burn::tensor::{Device, Tensor, TensorData};
@@ -28,7 +29,9 @@ pub struct Engine {
     device: Device,
     /// The same device with autodiff.
     autodiff: Device,
-    recompute: bool,
+    /// Per unit: keep only its input in forward and recompute it in backward
+    /// (`train.recompute` resolved; see [`Engine::with_recompute_units`]).
+    recompute: Vec<bool>,
     /// Reused gradient buffer of one unit (padded length of the largest unit).
     grad_scratch: Vec<f32>,
     /// Per unit, the gradient its borrowers (tied weights) computed for its parameters in this
@@ -40,6 +43,9 @@ pub struct Engine {
     /// Host time spent uploading parameters and downloading gradients since the last
     /// [`Engine::take_transfer_ms`] (a `Cell`: uploads happen where only `&self` is at hand).
     transfer: Cell<Duration>,
+    /// Peak memory by phase (issue 14): forward and backward are marked here, the rest of the
+    /// step by the train loop through [`Engine::phases`]. Disabled unless the loop enables it.
+    phases: crate::memory::phases::PhaseMeter,
 }
 
 /// What a unit kept from the forward pass for its backward.
@@ -82,12 +88,30 @@ impl Engine {
             layout,
             device,
             autodiff,
-            recompute,
+            recompute: vec![recompute; lent_ranges.len()],
             grad_scratch: vec![0.0; largest],
             borrowed_grads,
             lent_ranges,
             transfer: Cell::new(Duration::ZERO),
+            phases: Default::default(),
         }
+    }
+
+    /// Recompute exactly the units flagged (one flag per unit, as `Plan::recompute`) instead
+    /// of all or none.
+    pub fn with_recompute_units(mut self, units: Vec<bool>) -> Self {
+        assert_eq!(
+            units.len(),
+            self.recompute.len(),
+            "one recompute flag per unit"
+        );
+        self.recompute = units;
+        self
+    }
+
+    /// The memory-by-phase meter; [`crate::memory::phases::PhaseMeter::new`] to enable it.
+    pub fn phases(&mut self) -> &mut crate::memory::phases::PhaseMeter {
+        &mut self.phases
     }
 
     /// The device data should be placed on.
@@ -154,15 +178,18 @@ impl Engine {
         micro: MicroStep,
     ) -> Result<f32> {
         let num_units = self.model.num_units();
-        let recompute = self.recompute || strategy.requires_recompute();
+        self.phases.enter(Phase::Forward);
         let mut saved = Vec::with_capacity(num_units);
         let mut x: Option<Tensor<3>> = None;
         for unit in 0..num_units {
             strategy.before_forward(unit)?;
-            if recompute {
+            if strategy.requires_recompute(unit) || self.recompute[unit] {
                 let params = self.param_tensors(unit, strategy, &self.autodiff, false);
-                let y = self.model.forward_unit(unit, &params, x.clone(), batch);
-                saved.push(Saved::Input(x.take()));
+                // Detached: after a unit that kept its graph the input is tracked, and this
+                // unit's forward would build the graph recompute is meant to avoid.
+                let input = x.take().map(|t| t.detach());
+                let y = self.model.forward_unit(unit, &params, input.clone(), batch);
+                saved.push(Saved::Input(input));
                 x = Some(y);
             } else {
                 let params = self.param_tensors(unit, strategy, &self.autodiff, true);
@@ -183,6 +210,7 @@ impl Engine {
             .as_slice::<f32>()
             .expect("f32 loss")[0];
 
+        self.phases.enter(Phase::Backward);
         let mut upstream = Tensor::<3>::ones([1, 1, 1], &self.device);
         for unit in (0..num_units).rev() {
             strategy.before_backward(unit)?;

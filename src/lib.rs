@@ -24,6 +24,7 @@ pub mod model;
 pub mod offload;
 pub mod optim;
 pub mod plan;
+pub mod plot;
 pub mod rng;
 pub mod sample;
 pub mod signals;

@@ -38,6 +38,9 @@ pub struct Plan {
     pub offload: Tier,
     /// `train.device`: which device each rank computes on is chosen where it runs.
     pub device: crate::device::DeviceSetting,
+    /// `train.recompute` resolved: one flag per unit, whether it recomputes its forward in
+    /// backward. (ZeRO-3 recomputes every unit whatever this says.)
+    pub recompute: Vec<bool>,
 }
 
 fn bad(key: &str, msg: impl std::fmt::Display) -> KilnError {
@@ -193,8 +196,19 @@ impl Plan {
             bucket_bytes: (p.bucket_mb * 1024.0 * 1024.0) as usize,
             offload,
             device: crate::device::DeviceSetting::parse(&t.device)?,
+            recompute: resolve_recompute(&t.recompute, model)?,
         })
     }
+}
+
+/// `train.recompute` as one flag per unit of `model`.
+fn resolve_recompute(setting: &crate::config::Recompute, model: GptConfig) -> Result<Vec<bool>> {
+    use crate::model::UnitModel;
+    let gpt = crate::model::Gpt::new(model);
+    let names: Vec<String> = (0..gpt.num_units()).map(|u| gpt.unit_name(u)).collect();
+    setting
+        .resolve(&names)
+        .map_err(|e| bad("train.recompute", format!("{e}; expected {}", crate::config::RECOMPUTE_FORMS)))
 }
 
 /// The model shape `[model]` describes: the preset with any fields overridden.

@@ -429,7 +429,7 @@ fn kiln_config_prints_a_recipe_that_resolves_the_same() {
     let (direct, _) = config::load_layers(Some(&tiny), Some(&ds), &[]).unwrap();
     assert_eq!(reread, direct);
     assert!(
-        direct.train.recompute,
+        direct.train.recompute == config::Recompute::All,
         "activation_checkpointing switches recompute on"
     );
     assert_eq!(direct.parallel.bucket_mb, 5e5 * 4.0 / (1 << 20) as f64);

@@ -143,14 +143,16 @@ fn zero_stages_over_mpi_equal_ddp_over_local_threads_bitwise() {
     assert!(out.status.success(), "{}", text(&out));
     let want = std::fs::read(&reference).unwrap();
     // The nvme tier under real processes: one state file per rank in the shared directory.
-    for (stage, tier) in [
-        (1, "none"),
-        (2, "none"),
-        (3, "none"),
-        (1, "nvme"),
-        (3, "nvme"),
+    // `reshard` is stage 3's parallel.reshard_after_forward (false: graphs keep the units).
+    for (stage, tier, reshard) in [
+        (1, "none", true),
+        (2, "none", true),
+        (3, "none", true),
+        (1, "nvme", true),
+        (3, "nvme", true),
+        (3, "none", false),
     ] {
-        let file = dir.join(format!("zero{stage}-{tier}-mpi.safetensors"));
+        let file = dir.join(format!("zero{stage}-{tier}-{reshard}-mpi.safetensors"));
         let mut args = train_args(&dir, file.to_str().unwrap());
         args.extend([
             "--set".into(),
@@ -163,13 +165,15 @@ fn zero_stages_over_mpi_equal_ddp_over_local_threads_bitwise() {
             format!("offload.nvme_path={}", dir.display()),
             "--set".into(),
             "offload.chunk_mb=1".into(),
+            "--set".into(),
+            format!("parallel.reshard_after_forward={reshard}"),
         ]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = mpirun(2, &args);
         assert!(out.status.success(), "stage {stage} {tier}: {}", text(&out));
         assert!(
             std::fs::read(&file).unwrap() == want,
-            "stage {stage} tier {tier} over MPI differs from DDP over local threads"
+            "stage {stage} tier {tier} reshard {reshard} over MPI differs from DDP over local threads"
         );
     }
     let optim_files = std::fs::read_dir(&dir)

@@ -169,3 +169,74 @@ fn tied_embeddings_with_key_bias_are_bitwise_equal_across_stages() {
         }
     }
 }
+
+/// `parallel.reshard_after_forward = false` (FSDP2's knob): a unit's forward graph keeps its
+/// gathered parameters until its backward, which then neither gathers nor recomputes. The
+/// arithmetic is unchanged, so the run is bitwise DDP (and the default) at N = 2 and 3, with
+/// accumulation, on the nvme tier, with persistent units, with `train.recompute` (units that
+/// recompute are gathered again) and with tied embeddings (the head's graph keeps its copy of
+/// `wte`). The memory report counts the units held by graphs: at the peak every unit at once.
+#[test]
+fn reshard_after_forward_false_is_bitwise_ddp_and_holds_every_unit() {
+    let scratch = common::Scratch::new("reshard-nvme");
+    let nvme = format!("offload.nvme_path={}", scratch.str());
+    let keep = "parallel.reshard_after_forward=false";
+    for (world, accum) in [(2, 2), (3, 3)] {
+        let ddp = run(0, world, accum);
+        let resharded = run(3, world, accum);
+        let kept = run_with(3, world, accum, &[keep]);
+        for (name, extra) in [
+            ("kept", vec![keep]),
+            ("nvme", vec![keep, "offload.optimizer=nvme", nvme.as_str()]),
+            ("persistent", vec![keep, "parallel.persist_threshold=3000"]),
+            ("recompute", vec![keep, "train.recompute=true"]),
+        ] {
+            let zero = if name == "kept" {
+                kept.clone()
+            } else {
+                run_with(3, world, accum, &extra)
+            };
+            assert_eq!(zero.losses, ddp.losses, "{name} N={world}: losses differ");
+            for (u, (a, b)) in zero.params.iter().zip(&ddp.params).enumerate() {
+                assert!(
+                    common::bitwise_equal(a, b),
+                    "{name} N={world} accum={accum}: unit {u} differs from DDP"
+                );
+            }
+        }
+        let gpt2 = ["model.tie_embeddings=true", "model.qkv_bias=qkv"];
+        let tied_ddp = run_with(0, world, accum, &gpt2);
+        let tied = run_with(3, world, accum, &[gpt2[0], gpt2[1], keep]);
+        assert_eq!(
+            tied.losses, tied_ddp.losses,
+            "tied N={world}: losses differ"
+        );
+        for (a, b) in tied.params.iter().zip(&tied_ddp.params) {
+            assert!(
+                common::bitwise_equal(a, b),
+                "tied N={world}: differs from DDP"
+            );
+        }
+
+        // The default holds the running unit and the prefetched one (prefetch = 1); kept
+        // graphs hold every unit at the end of forward, plus the prefetch + 1 = 2 released
+        // gather buffers kept for the next forward. The pre-run replay (preflight) counts the
+        // same.
+        use kiln::memory::model_states::{
+            zero3_peak_gather_buffers, zero3_peak_gather_buffers_with,
+        };
+        let units = kept.layout.units.len();
+        let largest = 4 * kept
+            .layout
+            .units
+            .iter()
+            .map(|u| u.padded_len)
+            .max()
+            .unwrap();
+        let none = vec![false; units];
+        assert_eq!(zero3_peak_gather_buffers(&none, 1), 2);
+        assert_eq!(resharded.summary.memory.gathered, 2 * largest);
+        assert_eq!(zero3_peak_gather_buffers_with(&none, &none, 1), units + 2);
+        assert_eq!(kept.summary.memory.gathered, (units + 2) * largest);
+    }
+}

@@ -4,9 +4,11 @@
 
 mod deepspeed;
 mod load;
+mod recompute;
 
 pub use deepspeed::Translation;
 pub use load::{load, load_layers, parse_set};
+pub use recompute::{Recompute, RECOMPUTE_FORMS};
 
 use serde::{Deserialize, Serialize};
 
@@ -179,8 +181,9 @@ pub struct TrainConfig {
     /// seq_len + 1 tokens of `data.val_path` (stride seq_len), the same rows at every
     /// evaluation and every world size.
     pub eval_batches: usize,
-    /// Recompute each unit's forward in backward instead of keeping activations.
-    pub recompute: bool,
+    /// Which units recompute their forward in backward instead of keeping activations:
+    /// `false` (default), `true`, `"every:K"` or a list of unit names; see [`Recompute`].
+    pub recompute: Recompute,
     /// Clip the global gradient norm to this value; 0 turns clipping off.
     pub clip_grad: f64,
     /// Compute threads per rank; 0 means cores ÷ ranks on this node. At most the cores this
@@ -219,7 +222,7 @@ impl Default for TrainConfig {
             seed: 0,
             eval_every: 0,
             eval_batches: 8,
-            recompute: false,
+            recompute: Recompute::Off,
             clip_grad: 1.0,
             threads: 0,
             preflight: true,
@@ -242,6 +245,12 @@ pub struct ParallelConfig {
     pub prefetch: usize,
     /// Stage 3: units with fewer parameters than this stay whole on every rank.
     pub persist_threshold: usize,
+    /// Stage 3 (FSDP2's knob of the same name): `true` (default) releases a unit's gathered
+    /// parameters after its forward and gathers it again, recomputing its forward, in backward;
+    /// `false` keeps the unit and its forward graph from its forward to its backward (no second
+    /// gather, no recompute; within a step every parameter is held whole at the peak, as in
+    /// ZeRO-2; parameters are still sharded between steps).
+    pub reshard_after_forward: bool,
 }
 
 impl Default for ParallelConfig {
@@ -252,6 +261,7 @@ impl Default for ParallelConfig {
             static_graph: true,
             prefetch: 1,
             persist_threshold: 0,
+            reshard_after_forward: true,
         }
     }
 }

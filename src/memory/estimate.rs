@@ -89,15 +89,17 @@ impl Estimate {
 pub fn estimate(plan: &Plan, ranks: usize) -> Estimate {
     let layout = plan_layout(plan);
     let rank_states = rank_model_states(plan, &layout);
-    // ZeRO-3 always recomputes (its parameters are released after forward).
-    let recompute = plan.config.train.recompute || plan.stage == 3;
-    let rank_activations = activation_bytes(plan, recompute);
-    let params = unit_param_bytes(&layout, |_| true) as f64;
+    let recompute = recompute_units(plan);
+    let rank_activations = activation_bytes(plan, &recompute);
+    let kept = unit_param_bytes(&layout, |u| !recompute[u]) as f64;
+    let recomputed = unit_param_bytes(&layout, |u| recompute[u]) as f64;
     let largest = largest_unit_bytes(&layout) as f64;
-    let rank_workspace = if recompute {
-        0.9 * params + 2.5 * largest + 35.0 * MIB
+    // A kept unit's graph holds its parameter tensors until its backward; a recomputed unit's
+    // parameters are uploaded twice, once per forward, and dropped after each.
+    let rank_workspace = if kept == 0.0 {
+        0.9 * recomputed + 2.5 * largest + 35.0 * MIB
     } else {
-        1.8 * params + 3.3 * largest + 12.0 * MIB
+        1.8 * kept + 0.9 * recomputed + 3.3 * largest + 12.0 * MIB
     } as usize;
     let baseline = ((13.5 + 7.5 * ranks as f64) * MIB) as usize;
     let per_rank = rank_states.total() + rank_activations + rank_workspace;
@@ -111,9 +113,23 @@ pub fn estimate(plan: &Plan, ranks: usize) -> Estimate {
     }
 }
 
-/// Activation bytes of one micro-batch (module doc). In f64: a shape a user typed can overflow
-/// integer products, and the result saturates instead.
-fn activation_bytes(plan: &Plan, recompute: bool) -> usize {
+/// Which units recompute: `train.recompute` resolved, and under ZeRO-3 with
+/// `parallel.reshard_after_forward` every unit it releases after forward (the engine's rule).
+pub fn recompute_units(plan: &Plan) -> Vec<bool> {
+    if plan.stage < 3 {
+        return plan.recompute.clone();
+    }
+    let layout = plan_layout(plan);
+    let persistent =
+        super::model_states::persistent_units(&layout, plan.config.parallel.persist_threshold);
+    super::model_states::zero3_recompute_units(plan, &persistent)
+}
+
+/// Activation bytes of one micro-batch (module doc). A kept unit holds its graph from its
+/// forward to its backward; a recomputed one holds its input, and its graph exists only during
+/// its own backward, one unit at a time. In f64: a shape a user typed can overflow integer
+/// products, and the result saturates instead.
+fn activation_bytes(plan: &Plan, recompute: &[bool]) -> usize {
     let m = &plan.model;
     let (b, t, d, h) = (
         plan.micro_batch as f64,
@@ -121,15 +137,26 @@ fn activation_bytes(plan: &Plan, recompute: bool) -> usize {
         m.d_model as f64,
         m.n_heads as f64,
     );
-    let (layers, vocab) = (m.n_layers as f64, m.vocab as f64);
+    let vocab = m.vocab as f64;
     let block = 43.0 * t * d + 3.0 * h * t * t;
     let head = 4.75 * t * vocab;
-    let floats = if recompute {
-        (layers + 2.0) * t * d + block.max(head)
-    } else {
-        layers * block + head
+    let last = recompute.len().saturating_sub(1);
+    // The embedding's graph is one [b, t, d] sum: counted with the inputs.
+    let graph = |u: usize| match u {
+        0 => 0.0,
+        u if u == last => head,
+        _ => block,
     };
-    (4.0 * b * floats) as usize
+    let kept: f64 = (0..recompute.len())
+        .filter(|&u| !recompute[u])
+        .map(graph)
+        .sum();
+    let inputs = recompute.iter().filter(|&&r| r).count() as f64 * t * d;
+    let rebuilt = (0..recompute.len())
+        .filter(|&u| recompute[u])
+        .map(graph)
+        .fold(0.0, f64::max);
+    (4.0 * b * (kept + inputs + rebuilt)) as usize
 }
 
 /// Bytes for people: `512.0 MiB`, `3.1 GiB`, `2.9 TiB`.

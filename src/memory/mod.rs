@@ -6,11 +6,16 @@
 //! - [`estimate()`]: a process's estimate by kind and its predicted peak resident set.
 //! - [`limit`]: the cgroup limit (v2 or v1) or `MemAvailable`.
 //! - [`preflight()`]: refuses, before allocating, a run that cannot fit (`train.preflight`).
+//! - [`report`] and [`fit`]: `kiln estimate` (every stage × tier × recompute; `--fit`).
+//! - [`phases`]: the peak resident set of each phase of a step.
 
 pub mod estimate;
+pub mod fit;
 pub mod limit;
 pub mod model_states;
+pub mod phases;
 mod preflight;
+pub mod report;
 
 pub use estimate::{estimate, Estimate};
 pub use limit::{process_limit, MemoryLimit};

@@ -94,62 +94,94 @@ pub fn persistent_units(layout: &ModelLayout, threshold: usize) -> Vec<bool> {
     layout.units.iter().map(|u| u.numel < threshold).collect()
 }
 
+/// Which units recompute their forward in backward under ZeRO-3: those `train.recompute` names,
+/// and with `parallel.reshard_after_forward` (the default) every unit released after forward,
+/// i.e. all but the persistent ones.
+pub fn zero3_recompute_units(plan: &Plan, persistent: &[bool]) -> Vec<bool> {
+    let reshard = plan.config.parallel.reshard_after_forward;
+    persistent
+        .iter()
+        .enumerate()
+        .map(|(u, &p)| plan.recompute.get(u).copied().unwrap_or(false) || (reshard && !p))
+        .collect()
+}
+
+/// [`zero3_peak_gather_buffers_with`] for the default, `reshard_after_forward = true` without
+/// `train.recompute`: every unit but the persistent ones recomputes.
+pub fn zero3_peak_gather_buffers(persistent: &[bool], prefetch: usize) -> usize {
+    let recomputes: Vec<bool> = persistent.iter().map(|&p| !p).collect();
+    zero3_peak_gather_buffers_with(persistent, &recomputes, prefetch)
+}
+
 /// The most gather buffers ZeRO-3 holds at once (its `peak_gathered` ÷ the largest unit):
 /// replays the hook order of one micro-step and of `full_params` with the strategy's rules —
 /// a unit is gathered before it runs with the next `prefetch` units in flight, released after,
 /// and released buffers are kept for reuse while at most `prefetch + 1` are spare. Persistent
-/// units hold no gather buffer. One step reaches the peak: later ones repeat it.
-pub fn zero3_peak_gather_buffers(persistent: &[bool], prefetch: usize) -> usize {
-    #[derive(Clone, Copy, PartialEq)]
-    enum G {
-        Released,
-        Held,
-    }
+/// units hold no gather buffer. A unit that does not recompute (`recomputes`, as
+/// [`zero3_recompute_units`]) counts as held from its forward to its backward (its graph keeps
+/// its parameters) and is not gathered in backward. One step reaches the peak: later ones
+/// repeat it.
+pub fn zero3_peak_gather_buffers_with(
+    persistent: &[bool],
+    recomputes: &[bool],
+    prefetch: usize,
+) -> usize {
     let n = persistent.len();
-    let mut state: Vec<G> = persistent
-        .iter()
-        .map(|&p| if p { G::Held } else { G::Released })
-        .collect();
+    // Held: a gather buffer full or in flight (persistent units hold none of their own).
+    let mut held: Vec<bool> = persistent.to_vec();
+    let mut in_graph = vec![false; n];
     let (mut spare, mut peak) = (0usize, 0usize);
-    let mut gather = |state: &mut Vec<G>, spare: &mut usize, unit: usize, next: &[usize]| {
+    let note = |held: &[bool], spare: usize, in_graph: &[bool], peak: &mut usize| {
+        let buffers = (0..n).filter(|&u| !persistent[u] && held[u]).count();
+        let graphs = in_graph.iter().filter(|&&g| g).count();
+        *peak = (*peak).max(buffers + spare + graphs);
+    };
+    let gather = |held: &mut [bool], spare: &mut usize, unit: usize, next: &[usize]| {
         for &u in std::iter::once(&unit).chain(next.iter().take(prefetch)) {
-            if state[u] == G::Released {
+            if !held[u] {
                 *spare = spare.saturating_sub(1);
-                state[u] = G::Held;
+                held[u] = true;
             }
         }
-        let held = (0..n)
-            .filter(|&u| !persistent[u] && state[u] == G::Held)
-            .count();
-        peak = peak.max(held + *spare);
     };
-    let release = |state: &mut Vec<G>, spare: &mut usize, unit: usize| {
-        if !persistent[unit] && state[unit] == G::Held {
-            state[unit] = G::Released;
+    let release = |held: &mut [bool], spare: &mut usize, unit: usize| {
+        if !persistent[unit] && held[unit] {
+            held[unit] = false;
             if *spare <= prefetch {
                 *spare += 1;
             }
         }
     };
+    let gathers_in_backward = |u: usize| recomputes[u] || persistent[u];
     for u in 0..n {
         let next: Vec<usize> = (u + 1..n).collect();
-        gather(&mut state, &mut spare, u, &next);
-        release(&mut state, &mut spare, u);
+        gather(&mut held, &mut spare, u, &next);
+        note(&held, spare, &in_graph, &mut peak);
+        release(&mut held, &mut spare, u);
+        if !gathers_in_backward(u) {
+            in_graph[u] = true;
+            note(&held, spare, &in_graph, &mut peak);
+        }
     }
     for u in (0..n).rev() {
-        let next: Vec<usize> = (0..u).rev().collect();
-        gather(&mut state, &mut spare, u, &next);
-        release(&mut state, &mut spare, u);
+        if gathers_in_backward(u) {
+            let next: Vec<usize> = (0..u).rev().filter(|&q| gathers_in_backward(q)).collect();
+            gather(&mut held, &mut spare, u, &next);
+            note(&held, spare, &in_graph, &mut peak);
+        }
+        in_graph[u] = false;
+        release(&mut held, &mut spare, u);
     }
     // After the step, persistent units are gathered afresh from their updated shards: each
     // takes a spare buffer, if there is one, and keeps it.
-    for u in (0..n).filter(|&u| persistent[u]) {
+    for _ in persistent.iter().filter(|&&p| p) {
         spare = spare.saturating_sub(1);
-        gather(&mut state, &mut spare, u, &[]);
+        note(&held, spare, &in_graph, &mut peak);
     }
     for u in 0..n {
-        gather(&mut state, &mut spare, u, &[]);
-        release(&mut state, &mut spare, u);
+        gather(&mut held, &mut spare, u, &[]);
+        note(&held, spare, &in_graph, &mut peak);
+        release(&mut held, &mut spare, u);
     }
     peak
 }
@@ -199,7 +231,9 @@ pub fn rank_model_states(plan: &Plan, layout: &ModelLayout) -> MemoryReport {
         };
     }
     let persistent = persistent_units(layout, plan.config.parallel.persist_threshold);
-    let buffers = zero3_peak_gather_buffers(&persistent, plan.config.parallel.prefetch);
+    let recomputes = zero3_recompute_units(plan, &persistent);
+    let buffers =
+        zero3_peak_gather_buffers_with(&persistent, &recomputes, plan.config.parallel.prefetch);
     MemoryReport {
         params_full: unit_param_bytes(layout, |u| persistent[u]),
         param_shards: shard_param_bytes(layout),

@@ -86,7 +86,7 @@ fn candidates(plan: &Plan) -> Vec<Candidate> {
     } else {
         vec![false, true]
     };
-    let recomputes = if plan.config.train.recompute {
+    let recomputes = if plan.recompute.iter().all(|&r| r) {
         vec![false]
     } else {
         vec![false, true]
@@ -109,7 +109,8 @@ fn candidates(plan: &Plan) -> Vec<Candidate> {
                         changes.push("offload.optimizer=nvme".into());
                     }
                     if recompute {
-                        p.config.train.recompute = true;
+                        p.config.train.recompute = crate::config::Recompute::All;
+                        p.recompute = vec![true; plan.recompute.len()];
                         changes.push("train.recompute=true".into());
                     }
                     if micro != m {

@@ -86,9 +86,11 @@ impl MemoryReport {
 
 /// A data-parallel strategy (DDP or a ZeRO stage).
 pub trait Strategy {
-    /// Whether backward must recompute each unit's forward (its parameters are released after
-    /// forward, as in ZeRO-3), whatever `train.recompute` says.
-    fn requires_recompute(&self) -> bool {
+    /// Whether backward must recompute `unit`'s forward (its parameters are released after
+    /// forward, as in ZeRO-3 with `parallel.reshard_after_forward`), whatever `train.recompute`
+    /// says.
+    fn requires_recompute(&self, unit: usize) -> bool {
+        let _ = unit;
         false
     }
     /// Called before unit `unit` runs forward (stage 3 gathers it here).

@@ -6,6 +6,13 @@
 //! as in ZeRO-2. Units with fewer parameters than `parallel.persist_threshold` stay whole on
 //! every rank (DeepSpeed's stage3_param_persistence_threshold).
 //!
+//! `parallel.reshard_after_forward = false` (FSDP2's knob) trades memory for that second gather
+//! and forward: a unit's forward keeps its graph, which holds the unit's gathered parameters
+//! until its backward (the gather buffer itself goes back to the pool: the graph has its own
+//! copy), so backward neither gathers nor recomputes it. Inside the step every parameter is then
+//! held whole at the peak, as in ZeRO-2; between steps only the shards are kept. Persistent units
+//! never recompute (nothing was released), whatever the setting.
+//!
 //! A unit that reads another unit's parameters (tied embeddings: the head reads `wte`) gathers
 //! that unit too while it runs, and releases it with itself.
 //!
@@ -61,6 +68,13 @@ pub struct Zero3 {
     grads: GradBuckets,
     /// Largest number of bytes held in gathered units at once.
     peak_gathered: usize,
+    /// Per unit: the engine recomputes its forward in backward (`train.recompute`, or released
+    /// after forward), so backward gathers it again.
+    recomputes: Vec<bool>,
+    /// Per unit: its forward graph holds its gathered parameters until its gradients are ready
+    /// (`reshard_after_forward = false`).
+    in_graph: Vec<bool>,
+    reshard_after_forward: bool,
 }
 
 impl Zero3 {
@@ -89,6 +103,7 @@ impl Zero3 {
                 Gathered::Released
             });
         }
+        let recomputes = crate::memory::model_states::zero3_recompute_units(plan, &persistent);
         let lenders = (0..layout.units.len())
             .map(|u| model.borrowed_params(u).iter().map(|r| r.unit).collect())
             .collect();
@@ -118,6 +133,9 @@ impl Zero3 {
             grad_divisor: (plan.world * plan.grad_accum) as f32,
             grads,
             peak_gathered: 0,
+            in_graph: vec![false; recomputes.len()],
+            recomputes,
+            reshard_after_forward: plan.config.parallel.reshard_after_forward,
         })
     }
 
@@ -150,13 +168,22 @@ impl Zero3 {
         for u in next.take(self.prefetch) {
             self.start_gather(u);
         }
+        self.note_peak();
+        Ok(())
+    }
+
+    /// Counts what is held now into the peak: gather buffers (full, in flight, spare) and
+    /// units whose forward graph holds their parameters, each as large as the largest unit
+    /// (`memory::model_states` replays the same count before a run).
+    fn note_peak(&mut self) {
         let held: usize = self
             .gathered
             .iter()
             .zip(&self.persistent)
             .filter(|(g, p)| !**p && !matches!(g, Gathered::Released))
             .count()
-            + self.spare.len();
+            + self.spare.len()
+            + self.in_graph.iter().filter(|&&g| g).count();
         let largest = self
             .layout
             .units
@@ -165,7 +192,6 @@ impl Zero3 {
             .max()
             .unwrap_or(0);
         self.peak_gathered = self.peak_gathered.max(held * largest * 4);
-        Ok(())
     }
 
     /// Persistent units are whole on every rank: regathers them from the (updated) shards.
@@ -210,8 +236,8 @@ impl Zero3 {
 }
 
 impl Strategy for Zero3 {
-    fn requires_recompute(&self) -> bool {
-        true
+    fn requires_recompute(&self, unit: usize) -> bool {
+        self.reshard_after_forward && !self.persistent[unit]
     }
 
     fn before_forward(&mut self, unit: usize) -> Result<()> {
@@ -230,15 +256,30 @@ impl Strategy for Zero3 {
     fn after_forward(&mut self, unit: usize) -> Result<()> {
         self.release(unit);
         self.release_lenders(unit);
+        if !self.recomputes[unit] && !self.persistent[unit] {
+            self.in_graph[unit] = true;
+            self.note_peak();
+        }
         Ok(())
     }
 
     fn before_backward(&mut self, unit: usize) -> Result<()> {
-        self.gather(unit, (0..unit).rev())?;
-        self.gather_lenders(unit)
+        // Only units gathered again in backward are worth prefetching; with the default every
+        // unit is (persistent ones are whole already), and this is the plain reverse order.
+        let gathers = |u: usize| self.recomputes[u] || self.persistent[u];
+        if !gathers(unit) {
+            return Ok(());
+        }
+        let next: Vec<usize> = (0..unit).rev().filter(|&u| gathers(u)).collect();
+        self.gather(unit, next.into_iter())?;
+        if self.recomputes[unit] {
+            self.gather_lenders(unit)?;
+        }
+        Ok(())
     }
 
     fn on_grads_ready(&mut self, unit: usize, grads: &[f32], micro: MicroStep) -> Result<()> {
+        self.in_graph[unit] = false;
         self.release(unit);
         self.release_lenders(unit);
         self.grads.on_grads(unit, grads, micro)

@@ -1,6 +1,7 @@
 //! Run outputs on rank 0: `metrics.jsonl` (one object per optimizer step) and `summary.json`.
 
 use crate::error::{KilnError, Result};
+use crate::memory::phases::PhasePeaks;
 use crate::strategy::MemoryReport;
 use serde::Serialize;
 use std::io::Write;
@@ -34,8 +35,11 @@ pub struct StepRecord {
     pub tokens_per_s: f64,
     /// Model-state bytes by kind on this rank.
     pub memory: MemoryReport,
-    /// Peak resident set size so far (VmHWM), MiB.
+    /// Peak resident set size of the process so far (VmHWM), MiB.
     pub peak_rss_mb: f64,
+    /// Peak resident set of the process within each phase of this step, MiB (issue 14; see
+    /// [`crate::memory::phases`]); `null` for a phase that did not run or is not metered.
+    pub phase_peak: PhasePeaks,
     /// Device memory burn's allocator holds at the end of the step (pages kept for reuse
     /// included), MiB; `null` on the CPU.
     pub gpu_reserved_mb: Option<f64>,
@@ -81,8 +85,12 @@ pub struct Summary {
     pub median_step_ms: f64,
     /// Tokens per second at the median step time.
     pub tokens_per_s: f64,
-    /// Peak resident set size (VmHWM), MiB.
+    /// Peak resident set size of the process (VmHWM), MiB.
     pub peak_rss_mb: f64,
+    /// The run's peak resident set within each phase, MiB (the largest over its steps).
+    pub phase_peak: PhasePeaks,
+    /// What `kiln estimate` predicts for the peak resident set of this process, MiB.
+    pub predicted_peak_rss_mb: f64,
     /// Model-state bytes by kind on rank 0.
     pub memory: MemoryReport,
     /// Wall time of the run, s.

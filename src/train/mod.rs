@@ -15,10 +15,13 @@ use crate::data;
 use crate::engine::Engine;
 use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
+use crate::memory::phases::{Phase, PhaseMeter, PhasePeaks};
 use crate::model::Gpt;
 use crate::plan::Plan;
 use crate::strategy::{self, MicroStep};
 use indicatif::{ProgressBar, ProgressStyle};
+
+const MIB: f64 = (1u64 << 20) as f64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -123,8 +126,14 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         Box::new(model),
         layout.clone(),
         rank_device.burn_device(),
-        plan.config.train.recompute,
-    );
+        false,
+    )
+    .with_recompute_units(plan.recompute.clone());
+    // VmHWM is per process: with --simulate only rank 0 meters it (memory::phases), and runs
+    // without outputs (tests in one process) leave it alone.
+    let meter = !opts.no_outputs && (lead || comm.backend() != "local");
+    *engine.phases() = PhaseMeter::new(meter);
+    let mut run_phase_peak = PhasePeaks::default();
 
     // Output paths are created now, so that one that cannot be written fails before training.
     let outputs = || -> Result<Option<MetricsWriter>> {
@@ -151,6 +160,9 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         "rank {rank} (local rank {}) computes on {rank_device}",
         crate::comm::placement(rank, world).local_rank
     );
+    // The same estimate as the preflight check: all ranks of --simulate share this process.
+    let ranks_here = if comm.backend() == "local" { world } else { 1 };
+    let estimate = crate::memory::estimate(plan, ranks_here);
     if lead {
         tracing::info!("{}", source.describe());
         if let Some(v) = &validation {
@@ -165,6 +177,16 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
             plan.global_batch,
             plan.micro_batch,
             plan.grad_accum
+        );
+        tracing::info!(
+            "memory: estimate {} per process ({}); {}",
+            crate::memory::estimate::bytes(estimate.peak),
+            estimate.breakdown(),
+            crate::memory::process_limit().map_or("the limit cannot be read".into(), |l| format!(
+                "this process may use {} ({})",
+                crate::memory::estimate::bytes(l.bytes as usize),
+                l.source
+            ))
         );
     }
     let bar = progress_bar(lead && !opts.quiet, plan.steps);
@@ -216,7 +238,9 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
             )?;
         }
         let lr = plan.schedule.at(step);
+        engine.phases().enter(Phase::Optimizer);
         let stats = strategy.step(step, lr)?;
+        engine.phases().enter(Phase::Other);
         loss_buf[0] = loss_sum;
         loss_buf[1] = if opts.stop.requested() { 1.0 } else { 0.0 };
         comm.set_serves("the step's loss");
@@ -245,6 +269,22 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
             }
             _ => None,
         };
+        // Before the step's metrics line, which carries the save's memory peak.
+        if checkpoint_due(step + 1) || (stop && !plan.config.checkpoint.dir.is_empty()) {
+            engine.phases().enter(Phase::Checkpoint);
+            last_checkpoint = checkpoint::save(
+                plan,
+                comm.as_ref(),
+                strategy.as_mut(),
+                step + 1,
+                &source.describe(),
+            )
+            .map(Some)?;
+            engine.phases().enter(Phase::Other);
+        }
+        let phase_peak = engine.phases().take_step();
+        run_phase_peak = run_phase_peak.max(phase_peak);
+        let peak_rss_mb = engine.phases().run_peak() as f64 / MIB;
         if let Some(w) = writer.as_mut() {
             w.write(&StepRecord {
                 step: step + 1,
@@ -258,22 +298,13 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
                 transfer_ms,
                 tokens_per_s,
                 memory: strategy.memory(),
-                peak_rss_mb: peak_rss_bytes() as f64 / (1 << 20) as f64,
+                peak_rss_mb,
+                phase_peak,
                 gpu_reserved_mb: engine
                     .device()
                     .memory_pool_usage()
                     .map(|u| u.bytes_reserved as f64 / (1 << 20) as f64),
             })?;
-        }
-        if checkpoint_due(step + 1) || (stop && !plan.config.checkpoint.dir.is_empty()) {
-            last_checkpoint = checkpoint::save(
-                plan,
-                comm.as_ref(),
-                strategy.as_mut(),
-                step + 1,
-                &source.describe(),
-            )
-            .map(Some)?;
         }
         let log_every = plan.config.output.log_every;
         if lead && log_every > 0 && (step + 1) % log_every == 0 {
@@ -334,7 +365,9 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         num_params: layout.num_params(),
         median_step_ms: median_ms,
         tokens_per_s: tokens_per_step / (median_ms / 1e3),
-        peak_rss_mb: peak_rss_bytes() as f64 / (1 << 20) as f64,
+        peak_rss_mb: engine.phases().run_peak() as f64 / MIB,
+        phase_peak: run_phase_peak,
+        predicted_peak_rss_mb: estimate.peak as f64 / MIB,
         memory: strategy.memory(),
         wall_s: started.elapsed().as_secs_f64(),
     };
@@ -374,6 +407,18 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
             summary.tokens_per_s,
             summary.peak_rss_mb,
             summary.wall_s
+        );
+        tracing::info!(
+            "memory: peak RSS {:.0} MiB measured, {:.0} MiB estimated ({:+.1}%){}",
+            summary.peak_rss_mb,
+            summary.predicted_peak_rss_mb,
+            (summary.predicted_peak_rss_mb / summary.peak_rss_mb - 1.0) * 100.0,
+            summary
+                .phase_peak
+                .largest()
+                .map_or(String::new(), |(phase, mb)| format!(
+                    "; the largest phase peak is the {phase}'s, {mb:.0} MiB"
+                ))
         );
     }
     Ok(RunOutcome {
