@@ -153,19 +153,13 @@ fn hf_export_of_the_fixture_is_the_fixture() {
     let scratch = Scratch::new("hf-export");
     let ck = scratch.path("ck").display().to_string();
     let out = scratch.path("hf");
-    let mut args = vec!["train".to_string(), "--quiet".into()];
-    for s in fixture_sets().into_iter().chain([
+    common::train_process(fixture_sets().into_iter().chain([
         "train.steps=1".into(),
         "train.micro_batch=2".into(),
         "train.lr=1e-30".into(),
         format!("checkpoint.dir={ck}"),
         format!("output.dir={}", scratch.path("run").display()),
-    ]) {
-        args.extend(["--set".into(), s]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let trained = kiln(&args);
-    assert!(trained.status.success(), "{}", output_text(&trained));
+    ]));
     let exported = kiln(&["export", "--format", "hf", &ck, out.to_str().unwrap()]);
     assert!(exported.status.success(), "{}", output_text(&exported));
 
@@ -213,20 +207,14 @@ fn hf_export_of_the_fixture_is_the_fixture() {
 fn untied_qv_model_round_trips_through_hf() {
     let scratch = Scratch::new("hf-roundtrip");
     let ck = scratch.path("ck").display().to_string();
-    let mut args = vec!["train".to_string(), "--quiet".into()];
-    for s in common::TEST_MODEL.iter().map(|s| s.to_string()).chain([
+    common::train_process(common::TEST_MODEL.iter().map(|s| s.to_string()).chain([
         "train.steps=2".into(),
         "train.global_batch=2".into(),
         "train.micro_batch=2".into(),
         "train.threads=1".into(),
         format!("checkpoint.dir={ck}"),
         format!("output.dir={}", scratch.path("run").display()),
-    ]) {
-        args.extend(["--set".into(), s]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let trained = kiln(&args);
-    assert!(trained.status.success(), "{}", output_text(&trained));
+    ]));
     let hf = scratch.path("hf");
     let exported = kiln(&["export", &ck, hf.to_str().unwrap()]);
     assert!(exported.status.success(), "{}", output_text(&exported));

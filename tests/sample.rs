@@ -80,16 +80,7 @@ fn greedy_from_a_kiln_checkpoint_of_the_fixture_equals_transformers_argmax() {
         format!("checkpoint.dir={ck}"),
         format!("output.dir={}", scratch.path("run").display()),
     ];
-    let mut args = vec!["train".to_string(), "--quiet".into()];
-    for s in sets {
-        args.extend(["--set".into(), s]);
-    }
-    let trained = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(&args)
-        .env("KILN_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(trained.status.success(), "{}", output_text(&trained));
+    common::train_process(sets);
     let want = ids(&r["greedy_ids"]);
     let n = want.len().to_string();
     let prompt = r["prompt_text"].as_str().unwrap();
@@ -146,8 +137,7 @@ fn a_checkpoint_samples_with_its_datas_tokenizer() {
     std::fs::write(data.join("meta.json"), r#"{"tokenizer": "bytes"}"#).unwrap();
     let ck = scratch.path("ck").display().to_string();
     let f = fixture().display().to_string();
-    let mut args = vec!["train".to_string(), "--quiet".into()];
-    for s in [
+    common::train_process([
         format!("model.init_from={f}"),
         "model.qkv_bias=qkv".into(),
         "model.tie_embeddings=true".into(),
@@ -160,15 +150,7 @@ fn a_checkpoint_samples_with_its_datas_tokenizer() {
         "train.threads=1".into(),
         format!("checkpoint.dir={ck}"),
         format!("output.dir={}", scratch.path("run").display()),
-    ] {
-        args.extend(["--set".into(), s]);
-    }
-    let trained = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(&args)
-        .env("KILN_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(trained.status.success(), "{}", output_text(&trained));
+    ]);
     let sampled = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(["sample", "--checkpoint", &ck, "--prompt", "Hello"])

@@ -73,6 +73,19 @@ pub fn small_run_resumed(
     Ok(launch::simulate(&config(&sets), world, &opts)?.swap_remove(0))
 }
 
+/// Runs `kiln train --quiet` as a process with these `--set` overrides and asserts that it
+/// succeeded (warnings only in its log).
+pub fn train_process(sets: impl IntoIterator<Item = String>) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.args(["train", "--quiet"]).env("KILN_LOG", "warn");
+    for s in sets {
+        cmd.args(["--set", &s]);
+    }
+    let out = cmd.output().expect("kiln runs");
+    assert!(out.status.success(), "{}", output_text(&out));
+    out
+}
+
 /// A fresh, empty scratch directory for one test (removed when dropped).
 pub struct Scratch(pub PathBuf);
 
