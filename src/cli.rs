@@ -241,9 +241,9 @@ pub fn main() -> i32 {
             json,
             fit,
             memory,
-        } => recipe.load().and_then(|cfg| {
-            crate::memory::report::run(&cfg, world, simulate, json, fit, memory)
-        }),
+        } => recipe
+            .load()
+            .and_then(|cfg| crate::memory::report::run(&cfg, world, simulate, json, fit, memory)),
         Command::Plot { run_dir, out } => crate::plot::run(&run_dir, out.as_deref()),
         Command::Bench { what } => crate::bench::run(what),
     };

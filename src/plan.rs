@@ -206,9 +206,12 @@ fn resolve_recompute(setting: &crate::config::Recompute, model: GptConfig) -> Re
     use crate::model::UnitModel;
     let gpt = crate::model::Gpt::new(model);
     let names: Vec<String> = (0..gpt.num_units()).map(|u| gpt.unit_name(u)).collect();
-    setting
-        .resolve(&names)
-        .map_err(|e| bad("train.recompute", format!("{e}; expected {}", crate::config::RECOMPUTE_FORMS)))
+    setting.resolve(&names).map_err(|e| {
+        bad(
+            "train.recompute",
+            format!("{e}; expected {}", crate::config::RECOMPUTE_FORMS),
+        )
+    })
 }
 
 /// The model shape `[model]` describes: the preset with any fields overridden.

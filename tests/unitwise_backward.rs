@@ -148,7 +148,10 @@ fn tied_embeddings_and_key_bias_gradients_equal_whole_model_gradients() {
     let cfg = gpt2_style();
     let model = Gpt::new(cfg);
     assert!(
-        model.unit_params(model.num_units() - 1).iter().all(|p| p.path != "lm_head.weight"),
+        model
+            .unit_params(model.num_units() - 1)
+            .iter()
+            .all(|p| p.path != "lm_head.weight"),
         "a tied head has no matrix of its own"
     );
     assert!(model
