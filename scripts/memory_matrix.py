@@ -18,10 +18,21 @@ import subprocess
 import sys
 import tempfile
 
-# tiny at micro-batch 4 is activation-bound, small at 1 model-state-bound (and 4× quicker
-# than at 4, which keeps the matrix to minutes on two cores).
+# The models: a preset's config file, the micro-batch and shape overrides. tiny at micro-batch 4
+# is activation-bound, small at 1 model-state-bound (and 4× quicker than at 4, which keeps the
+# matrix to minutes on two cores). The other shapes (`--models wide,vocab,long,deep,gpt2`) move
+# one term at a time, so that a fit over them does not mistake one term for another.
 RAW = None
-MICRO = {"tiny": 4, "small": 1}
+MODELS = {
+    "tiny": ("tiny", 4, []),
+    "small": ("small", 1, []),
+    "wide": ("tiny", 1, ["model.d_model=1024", "model.n_heads=8"]),
+    "vocab": ("tiny", 4, ["model.vocab=8192"]),
+    "long": ("tiny", 1, ["model.max_seq_len=512", "model.n_heads=8"]),
+    "deep": ("tiny", 2, ["model.n_layers=12", "model.d_model=128", "model.n_heads=2"]),
+    "gpt2": ("tiny", 1, ['model.preset="gpt2-124m"', "model.max_seq_len=256"]),
+}
+MICRO_BATCH = {name: micro for name, (_, micro, _) in MODELS.items()}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,11 +46,11 @@ def run_one(kiln, case, scratch):
         f"offload.nvme_path={scratch}",
         f"train.recompute={recompute}" if recompute != "every:2" else 'train.recompute="every:2"',
         "train.steps=2",
-        f"train.micro_batch={MICRO[model]}",
-        f"train.global_batch={MICRO[model] * n}",
+        f"train.micro_batch={MICRO_BATCH[model]}",
+        f"train.global_batch={MICRO_BATCH[model] * n}",
         f"output.dir={out}",
-    ]
-    config = os.path.join(ROOT, "configs", f"{model}.toml")
+    ] + MODELS[model][2]
+    config = os.path.join(ROOT, "configs", f"{MODELS[model][0]}.toml")
     set_args = [a for s in sets for a in ("--set", s)]
     est_args = [kiln, "estimate", "--json", "--config", config, "--world", str(n)] + set_args
     train = [kiln, "train", "--quiet", "--config", config] + set_args
@@ -71,6 +82,7 @@ def main():
     ap.add_argument("--models", default="tiny,small")
     ap.add_argument("--worlds", default="1,2,4")
     ap.add_argument("--stages", default="0,1,2,3")
+    ap.add_argument("--tiers", default="none,nvme")
     ap.add_argument("--recompute", default="false,true,every:2")
     ap.add_argument("--launch", default="simulate,mpirun", help="simulate and/or mpirun")
     ap.add_argument("--raw", help="append each run's estimate and summary to this JSON-lines file")
@@ -88,7 +100,7 @@ def main():
         cases += [
             (m, s, t, r, n, "simulate")
             for m, s, t, r, n in itertools.product(
-                models, stages, ["none", "nvme"], args.recompute.split(","), worlds
+                models, stages, args.tiers.split(","), args.recompute.split(","), worlds
             )
         ]
     if "mpirun" in launches:
