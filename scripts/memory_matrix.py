@@ -8,6 +8,10 @@ Each run is its own process (VmHWM is per process). Runs go `--jobs` at a time: 
 do not disturb each other while the machine has memory to spare; only step times do.
 
     python3 scripts/memory_matrix.py [--kiln target/release/kiln] [--jobs 2] [--quick]
+
+`--raw FILE` keeps each run (scripts/memory_fit.py refits the estimate's coefficients to such
+files; scripts/memory_runs.jsonl holds the runs of the current fit) and `--from FILE` re-predicts
+kept runs with the current binary, training nothing.
 """
 import argparse
 import concurrent.futures as cf
@@ -36,7 +40,8 @@ MICRO_BATCH = {name: micro for name, (_, micro, _) in MODELS.items()}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_one(kiln, case, scratch):
+def case_args(case, scratch):
+    """The config file and `--set` arguments of one case."""
     model, stage, tier, recompute, n, launch = case
     tag = f"{model}-s{stage}-{tier}-{recompute.replace(':', '')}-n{n}-{launch}"
     out = os.path.join(scratch, tag)
@@ -52,16 +57,31 @@ def run_one(kiln, case, scratch):
     ] + MODELS[model][2]
     config = os.path.join(ROOT, "configs", f"{MODELS[model][0]}.toml")
     set_args = [a for s in sets for a in ("--set", s)]
-    est_args = [kiln, "estimate", "--json", "--config", config, "--world", str(n)] + set_args
+    return config, set_args, out
+
+
+def estimate(kiln, case, scratch):
+    """`kiln estimate --json` for the launch of `case`."""
+    config, set_args, _ = case_args(case, scratch)
+    n, launch = case[4], case[5]
+    args = [kiln, "estimate", "--json", "--config", config, "--world", str(n)] + set_args
+    if launch == "simulate":
+        args.append("--simulate")
+    env = dict(os.environ, KILN_LOG="error")
+    return json.loads(subprocess.run(args, check=True, capture_output=True, env=env).stdout)
+
+
+def run_one(kiln, case, scratch):
+    model, stage, tier, recompute, n, launch = case
+    config, set_args, out = case_args(case, scratch)
     train = [kiln, "train", "--quiet", "--config", config] + set_args
     env = dict(os.environ, KILN_LOG="error")
     if launch == "simulate":
-        est_args.append("--simulate")
         train += ["--simulate", str(n)]
     else:
         train = ["mpirun", "--oversubscribe", "-np", str(n)] + train
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    est = json.loads(subprocess.run(est_args, check=True, capture_output=True, env=env).stdout)
+    est = estimate(kiln, case, scratch)
     r = subprocess.run(train, capture_output=True, env=env, text=True)
     if r.returncode != 0:
         return case, None, None, r.stderr.strip().splitlines()[-1:]
@@ -70,8 +90,25 @@ def run_one(kiln, case, scratch):
     predicted = est["configured"]["predicted_peak_rss_bytes"] / 2**20
     if RAW:
         with open(RAW, "a") as f:
-            f.write(json.dumps({"case": case, "estimate": est, "summary": summary}) + "\n")
+            # What scripts/memory_fit.py reads: the configured run's states and the measured peak.
+            run = {
+                "case": case,
+                "estimate": {"configured": est["configured"]},
+                "summary": {"peak_rss_mb": summary["peak_rss_mb"]},
+            }
+            f.write(json.dumps(run) + "\n")
     return case, predicted, summary["peak_rss_mb"], None
+
+
+def repredict(kiln, recorded, scratch):
+    """The runs of a --raw file, each with the current estimate next to its measured peak."""
+    with open(recorded) as f:
+        for line in f:
+            run = json.loads(line)
+            case = tuple(run["case"])
+            est = estimate(kiln, case, scratch)
+            predicted = est["configured"]["predicted_peak_rss_bytes"] / 2**20
+            yield case, predicted, run["summary"]["peak_rss_mb"], None
 
 
 def main():
@@ -85,7 +122,14 @@ def main():
     ap.add_argument("--tiers", default="none,nvme")
     ap.add_argument("--recompute", default="false,true,every:2")
     ap.add_argument("--launch", default="simulate,mpirun", help="simulate and/or mpirun")
-    ap.add_argument("--raw", help="append each run's estimate and summary to this JSON-lines file")
+    ap.add_argument(
+        "--raw", help="append each run's case, estimate and measured peak to this JSON-lines file"
+    )
+    ap.add_argument(
+        "--from",
+        dest="recorded",
+        help="train nothing: re-predict the runs of a --raw file with this binary's estimate",
+    )
     args = ap.parse_args()
     global RAW
     RAW = args.raw
@@ -107,12 +151,13 @@ def main():
         cases += [(m, s, "none", "false", 2, "mpirun") for m in models for s in stages]
     rows, bad = [], 0
     with tempfile.TemporaryDirectory(prefix="kiln-matrix-") as scratch:
-        with cf.ThreadPoolExecutor(args.jobs) as pool:
-            for case, predicted, measured, err in pool.map(
-                lambda c: run_one(args.kiln, c, scratch), cases
-            ):
-                rows.append((case, predicted, measured, err))
-                print(case, predicted, measured, err or "", file=sys.stderr, flush=True)
+        if args.recorded:
+            rows = list(repredict(args.kiln, args.recorded, scratch))
+        else:
+            with cf.ThreadPoolExecutor(args.jobs) as pool:
+                for row in pool.map(lambda c: run_one(args.kiln, c, scratch), cases):
+                    rows.append(row)
+                    print(*row[:3], row[3] or "", file=sys.stderr, flush=True)
     print("| model | stage | offload | recompute | ranks | launch | predicted MiB | measured MiB | error |")
     print("|---|---|---|---|---|---|---|---|---|")
     errors = []

@@ -91,7 +91,7 @@ pub fn simulate(config: &Config, world: usize, opts: &RunOptions) -> Result<Vec<
     memory::preflight(
         &plan,
         Residency {
-            ranks_per_process: world,
+            process: memory::Process::Threads(world),
             processes_here: 1,
         },
     )?;
@@ -157,7 +157,7 @@ fn preflight_process(plan: &Plan, comm: &dyn Communicator, local_ranks: usize) -
     let mine = memory::preflight(
         plan,
         Residency {
-            ranks_per_process: 1,
+            process: memory::Process::running(comm),
             processes_here: local_ranks,
         },
     );

@@ -10,6 +10,7 @@ mod common;
 
 use common::{bitwise_equal, output_text, small_run, Scratch, TEST_MODEL};
 use kiln::config;
+use kiln::memory::Process;
 use kiln::plan::Plan;
 use serde_json::Value;
 use std::path::Path;
@@ -128,11 +129,11 @@ fn measured(config: &str, sets: &[&str], launch: &str, out: &Path) -> Value {
     json(&out.join("summary.json"))
 }
 
-/// Issue 14 asks for ±10%; over the last matrix (scripts/memory_matrix.py, 128 runs) the
-/// estimator was within ±10% for 91 runs and within ±21% for all (recompute `every:2`
-/// over-predicted, mpirun processes under-predicted by their MPI overhead). This test holds it
-/// to what it achieves, so that a regression fails; the refit to ±10% is open work.
-const TOLERANCE_PCT: f64 = 25.0;
+/// Issue 14's ±10% is held by the full matrix (scripts/memory_matrix.py, whose table is in the
+/// README). Identical runs on this machine differ by up to 13% (the estimate module's doc), so
+/// this subset, run on whatever machine CI gives, allows 15%: a regression of the estimate
+/// still fails it, the machine's noise does not.
+const TOLERANCE_PCT: f64 = 15.0;
 
 #[test]
 fn predicted_peaks_are_close_to_measured() {
@@ -298,7 +299,7 @@ fn phase_peaks_are_in_metrics_and_summary() {
             1,
         )
         .unwrap();
-        kiln::memory::estimate(&p, 1).rank_activations as f64 / (1 << 20) as f64
+        kiln::memory::estimate(&p, Process::Threads(1)).rank_activations as f64 / (1 << 20) as f64
     };
     let saved = act(&[]) - act(&["train.recompute=true"]);
     assert!(
@@ -324,7 +325,7 @@ fn estimate_prints_the_table_json_and_fit() {
     assert!(o.status.success(), "{}", output_text(&o));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     let p = plan(&small, 4).unwrap();
-    let want = kiln::memory::estimate(&p, 1);
+    let want = kiln::memory::estimate(&p, Process::Launched);
     assert_eq!(
         r["configured"]["predicted_peak_rss_bytes"]
             .as_u64()
@@ -395,7 +396,7 @@ fn estimate_prints_the_table_json_and_fit() {
             ];
             let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
             assert!(
-                kiln::memory::estimate(&plan(&sets, 8).unwrap(), 1).peak > 16 << 30,
+                kiln::memory::estimate(&plan(&sets, 8).unwrap(), Process::Launched).peak > 16 << 30,
                 "{f}: {} fits too",
                 family[i + 1].0
             );

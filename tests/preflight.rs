@@ -13,7 +13,7 @@ use kiln::memory::limit::{
     parse_v2_max, Hierarchy,
 };
 use kiln::memory::model_states::{plan_layout, zero3_peak_gather_buffers};
-use kiln::memory::{self, MemoryLimit, Residency};
+use kiln::memory::{self, MemoryLimit, Process, Residency};
 use kiln::plan::Plan;
 use kiln::train::RunOptions;
 use std::path::{Path, PathBuf};
@@ -114,7 +114,7 @@ fn a_run_that_fits_runs_and_peaks_near_its_estimate() {
     )
     .expect("summary is JSON");
     let measured = summary["peak_rss_mb"].as_f64().expect("peak_rss_mb") * (1 << 20) as f64;
-    let estimated = memory::estimate(&plan(&["train.steps=2"], 1), 1).peak as f64;
+    let estimated = memory::estimate(&plan(&["train.steps=2"], 1), Process::Threads(1)).peak as f64;
     // Measured here: 317 MiB estimated, 331 MiB measured. Issue 14 will hold ±10%; this only
     // catches an estimate that has come loose from reality.
     let ratio = estimated / measured;
@@ -139,7 +139,7 @@ fn threads_above_the_cores_is_one_line_naming_the_key() {
 fn preflight_false_skips_the_check() {
     let mut sets: Vec<&str> = HUGE.to_vec();
     let residency = Residency {
-        ranks_per_process: 1,
+        process: Process::Threads(1),
         processes_here: 1,
     };
     let tiny_limit = MemoryLimit {
@@ -154,7 +154,7 @@ fn preflight_false_skips_the_check() {
 /// The limit just above what `with` needs (for `ranks` ranks in one process).
 fn limit_for(with: &[&str], world: usize, ranks: usize) -> MemoryLimit {
     MemoryLimit {
-        bytes: memory::estimate(&plan(with, world), ranks).peak as u64,
+        bytes: memory::estimate(&plan(with, world), Process::Threads(ranks)).peak as u64,
         source: "a test".into(),
     }
 }
@@ -163,7 +163,7 @@ fn limit_for(with: &[&str], world: usize, ranks: usize) -> MemoryLimit {
 fn the_setting_named_is_the_first_that_fits() {
     let small = ["model.preset=small", "train.micro_batch=4"];
     let residency = |ranks| Residency {
-        ranks_per_process: ranks,
+        process: Process::Threads(ranks),
         processes_here: 1,
     };
     // Two simulated ranks: ZeRO-1 halves the optimizer states, and is offered first.

@@ -1,36 +1,75 @@
 //! The memory estimate of one process: what each of its ranks holds, by kind, and the predicted
-//! peak resident set (the seed of issue 14's `kiln estimate`).
+//! peak resident set (`kiln estimate`, the preflight check, the run's start and end lines).
 //!
 //! Model states are exact (the trainer's own accounting, [`super::rank_model_states`]). The
-//! other terms were fitted to measured peaks (VmHWM, `peak_rss_mb` in summary.json) of 3-step
-//! runs on this 2-core machine, 2026-11: tiny and small presets at micro-batch 1–16, with and
-//! without recompute; tiny with seq_len 8/64, n_heads 1/16, vocab 2048, 8 layers, d_model
-//! 32–1024; gpt2-124m at seq 256; stages 0–3 at 1, 2 and 4 simulated ranks; the nvme tier.
-//! Over those 47 runs the predicted peak is within ±10% of the measured one, except models under
-//! 1M parameters (up to +200%: the fixed workspace term dominates there) and d_model 128 at
-//! micro-batch 1 (−20%) and gpt2-124m without recompute (+12%).
-//! - **baseline**: a run of a 30k-parameter model at micro-batch 1 peaks at 20.7 MiB with one
-//!   rank, 28.9 MiB with two and 43.2 MiB with four (binary, mimalloc, threads and their
-//!   stacks): 13.5 MiB per process plus 7.5 MiB per rank.
-//! - **activations** (per micro-batch of `b` sequences of `t` tokens): burn's autodiff graph
+//! rest follows one step's backward, where the peak is: when unit `u`'s backward runs, the
+//! process holds the graphs of the kept units up to `u`, the input of every recomputed unit up
+//! to `u` and, if `u` recomputes, its rebuilt graph; and the parameter tensors those graphs hold.
+//! - **graph sizes** (per micro-batch of `b` sequences of `t` tokens, f32): burn's autodiff graph
 //!   keeps about 43·t·d floats per block plus 3·h·t² for the attention scores (decomposed
-//!   attention), and the head 4.75·t·V (logits, log-softmax and their gradients); fitted by
-//!   least squares over the variations above. With recompute, each unit's input (t·d) is kept
-//!   and only one unit's graph exists at a time: the larger of a block's and the head's.
-//! - **workspace**: what a step allocates besides states and activations: the engine's copies
-//!   of each unit's parameters as tensors, gradient tensors on their way to the buckets, the
-//!   gradient scratch buffer, gemm packing and allocator slack. Fitted as a·Ψ + u·U + k, Ψ the
-//!   model's (padded) parameter bytes and U the largest unit's: without recompute the graph
-//!   holds every unit's parameter tensors (a = 1.8, u = 3.3, k = 12 MiB); with recompute one
-//!   unit's at a time (a = 0.9, u = 2.5, k = 35 MiB). It does not shrink with ZeRO-3: the engine
-//!   computes on whole units (measured: 364 MiB per rank at 1 and at 2 ranks, d_model 1024).
+//!   attention); the head 4.75·t·V (logits, log-softmax and their gradients); the embedding's
+//!   graph is one [b, t, d] sum, counted with the inputs.
+//! - **coefficients**: fitted by weighted least squares (relative error) to the measured peak
+//!   resident set (VmHWM, `peak_rss_mb` in summary.json) of 180 two-step runs on a 2-core
+//!   machine, 2026-11 (`scripts/memory_matrix.py --raw`, refitted offline): tiny and small ×
+//!   stages 0–3 × offload none/nvme × recompute off/on/every:2 at 1 and 2 simulated ranks (tiny
+//!   also at 4), 2 ranks under mpirun; and d_model 1024, vocab 8192, seq_len 512, 12 layers of
+//!   d_model 128, and gpt2-124m at seq_len 256, at stages 0 and 3. The fit: activations 0.89 ×
+//!   the graphs above; 0.64 × the parameter tensors the graphs hold (the engine's per-unit
+//!   tensors); 0.99 × the model's parameter bytes Ψ per rank, even under ZeRO-3 (the engine
+//!   computes on whole units, and the allocator keeps what a step freed); 35.9 MiB per rank (its
+//!   threads, their stacks and allocator arenas, burn's buffers); 26.8 MiB per process (binary,
+//!   runtime); 20.3 MiB more under a launcher (the MPI library's buffers and progress thread).
+//!   Over the 180 runs: median error 3.1%, max 13.3%, one run outside ±10%. Refitted without
+//!   one shape at a time, the fit predicts that shape within 16% (gpt2-124m within 4%).
+//!   Identical runs differ by up to 13% here: ZeRO-3 ignores `train.recompute`, so its three
+//!   recompute settings are one run three times (138, 140 and 156 MiB for 12 layers of d_model
+//!   128), which bounds what any such fit can promise.
 
-use super::model_states::{largest_unit_bytes, plan_layout, rank_model_states, unit_param_bytes};
+use super::model_states::{plan_layout, rank_model_states, unit_param_bytes};
 use crate::plan::Plan;
 use crate::strategy::MemoryReport;
 use serde::Serialize;
 
 const MIB: f64 = (1 << 20) as f64;
+
+/// The fitted coefficients (module doc).
+const ACTIVATIONS: f64 = 0.887;
+const PARAMS_IN_GRAPHS: f64 = 0.636;
+const WHOLE_MODEL: f64 = 0.986;
+const PER_RANK_MIB: f64 = 35.9;
+const PER_PROCESS_MIB: f64 = 26.8;
+const LAUNCHER_MIB: f64 = 20.3;
+
+/// The process an estimate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Process {
+    /// `n` ranks as threads of this process: `--simulate n`, or a run of one rank without a
+    /// launcher.
+    Threads(usize),
+    /// One rank started by a launcher (mpirun, srun): the MPI library comes on top.
+    Launched,
+}
+
+impl Process {
+    /// The process `comm` runs in: the local backend's ranks are threads of one process (all
+    /// of `--simulate N`, or a world of 1 without a launcher); any other backend's rank was
+    /// launched.
+    pub fn running(comm: &dyn crate::comm::Communicator) -> Self {
+        match comm.backend() {
+            "local" => Process::Threads(comm.world()),
+            _ => Process::Launched,
+        }
+    }
+
+    /// Ranks in the process.
+    pub fn ranks(self) -> usize {
+        match self {
+            Process::Threads(n) => n,
+            Process::Launched => 1,
+        }
+    }
+}
 
 /// What one process holds, by kind, and its predicted peak resident set.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -39,11 +78,11 @@ pub struct Estimate {
     pub ranks: usize,
     /// Model states of one rank: exactly what its strategy's `memory()` reports after a step.
     pub rank_states: MemoryReport,
-    /// Activations of one rank's micro-batch, bytes.
+    /// Activations of one rank's micro-batch at the peak, bytes.
     pub rank_activations: usize,
-    /// One rank's compute workspace (see the module doc), bytes.
+    /// One rank's compute workspace at the peak (see the module doc), bytes.
     pub rank_workspace: usize,
-    /// Binary, allocator and threads of the process, bytes.
+    /// Binary, runtime, the launcher's library and the ranks' threads, bytes.
     pub baseline: usize,
     /// Predicted peak resident set of the process, bytes.
     pub peak: usize,
@@ -84,24 +123,26 @@ impl Estimate {
     }
 }
 
-/// Estimates the process running `ranks` ranks of `plan` (all `plan.world` under `--simulate`,
-/// one under a launcher). Allocates nothing the size of the model.
-pub fn estimate(plan: &Plan, ranks: usize) -> Estimate {
+/// Estimates `process` running ranks of `plan`. Allocates nothing the size of the model.
+pub fn estimate(plan: &Plan, process: Process) -> Estimate {
+    let ranks = process.ranks();
     let layout = plan_layout(plan);
     let rank_states = rank_model_states(plan, &layout);
     let recompute = recompute_units(plan);
-    let rank_activations = activation_bytes(plan, &recompute);
-    let kept = unit_param_bytes(&layout, |u| !recompute[u]) as f64;
-    let recomputed = unit_param_bytes(&layout, |u| recompute[u]) as f64;
-    let largest = largest_unit_bytes(&layout) as f64;
-    // A kept unit's graph holds its parameter tensors until its backward; a recomputed unit's
-    // parameters are uploaded twice, once per forward, and dropped after each.
-    let rank_workspace = if kept == 0.0 {
-        0.9 * recomputed + 2.5 * largest + 35.0 * MIB
+    let unit_bytes: Vec<f64> = (0..layout.units.len())
+        .map(|u| unit_param_bytes(&layout, |v| v == u) as f64)
+        .collect();
+    let peak = backward_peak(plan, &unit_bytes, &recompute);
+    let rank_activations = (ACTIVATIONS * peak.activations) as usize;
+    let whole_model: f64 = unit_bytes.iter().sum();
+    let rank_workspace =
+        (PARAMS_IN_GRAPHS * peak.params_in_graphs + WHOLE_MODEL * whole_model) as usize;
+    let launcher = if process == Process::Launched {
+        LAUNCHER_MIB
     } else {
-        1.8 * kept + 0.9 * recomputed + 3.3 * largest + 12.0 * MIB
-    } as usize;
-    let baseline = ((13.5 + 7.5 * ranks as f64) * MIB) as usize;
+        0.0
+    };
+    let baseline = ((PER_PROCESS_MIB + launcher + PER_RANK_MIB * ranks as f64) * MIB) as usize;
     let per_rank = rank_states.total() + rank_activations + rank_workspace;
     Estimate {
         ranks,
@@ -125,11 +166,20 @@ pub fn recompute_units(plan: &Plan) -> Vec<bool> {
     super::model_states::zero3_recompute_units(plan, &persistent)
 }
 
-/// Activation bytes of one micro-batch (module doc). A kept unit holds its graph from its
-/// forward to its backward; a recomputed one holds its input, and its graph exists only during
-/// its own backward, one unit at a time. In f64: a shape a user typed can overflow integer
+/// One moment of the backward: the activation bytes held, and the parameter bytes the graphs
+/// hold as tensors.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Held {
+    activations: f64,
+    params_in_graphs: f64,
+}
+
+/// The moment of one micro-batch's backward that holds the most (module doc): units' backward
+/// runs from the last to the first, and at unit `u`'s, the kept units up to `u` hold their
+/// graphs and parameter tensors, the recomputed ones their input, and `u`, if it recomputes,
+/// its rebuilt graph and parameters. In f64: a shape a user typed can overflow integer
 /// products, and the result saturates instead.
-fn activation_bytes(plan: &Plan, recompute: &[bool]) -> usize {
+fn backward_peak(plan: &Plan, unit_bytes: &[f64], recompute: &[bool]) -> Held {
     let m = &plan.model;
     let (b, t, d, h) = (
         plan.micro_batch as f64,
@@ -137,26 +187,33 @@ fn activation_bytes(plan: &Plan, recompute: &[bool]) -> usize {
         m.d_model as f64,
         m.n_heads as f64,
     );
-    let vocab = m.vocab as f64;
-    let block = 43.0 * t * d + 3.0 * h * t * t;
-    let head = 4.75 * t * vocab;
     let last = recompute.len().saturating_sub(1);
-    // The embedding's graph is one [b, t, d] sum: counted with the inputs.
     let graph = |u: usize| match u {
         0 => 0.0,
-        u if u == last => head,
-        _ => block,
+        u if u == last => 4.75 * t * m.vocab as f64,
+        _ => 43.0 * t * d + 3.0 * h * t * t,
     };
-    let kept: f64 = (0..recompute.len())
-        .filter(|&u| !recompute[u])
-        .map(graph)
-        .sum();
-    let inputs = recompute.iter().filter(|&&r| r).count() as f64 * t * d;
-    let rebuilt = (0..recompute.len())
-        .filter(|&u| recompute[u])
-        .map(graph)
-        .fold(0.0, f64::max);
-    (4.0 * b * (kept + inputs + rebuilt)) as usize
+    let cost = |h: &Held| ACTIVATIONS * h.activations + PARAMS_IN_GRAPHS * h.params_in_graphs;
+    let mut kept = Held::default();
+    let mut worst = Held::default();
+    // Forward order: what units 0..=u leave behind, then the moment of u's backward.
+    for (u, &recomputes) in recompute.iter().enumerate() {
+        let held = if recomputes {
+            kept.activations += 4.0 * b * t * d;
+            Held {
+                activations: kept.activations + 4.0 * b * graph(u),
+                params_in_graphs: kept.params_in_graphs + unit_bytes[u],
+            }
+        } else {
+            kept.activations += 4.0 * b * graph(u);
+            kept.params_in_graphs += unit_bytes[u];
+            kept
+        };
+        if cost(&held) > cost(&worst) {
+            worst = held;
+        }
+    }
+    worst
 }
 
 /// Bytes for people: `512.0 MiB`, `3.1 GiB`, `2.9 TiB`.

@@ -6,7 +6,7 @@
 //! length, micro-batch, recompute and the rest come from the configured recipe, so the answer
 //! is "how large a model, with my data and batch".
 
-use super::estimate::{bytes, estimate};
+use super::estimate::{bytes, estimate, Process};
 use super::report::{recompute_name, variant};
 use crate::error::Result;
 use crate::offload::Tier;
@@ -42,8 +42,8 @@ pub struct Fit {
 }
 
 /// For each stage 0–3 and tier none/cpu/nvme, the largest member of [`FAMILY`] whose estimate
-/// with `ranks` ranks per process is at most `memory` bytes.
-pub fn fit(plan: &Plan, ranks: usize, memory: u64) -> Result<Vec<Fit>> {
+/// with `process` is at most `memory` bytes.
+pub fn fit(plan: &Plan, process: Process, memory: u64) -> Result<Vec<Fit>> {
     let mut out = Vec::new();
     for stage in 0..=3 {
         for tier in [Tier::None, Tier::Cpu, Tier::Nvme] {
@@ -58,7 +58,7 @@ pub fn fit(plan: &Plan, ranks: usize, memory: u64) -> Result<Vec<Fit>> {
                 let Ok(p) = Plan::resolve(&config, plan.world) else {
                     continue;
                 };
-                let est = estimate(&p, ranks);
+                let est = estimate(&p, process);
                 if est.peak as u64 <= memory {
                     best = Some((name, p.model.num_params(), est.peak));
                 }
@@ -76,8 +76,9 @@ pub fn fit(plan: &Plan, ranks: usize, memory: u64) -> Result<Vec<Fit>> {
 }
 
 /// The answer as a table: stages down, tiers across.
-pub fn render(plan: &Plan, ranks: usize, memory: u64, fits: &[Fit]) -> String {
+pub fn render(plan: &Plan, process: Process, memory: u64, fits: &[Fit]) -> String {
     let m = &plan.model;
+    let ranks = process.ranks();
     let mut out = format!(
         "largest GPT that fits {} per process ({} rank{} of world {}), vocab {}, seq {}, micro-batch {}, recompute {}:\n",
         bytes(memory as usize),

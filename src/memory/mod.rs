@@ -17,7 +17,7 @@ pub mod phases;
 mod preflight;
 pub mod report;
 
-pub use estimate::{estimate, Estimate};
+pub use estimate::{estimate, Estimate, Process};
 pub use limit::{process_limit, MemoryLimit};
 pub use model_states::rank_model_states;
 pub use preflight::{check, preflight, Residency};

@@ -2,7 +2,7 @@
 //! processes on this machine with what they may use, and refuse a run that cannot fit with one
 //! line naming the estimate, the limit and a setting that would fit.
 
-use super::estimate::{bytes, estimate, Estimate};
+use super::estimate::{bytes, estimate, Estimate, Process};
 use super::limit::{process_limit, MemoryLimit};
 use super::model_states::{largest_unit_bytes, plan_layout};
 use crate::error::{KilnError, Result};
@@ -12,8 +12,8 @@ use crate::plan::Plan;
 /// Where the ranks of a run live, as far as memory is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Residency {
-    /// Ranks in this process (N with `--simulate N`, else 1).
-    pub ranks_per_process: usize,
+    /// This process: N ranks as threads (`--simulate N`), or one rank under a launcher.
+    pub process: Process,
     /// Processes of this run on this machine, which share its memory (mpirun's local size).
     pub processes_here: usize,
 }
@@ -33,7 +33,7 @@ pub fn preflight(plan: &Plan, residency: Residency) -> Result<()> {
 /// [`preflight`] against a given limit.
 pub fn check(plan: &Plan, residency: Residency, limit: &MemoryLimit) -> Result<()> {
     let here = residency.processes_here.max(1);
-    let est = estimate(plan, residency.ranks_per_process);
+    let est = estimate(plan, residency.process);
     let need = need_here(&est, here);
     tracing::debug!(
         "preflight: estimate {} ({}) of {} ({})",
@@ -137,11 +137,12 @@ fn candidates(plan: &Plan) -> Vec<Candidate> {
 /// model.
 fn suggestion(plan: &Plan, residency: Residency, limit: u64) -> String {
     let here = residency.processes_here.max(1);
-    let fits =
-        |p: &Plan, ranks: usize, here: usize| need_here(&estimate(p, ranks), here) as u64 <= limit;
+    let fits = |p: &Plan, process: Process, here: usize| {
+        need_here(&estimate(p, process), here) as u64 <= limit
+    };
     if let Some(c) = candidates(plan)
         .into_iter()
-        .find(|c| fits(&c.plan, residency.ranks_per_process, here))
+        .find(|c| fits(&c.plan, residency.process, here))
     {
         return format!("this would fit: --set {}", c.changes.join(" --set "));
     }
@@ -158,7 +159,7 @@ fn suggestion(plan: &Plan, residency: Residency, limit: u64) -> String {
             continue;
         }
         lean.world = world;
-        if fits(&lean, 1, 1) {
+        if fits(&lean, Process::Launched, 1) {
             return format!(
                 "{tried}; use more ranks (about {world} with one process per machine like this one, at parallel.stage=3 with offload.optimizer=nvme, train.recompute=true and train.micro_batch=1) or a smaller model"
             );

@@ -2,7 +2,7 @@
 //! recompute setting as a table (the seeds' per-GPU table), or as JSON. The same
 //! [`estimate()`](super::estimate()) as the preflight check and the start-of-run log line.
 
-use super::estimate::{bytes, estimate, Estimate};
+use super::estimate::{bytes, estimate, Estimate, Process};
 use crate::config::Recompute;
 use crate::error::Result;
 use crate::offload::Tier;
@@ -71,6 +71,8 @@ pub struct Report {
     pub world: usize,
     /// Ranks in the process estimated (1 under a launcher, `world` with `--simulate`).
     pub ranks_per_process: usize,
+    /// Whether the process was started by a launcher (mpirun, srun), with its MPI library.
+    pub launched: bool,
     /// Parameter count.
     pub num_params: usize,
     /// The configured run.
@@ -98,22 +100,23 @@ pub fn variant(plan: &Plan, stage: u8, tier: Tier, recompute: Recompute) -> Resu
     Plan::resolve(&config, plan.world)
 }
 
-/// The report for `plan` with `ranks` ranks in the process.
-pub fn report(plan: &Plan, ranks: usize) -> Result<Report> {
+/// The report for `plan` run by `process`.
+pub fn report(plan: &Plan, process: Process) -> Result<Report> {
     let mut matrix = Vec::new();
     for stage in 0..=3 {
         for tier in [Tier::None, Tier::Cpu, Tier::Nvme] {
             for recompute in [Recompute::Off, Recompute::All] {
                 let p = variant(plan, stage, tier, recompute)?;
-                matrix.push(Row::new(&p, &estimate(&p, ranks)));
+                matrix.push(Row::new(&p, &estimate(&p, process)));
             }
         }
     }
     Ok(Report {
         world: plan.world,
-        ranks_per_process: ranks,
+        ranks_per_process: process.ranks(),
+        launched: process == Process::Launched,
         num_params: plan.model.num_params(),
-        configured: Row::new(plan, &estimate(plan, ranks)),
+        configured: Row::new(plan, &estimate(plan, process)),
         matrix,
     })
 }
@@ -121,8 +124,10 @@ pub fn report(plan: &Plan, ranks: usize) -> Result<Report> {
 /// The report as text: the configured run by kind, then the table.
 pub fn render(r: &Report) -> String {
     let c = &r.configured;
-    let per = if r.ranks_per_process == 1 {
+    let per = if r.launched {
         "one rank per process (mpirun)".to_string()
+    } else if r.ranks_per_process == 1 {
+        "one process, no launcher".to_string()
     } else {
         format!("{} ranks in this process (--simulate)", r.ranks_per_process)
     };
@@ -223,9 +228,14 @@ pub fn run(
         t.micro_batch = Some(8);
     }
     let plan = Plan::resolve(&config, world)?;
-    let ranks = if simulate { world } else { 1 };
+    // Without --simulate, a world of one runs without a launcher; more ranks need one.
+    let process = if simulate || world == 1 {
+        Process::Threads(world)
+    } else {
+        Process::Launched
+    };
     if !fit {
-        let r = report(&plan, ranks)?;
+        let r = report(&plan, process)?;
         match json {
             true => println!(
                 "{}",
@@ -252,13 +262,13 @@ pub fn run(
                 .bytes
         }
     };
-    let fits = super::fit::fit(&plan, ranks, memory)?;
+    let fits = super::fit::fit(&plan, process, memory)?;
     match json {
         true => println!(
             "{}",
             serde_json::to_string_pretty(&fits).expect("fits serialise")
         ),
-        false => print!("{}", super::fit::render(&plan, ranks, memory, &fits)),
+        false => print!("{}", super::fit::render(&plan, process, memory, &fits)),
     }
     Ok(())
 }

@@ -161,8 +161,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         crate::comm::placement(rank, world).local_rank
     );
     // The same estimate as the preflight check: all ranks of --simulate share this process.
-    let ranks_here = if comm.backend() == "local" { world } else { 1 };
-    let estimate = crate::memory::estimate(plan, ranks_here);
+    let estimate = crate::memory::estimate(plan, crate::memory::Process::running(comm.as_ref()));
     if lead {
         tracing::info!("{}", source.describe());
         if let Some(v) = &validation {
