@@ -8,6 +8,11 @@ untied head, linear weights stored [d_in, d_out]) in PyTorch, as a reference on 
           peak GPU memory (torch.cuda.max_memory_allocated / max_memory_reserved). For the H100
           comparison with `kiln train --set train.device=cuda` (README, "GPU"):
           python scripts/torch_gpt.py bench --device cuda --preset gpt2-124m --micro-batch 8
+  dist:   python -m torch.distributed.run --standalone --nproc-per-node 2 scripts/torch_gpt.py dist --mode ddp
+          the same step on N ranks over gloo, micro-batch per rank, one thread per rank: --mode ddp
+          (DistributedDataParallel), zero1 (DDP + ZeroRedundancyOptimizer), fsdp2 (fully_shard per
+          block and the root) or fsdp2-keep (reshard_after_forward=False). Rank 0 prints the
+          median ms per step. `kiln bench ddp --torch-python PYTHON` runs it beside kiln.
   train:  kiln dump-data --config configs/tiny.toml --out /tmp/rows.bin
           python scripts/torch_gpt.py train --data /tmp/rows.bin --steps 600 --global-batch 16
           trains on exactly the rows kiln trains on and prints the loss per step.
@@ -96,6 +101,24 @@ def lr_at(t, lr, warmup, steps, min_ratio=0.1):
     return lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * progress))
 
 
+def timed_steps(model, opt, idx, steps, before, after):
+    """Median ms of `steps` optimizer steps (forward, backward, clipping, AdamW) after 3 warm-up
+    steps; `before` and `after` bracket each timed step (a device sync, a barrier)."""
+    times = []
+    for step in range(steps + 3):
+        before()
+        start = time.perf_counter()
+        loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        after()
+        if step >= 3:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def bench(args):
     torch.set_num_threads(args.threads)
     device = set_device(args)
@@ -107,19 +130,7 @@ def bench(args):
     idx = torch.randint(0, vocab, (args.micro_batch, seq + 1)).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for step in range(args.steps + 3):
-        sync(device)
-        start = time.perf_counter()
-        loss = model(idx[:, :-1], idx[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sync(device)
-        if step >= 3:
-            times.append((time.perf_counter() - start) * 1e3)
-    ms = statistics.median(times)
+    ms = timed_steps(model, opt, idx, args.steps, lambda: sync(device), lambda: sync(device))
     where = f"threads {args.threads}" if device.type == "cpu" else f"{torch.cuda.get_device_name(device)}, f32{' (TF32 matmuls)' if args.tf32 else ''}"
     print(f"torch {torch.__version__} {where} preset {args.preset} micro-batch {args.micro_batch}: "
           f"median {ms:.1f} ms/step, {args.micro_batch * seq / ms * 1e3:.0f} tokens/s")
@@ -127,6 +138,45 @@ def bench(args):
         mib = 1 << 20
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / mib:.0f} MiB allocated, "
               f"{torch.cuda.max_memory_reserved(device) / mib:.0f} MiB reserved")
+
+
+def dist(args):
+    import torch.distributed as td
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(args.threads)
+    td.init_process_group("gloo")
+    rank = td.get_rank()
+    vocab, d, n_layers, h, seq = PRESETS[args.preset]
+    torch.manual_seed(0)
+    model = Gpt(vocab, d, n_layers, h, seq)
+    if args.mode in ("fsdp2", "fsdp2-keep"):
+        from torch.distributed.fsdp import fully_shard
+
+        # kiln's units: each block, and the root (embeddings, final LayerNorm, head).
+        keep = args.mode == "fsdp2-keep"
+        for blk in model.blocks:
+            fully_shard(blk, reshard_after_forward=not keep)
+        fully_shard(model, reshard_after_forward=not keep)
+        opt = optimizer(model, 1e-3)
+    elif args.mode == "zero1":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        model = DDP(model)
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-3,
+                                      betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    else:
+        model = DDP(model)
+        opt = optimizer(model, 1e-3)
+    gen = torch.Generator().manual_seed(rank)
+    idx = torch.randint(0, vocab, (args.micro_batch, seq + 1), generator=gen)
+    # Ranks start each step together; the slowest rank's median is the job's.
+    ms = torch.tensor(timed_steps(model, opt, idx, args.steps, td.barrier, lambda: None))
+    td.all_reduce(ms, op=td.ReduceOp.MAX)
+    if rank == 0:
+        print(f"torch {torch.__version__} {args.mode}, {td.get_world_size()} ranks (gloo), threads {args.threads} "
+              f"per rank, preset {args.preset} micro-batch {args.micro_batch}: median {ms.item():.1f} ms/step")
+    td.destroy_process_group()
 
 
 def train(args):
@@ -163,6 +213,12 @@ def main():
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     b.add_argument("--tf32", action="store_true", help="CUDA: let f32 matmuls use TF32 tensor cores")
+    dd = sub.add_parser("dist")
+    dd.add_argument("--mode", choices=["ddp", "zero1", "fsdp2", "fsdp2-keep"], default="ddp")
+    dd.add_argument("--preset", default="tiny")
+    dd.add_argument("--threads", type=int, default=1)
+    dd.add_argument("--micro-batch", type=int, default=8)
+    dd.add_argument("--steps", type=int, default=20)
     t = sub.add_parser("train")
     t.add_argument("--data", required=True)
     t.add_argument("--preset", default="tiny")
@@ -176,7 +232,7 @@ def main():
     t.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     t.add_argument("--tf32", action="store_true", help="CUDA: let f32 matmuls use TF32 tensor cores")
     args = p.parse_args()
-    bench(args) if args.cmd == "bench" else train(args)
+    {"bench": bench, "dist": dist, "train": train}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ pub enum BenchCommand {
         #[arg(long)]
         torch_python: Option<String>,
     },
-    /// One-process training step (tiny preset, micro-batch 8, one thread), kiln vs PyTorch.
+    /// One-process training step (the configured preset, tiny by default; micro-batch 8, one
+    /// thread), kiln vs PyTorch.
     Step {
         /// A Python with torch installed, to run scripts/torch_gpt.py alongside.
         #[arg(long)]
@@ -63,6 +64,11 @@ pub enum BenchCommand {
         /// Number of ranks.
         #[arg(long, default_value_t = 2)]
         world: usize,
+        /// A Python with torch installed: runs PyTorch's counterpart of the configured stage
+        /// alongside (DDP; DDP + ZeroRedundancyOptimizer for ZeRO-1/2; FSDP2 for ZeRO-3, with
+        /// the same reshard_after_forward).
+        #[arg(long)]
+        torch_python: Option<String>,
         /// Run shape.
         #[command(flatten)]
         shape: ShapeArgs,
@@ -152,7 +158,12 @@ pub fn run(what: BenchCommand) -> Result<()> {
             torch_python,
             shape,
         } => {
-            let results = train::step(&shape.shape(), torch_python.as_deref())?;
+            let shape = shape.shape();
+            let config = crate::config::load(Some(&shape.config), &shape.sets)?;
+            let torch = torch_python
+                .as_deref()
+                .map(|py| (py, config.model.preset.as_str()));
+            let results = train::step(&shape, torch)?;
             let kiln = results[0].median_ms();
             println!(
                 "kiln (burn flex)  median {kiln:.1} ms/step over {} runs",
@@ -208,13 +219,37 @@ pub fn run(what: BenchCommand) -> Result<()> {
             );
             Ok(())
         }
-        BenchCommand::Ddp { world, shape } => {
-            let [single, multi, side] = train::ddp(&shape.shape(), world)?;
-            let (s, m, i) = (single.median_ms(), multi.median_ms(), side.median_ms());
+        BenchCommand::Ddp {
+            world,
+            torch_python,
+            shape,
+        } => {
+            let shape = shape.shape();
+            let config = crate::config::load(Some(&shape.config), &shape.sets)?;
+            let p = &config.parallel;
+            let mode = match (p.stage, p.reshard_after_forward) {
+                (0, _) => "ddp",
+                (1 | 2, _) => "zero1",
+                (_, true) => "fsdp2",
+                (_, false) => "fsdp2-keep",
+            };
+            let torch = torch_python
+                .as_deref()
+                .map(|py| (py, config.model.preset.as_str(), mode));
+            let results = train::ddp(&shape, world, torch)?;
+            let (s, m, i) = (
+                results[0].median_ms(),
+                results[1].median_ms(),
+                results[2].median_ms(),
+            );
             println!("one process                     median {s:.1} ms/step");
-            println!("{world} ranks (mpirun)                median {m:.1} ms/step, exposed comm {:.2} ms/step", train::median_of(&multi.comm_wait_ms));
+            println!("{world} ranks (mpirun)                median {m:.1} ms/step, exposed comm {:.2} ms/step", train::median_of(&results[1].comm_wait_ms));
             println!("{world} independent processes       median {i:.1} ms/step (no communication: the machine's own contention)");
             println!("weak-scaling efficiency {:.3}, overhead {:.1} ms/step ({:.1} ms over independent processes)", s / m, m - s, m - i);
+            if let Some(t) = results.get(3) {
+                let t = t.median_ms();
+                println!("PyTorch {mode}, {world} ranks (gloo)  median {t:.1} ms/step; kiln speed ÷ PyTorch speed = {:.2}", t / m);
+            }
             Ok(())
         }
     }

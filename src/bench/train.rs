@@ -1,11 +1,13 @@
 //! Whole-run benchmarks that launch kiln (and references) as separate processes, alternating the
 //! contenders run by run so that drift on a shared machine hits them alike, and quote medians.
 //!
-//! - `kiln bench step`: one process, one thread, the tiny preset at micro-batch 8 — kiln next to
-//!   the same model in PyTorch (scripts/torch_gpt.py, when a Python with torch is given).
+//! - `kiln bench step`: one process, one thread, the configured preset (tiny by default) at
+//!   micro-batch 8 — kiln next to the same model in PyTorch (scripts/torch_gpt.py, when a Python
+//!   with torch is given).
 //! - `kiln bench ddp`: weak scaling, one process vs N ranks under mpirun (micro-batch 8 per rank,
 //!   one thread per rank): efficiency = single ÷ N-rank step time, the absolute overhead, and the
-//!   exposed communication time (the step's wait for gradient buckets).
+//!   exposed communication time (the step's wait for gradient buckets); with a Python with torch,
+//!   PyTorch's counterpart of the configured stage on as many ranks (scripts/torch_gpt.py `dist`).
 
 use crate::error::{KilnError, Result};
 use serde::Serialize;
@@ -163,8 +165,16 @@ pub(super) fn scratch_dir() -> Result<PathBuf> {
 /// Single process vs `world` ranks, alternating; plus `world` independent single processes run
 /// side by side, which shows what sharing the machine's memory system costs without any
 /// communication (the floor under the N-rank step time).
-pub fn ddp(shape: &BenchShape, world: usize) -> Result<[Contender; 3]> {
+///
+/// With `torch` = (python, preset, mode), PyTorch's `world`-rank counterpart (scripts/torch_gpt.py
+/// `dist --mode`) runs in the same alternation and comes fourth.
+pub fn ddp(
+    shape: &BenchShape,
+    world: usize,
+    torch: Option<(&str, &str, &str)>,
+) -> Result<Vec<Contender>> {
     let dir = scratch_dir()?;
+    let mut reference = torch.map(|(_, _, mode)| Contender::new(format!("PyTorch {mode}")));
     let mut single = Contender::new("kiln, 1 process");
     let mut multi = Contender::new(format!("kiln, {world} ranks (mpirun)"));
     let mut side_by_side = Contender::new(format!("{world} independent processes"));
@@ -181,6 +191,11 @@ pub fn ddp(shape: &BenchShape, world: usize) -> Result<[Contender; 3]> {
                 r + 1,
                 c.name
             );
+        }
+        if let (Some((py, preset, mode)), Some(c)) = (torch, reference.as_mut()) {
+            let ms = torch_step_ms(py, shape, world, preset, mode)?;
+            c.step_ms.push(ms);
+            eprintln!("  run {}: {:<28} {ms:8.1} ms/step", r + 1, c.name);
         }
         let outs: Vec<PathBuf> = (0..world)
             .map(|i| dir.join(format!("side{i}-r{r}")))
@@ -211,51 +226,74 @@ pub fn ddp(shape: &BenchShape, world: usize) -> Result<[Contender; 3]> {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
-    Ok([single, multi, side_by_side])
+    Ok([single, multi, side_by_side]
+        .into_iter()
+        .chain(reference)
+        .collect())
 }
 
-/// kiln vs PyTorch (scripts/torch_gpt.py run by `python`), one process, one thread, alternating.
-pub fn step(shape: &BenchShape, python: Option<&str>) -> Result<Vec<Contender>> {
+/// PyTorch's median step time for the same shape (scripts/torch_gpt.py run by `python`): one
+/// process (`bench`), or `world` ranks over gloo (`dist --mode MODE` under
+/// torch.distributed.run), one thread per rank.
+fn torch_step_ms(
+    python: &str,
+    shape: &BenchShape,
+    world: usize,
+    preset: &str,
+    mode: &str,
+) -> Result<f64> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_gpt.py");
+    let mut cmd = Command::new(python);
+    if world == 1 {
+        cmd.arg(&script).arg("bench");
+    } else {
+        cmd.args([
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+        ])
+        .arg(world.to_string())
+        .arg(&script)
+        .args(["dist", "--mode", mode]);
+    }
+    cmd.args(["--preset", preset, "--threads", "1", "--micro-batch"])
+        .arg(shape.micro_batch.to_string())
+        .arg("--steps")
+        .arg(shape.steps.to_string());
+    let text = run(&mut cmd, "scripts/torch_gpt.py")?;
+    text.split("median ")
+        .nth(1)
+        .and_then(|t| t.split(" ms").next())
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| {
+            KilnError::Comm(format!(
+                "bench: unexpected output from torch_gpt.py: {text}"
+            ))
+        })
+}
+
+/// kiln vs PyTorch (scripts/torch_gpt.py run by `python`, with the same `preset`), one process,
+/// one thread, alternating.
+pub fn step(shape: &BenchShape, torch: Option<(&str, &str)>) -> Result<Vec<Contender>> {
     let dir = scratch_dir()?;
     let mut kiln = Contender::new("kiln (burn flex)");
-    let mut torch = Contender::new("PyTorch");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_gpt.py");
+    let mut reference = Contender::new("PyTorch");
     for r in 0..shape.repeats {
         let out = dir.join(format!("k-r{r}"));
         run(&mut kiln_train(shape, 1, &out)?, "kiln")?;
         let ms = read_run(&out, 2)?.step;
         kiln.step_ms.push(ms);
         eprintln!("  run {}: kiln    {ms:8.1} ms/step", r + 1);
-        if let Some(py) = python {
-            let text = run(
-                Command::new(py).arg(&script).args([
-                    "bench",
-                    "--threads",
-                    "1",
-                    "--micro-batch",
-                    &shape.micro_batch.to_string(),
-                    "--steps",
-                    &shape.steps.to_string(),
-                ]),
-                "scripts/torch_gpt.py",
-            )?;
-            let ms: f64 = text
-                .split("median ")
-                .nth(1)
-                .and_then(|t| t.split(" ms").next())
-                .and_then(|t| t.parse().ok())
-                .ok_or_else(|| {
-                    KilnError::Comm(format!(
-                        "bench: unexpected output from torch_gpt.py: {text}"
-                    ))
-                })?;
-            torch.step_ms.push(ms);
+        if let Some((py, preset)) = torch {
+            let ms = torch_step_ms(py, shape, 1, preset, "")?;
+            reference.step_ms.push(ms);
             eprintln!("  run {}: PyTorch {ms:8.1} ms/step", r + 1);
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(if python.is_some() {
-        vec![kiln, torch]
+    Ok(if torch.is_some() {
+        vec![kiln, reference]
     } else {
         vec![kiln]
     })
