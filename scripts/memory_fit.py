@@ -4,7 +4,7 @@
 Input: JSON-lines files written by `scripts/memory_matrix.py --raw FILE` (each run's case,
 `kiln estimate --json` and summary.json). The model is the estimate module's: model states
 exactly as kiln reports them; at the moment of backward that holds the most, the autodiff graphs
-(43·t·d + 3·h·t² floats per block, 4.75·t·V for the head, per sequence) and the parameter
+(23·t·d + h·t² floats per block, 4.75·t·V for the head, per sequence) and the parameter
 tensors those graphs hold; the model's parameter bytes once per rank; a constant per rank, per
 process, and for a launcher's MPI library. Weighted least squares on the relative error.
 Prints the coefficients, the errors, the worst runs, and a leave-one-shape-out check.
@@ -63,7 +63,7 @@ def features(run, act_weight=0.89, par_weight=0.64):
     m, b = shape(model)
     V, d, L, h, t = (m[k] for k in KEYS)
     unit_params = [V * d + t * d] + [12 * d * d + 13 * d] * L + [2 * d + d * V]
-    graph = [0.0] + [43 * t * d + 3 * h * t * t] * L + [4.75 * t * V]
+    graph = [0.0] + [23 * t * d + h * t * t] * L + [4.75 * t * V]
     rc = recomputes(stage, recompute, L)
     kept_act = kept_par = 0.0
     worst = (0.0, 0.0)

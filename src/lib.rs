@@ -28,6 +28,7 @@ pub mod plot;
 pub mod rng;
 pub mod sample;
 pub mod signals;
+pub mod simd;
 pub mod strategy;
 pub mod tokenizer;
 pub mod train;

@@ -6,9 +6,11 @@
 //! process holds the graphs of the kept units up to `u`, the input of every recomputed unit up
 //! to `u` and, if `u` recomputes, its rebuilt graph; and the parameter tensors those graphs hold.
 //! - **graph sizes** (per micro-batch of `b` sequences of `t` tokens, f32): burn's autodiff graph
-//!   keeps about 43·t·d floats per block plus 3·h·t² for the attention scores (decomposed
-//!   attention); the head 4.75·t·V (logits, log-softmax and their gradients); the embedding's
-//!   graph is one [b, t, d] sum, counted with the inputs.
+//!   keeps about 23·t·d floats per block plus h·t² for the attention probabilities (the fused
+//!   GELU and attention of `model::fused` save their input and P; burn's composed forms kept
+//!   43·t·d + 3·h·t², which the coefficients below were fitted on); the head 4.75·t·V (logits,
+//!   log-softmax and their gradients); the embedding's graph is one [b, t, d] sum, counted with
+//!   the inputs.
 //! - **coefficients**: fitted by weighted least squares (relative error) to the measured peak
 //!   resident set (VmHWM, `peak_rss_mb` in summary.json) of 180 two-step runs on a 2-core
 //!   machine, 2026-11 (`scripts/memory_matrix.py --raw`, refitted offline): tiny and small ×
@@ -191,7 +193,7 @@ fn backward_peak(plan: &Plan, unit_bytes: &[f64], recompute: &[bool]) -> Held {
     let graph = |u: usize| match u {
         0 => 0.0,
         u if u == last => 4.75 * t * m.vocab as f64,
-        _ => 43.0 * t * d + 3.0 * h * t * t,
+        _ => 23.0 * t * d + h * t * t,
     };
     let cost = |h: &Held| ACTIVATIONS * h.activations + PARAMS_IN_GRAPHS * h.params_in_graphs;
     let mut kept = Held::default();

@@ -2,10 +2,10 @@
 //! multi-head self-attention and a 4× GELU MLP, final LayerNorm and an LM head that is a matrix
 //! of its own or, tied, the token embedding transposed (GPT-2's).
 
+use super::fused::{causal_attention, gelu_tanh};
 use super::{Init, MicroBatch, ParamRef, ParamSpec, UnitModel};
 use burn::tensor::activation::log_softmax;
-use burn::tensor::module::{attention, embedding, layer_norm};
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::module::{embedding, layer_norm};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -194,12 +194,7 @@ impl Gpt {
                 .reshape([b, t, h, hd])
                 .swap_dims(1, 2)
         };
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
-        };
-        let att = attention(heads(0), heads(1), heads(2), None, None, options);
+        let att = causal_attention(heads(0), heads(1), heads(2));
         let att = att.swap_dims(1, 2).reshape([b, t, d]);
         let x = x + dense(att, w2(4, d, d), &params[5]);
         let m = layer_norm(
@@ -220,17 +215,6 @@ fn dense(x: Tensor<3>, w: Tensor<2>, b: &Tensor<1>) -> Tensor<3> {
     let d_out = w.dims()[1];
     let y = x.reshape([batch * seq, d_in]).matmul(w) + b.clone().unsqueeze::<2>();
     y.reshape([batch, seq, d_out])
-}
-
-/// GPT-2's GELU, the tanh approximation `0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))`, written
-/// through the identity `0.5 (1 + tanh z) = 1 / (1 + e^(−2z))`: exp is several times faster than
-/// tanh or erf on the flex backend, and the identity is exact. z is clamped to ±30 first, where
-/// the sigmoid is already 1 − 1e-13: unclamped, e^(−z) overflows for z < −88 and the backward
-/// pass computes 0 × ∞ = NaN.
-fn gelu_tanh(x: Tensor<3>) -> Tensor<3> {
-    const TWO_SQRT_2_OVER_PI: f64 = 1.595_769_121_605_730_7;
-    let z = (x.clone() * x.clone() * x.clone() * 0.044715 + x.clone()) * TWO_SQRT_2_OVER_PI;
-    x * (z.clamp(-30.0, 30.0).neg().exp() + 1.0).recip()
 }
 
 impl UnitModel for Gpt {

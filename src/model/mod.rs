@@ -1,6 +1,7 @@
 //! Models as an ordered list of units (DESIGN.md "UnitModel"): the granularity of bucketing,
 //! sharding, gathering and recompute — what FSDP calls a wrapped module.
 
+pub mod fused;
 mod gpt;
 
 pub use gpt::{Gpt, GptConfig};

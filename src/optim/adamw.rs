@@ -84,48 +84,36 @@ pub fn adamw_step(
         .for_each(|(((p, g), m), v)| dispatch(p, g, m, v, s, decay));
 }
 
-/// Runs the kernel compiled for the widest vector unit this CPU has. Every variant does the same
-/// IEEE operations per element (mul, add, div and sqrt are correctly rounded at any width, and
-/// Rust never contracts a*b+c into an FMA), so the results are bitwise the same on every path.
+/// The kernel at the CPU's widest vector width ([`crate::simd::widest`]: bitwise the same on
+/// every path).
 fn dispatch(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars, decay: bool) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, checked just above.
-            return unsafe { kernel_avx512(p, g, m, v, s, decay) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { kernel_avx2(p, g, m, v, s, decay) };
-        }
+    crate::simd::widest(Chunk {
+        p,
+        g,
+        m,
+        v,
+        s,
+        decay,
+    })
+}
+
+/// One chunk's update, as a [`crate::simd::Kernel`].
+struct Chunk<'a> {
+    p: &'a mut [f32],
+    g: &'a [f32],
+    m: &'a mut [f32],
+    v: &'a mut [f32],
+    s: &'a StepScalars,
+    decay: bool,
+}
+
+impl crate::simd::Kernel for Chunk<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        kernel(self.p, self.g, self.m, self.v, self.s, self.decay)
     }
-    kernel(p, g, m, v, s, decay)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn kernel_avx512(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    s: &StepScalars,
-    decay: bool,
-) {
-    kernel(p, g, m, v, s, decay)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn kernel_avx2(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    s: &StepScalars,
-    decay: bool,
-) {
-    kernel(p, g, m, v, s, decay)
 }
 
 #[inline(always)]
