@@ -95,6 +95,11 @@ pub trait FusedOps: Backend {
     }
 }
 
+/// On the GPU the default bodies run: burn's cubecl ops, autotuned matmuls included. (A fused
+/// CUDA kernel of its own is future work; this keeps every model path one seam.)
+#[cfg(feature = "cuda")]
+impl FusedOps for burn::backend::Cube {}
+
 /// `P = causal_softmax(Q Kᵀ, 1/√d_head)`: the attention probabilities.
 fn attention_probs<B: FusedOps>(q: FloatTensor<B>, k: FloatTensor<B>) -> FloatTensor<B> {
     let d_head = *q.shape().dims::<4>().last().expect("4-D query");
