@@ -11,7 +11,8 @@ untied head, linear weights stored [d_in, d_out]) in PyTorch, as a reference on 
   dist:   python -m torch.distributed.run --standalone --nproc-per-node 2 scripts/torch_gpt.py dist --mode ddp
           the same step on N ranks over gloo, micro-batch per rank, one thread per rank: --mode ddp
           (DistributedDataParallel), zero1 (DDP + ZeroRedundancyOptimizer), fsdp2 (fully_shard per
-          block and the root) or fsdp2-keep (reshard_after_forward=False). Rank 0 prints the
+          block and the root), fsdp2-keep (reshard_after_forward=False) or fsdp2-recompute (fsdp2
+          with activation checkpointing per block: what kiln's ZeRO-3 does). Rank 0 prints the
           median ms per step. `kiln bench ddp --torch-python PYTHON` runs it beside kiln.
   train:  kiln dump-data --config configs/tiny.toml --out /tmp/rows.bin
           python scripts/torch_gpt.py train --data /tmp/rows.bin --steps 600 --global-batch 16
@@ -150,11 +151,17 @@ def dist(args):
     vocab, d, n_layers, h, seq = PRESETS[args.preset]
     torch.manual_seed(0)
     model = Gpt(vocab, d, n_layers, h, seq)
-    if args.mode in ("fsdp2", "fsdp2-keep"):
+    if args.mode.startswith("fsdp2"):
         from torch.distributed.fsdp import fully_shard
 
         # kiln's units: each block, and the root (embeddings, final LayerNorm, head).
         keep = args.mode == "fsdp2-keep"
+        if args.mode == "fsdp2-recompute":
+            # torchtitan's order: the checkpoint wrapper inside, the FSDP unit around it.
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            for i, blk in enumerate(model.blocks):
+                model.blocks[i] = checkpoint_wrapper(blk)
         for blk in model.blocks:
             fully_shard(blk, reshard_after_forward=not keep)
         fully_shard(model, reshard_after_forward=not keep)
@@ -214,7 +221,7 @@ def main():
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     b.add_argument("--tf32", action="store_true", help="CUDA: let f32 matmuls use TF32 tensor cores")
     dd = sub.add_parser("dist")
-    dd.add_argument("--mode", choices=["ddp", "zero1", "fsdp2", "fsdp2-keep"], default="ddp")
+    dd.add_argument("--mode", choices=["ddp", "zero1", "fsdp2", "fsdp2-keep", "fsdp2-recompute"], default="ddp")
     dd.add_argument("--preset", default="tiny")
     dd.add_argument("--threads", type=int, default=1)
     dd.add_argument("--micro-batch", type=int, default=8)

@@ -69,6 +69,11 @@ pub enum BenchCommand {
         /// the same reshard_after_forward).
         #[arg(long)]
         torch_python: Option<String>,
+        /// ZeRO-3 with reshard_after_forward = true: compare with FSDP2 plus activation
+        /// checkpointing per block, which does kiln's work (kiln recomputes each released unit
+        /// in backward; plain FSDP2 regathers parameters but keeps its activations).
+        #[arg(long)]
+        torch_recompute: bool,
         /// Run shape.
         #[command(flatten)]
         shape: ShapeArgs,
@@ -172,7 +177,11 @@ pub fn run(what: BenchCommand) -> Result<()> {
             if let Some(torch) = results.get(1) {
                 let t = torch.median_ms();
                 println!("PyTorch           median {t:.1} ms/step");
-                println!("kiln speed ÷ PyTorch speed = {:.2}", t / kiln);
+                println!(
+                    "kiln speed ÷ PyTorch speed = {:.2} (ratio of medians), {:.2} (median of run-by-run ratios)",
+                    t / kiln,
+                    results[0].paired_speed_ratio(torch)
+                );
             }
             Ok(())
         }
@@ -222,6 +231,7 @@ pub fn run(what: BenchCommand) -> Result<()> {
         BenchCommand::Ddp {
             world,
             torch_python,
+            torch_recompute,
             shape,
         } => {
             let shape = shape.shape();
@@ -230,6 +240,7 @@ pub fn run(what: BenchCommand) -> Result<()> {
             let mode = match (p.stage, p.reshard_after_forward) {
                 (0, _) => "ddp",
                 (1 | 2, _) => "zero1",
+                (_, true) if torch_recompute => "fsdp2-recompute",
                 (_, true) => "fsdp2",
                 (_, false) => "fsdp2-keep",
             };
@@ -246,9 +257,9 @@ pub fn run(what: BenchCommand) -> Result<()> {
             println!("{world} ranks (mpirun)                median {m:.1} ms/step, exposed comm {:.2} ms/step", train::median_of(&results[1].comm_wait_ms));
             println!("{world} independent processes       median {i:.1} ms/step (no communication: the machine's own contention)");
             println!("weak-scaling efficiency {:.3}, overhead {:.1} ms/step ({:.1} ms over independent processes)", s / m, m - s, m - i);
-            if let Some(t) = results.get(3) {
-                let t = t.median_ms();
-                println!("PyTorch {mode}, {world} ranks (gloo)  median {t:.1} ms/step; kiln speed ÷ PyTorch speed = {:.2}", t / m);
+            if let Some(torch) = results.get(3) {
+                let t = torch.median_ms();
+                println!("PyTorch {mode}, {world} ranks (gloo)  median {t:.1} ms/step; kiln speed ÷ PyTorch speed = {:.2} (ratio of medians), {:.2} (median of run-by-run ratios)", t / m, results[1].paired_speed_ratio(torch));
             }
             Ok(())
         }

@@ -56,6 +56,19 @@ impl Contender {
     pub fn median_ms(&self) -> f64 {
         median(&self.step_ms)
     }
+
+    /// `reference`'s step time ÷ this one's, run by run (the two alternate, so run i of each
+    /// saw the same hour of a shared machine), then the median: robust to the machine slowing
+    /// down for a while, which moves both medians but not the pairs.
+    pub fn paired_speed_ratio(&self, reference: &Contender) -> f64 {
+        let ratios: Vec<f64> = self
+            .step_ms
+            .iter()
+            .zip(&reference.step_ms)
+            .map(|(own, other)| other / own)
+            .collect();
+        median(&ratios)
+    }
 }
 
 pub(super) fn run(cmd: &mut Command, what: &str) -> Result<String> {
