@@ -7,26 +7,27 @@
 //! to `u` and, if `u` recomputes, its rebuilt graph; and the parameter tensors those graphs hold.
 //! - **graph sizes** (per micro-batch of `b` sequences of `t` tokens, f32): burn's autodiff graph
 //!   keeps about 23·t·d floats per block plus h·t² for the attention probabilities (the fused
-//!   GELU and attention of `model::fused` save their input and P; burn's composed forms kept
-//!   43·t·d + 3·h·t², which the coefficients below were fitted on); the head 4.75·t·V (logits,
+//!   GELU and attention of `model::fused` save their input and P); the head 4.75·t·V (logits,
 //!   log-softmax and their gradients); the embedding's graph is one [b, t, d] sum, counted with
 //!   the inputs.
 //! - **coefficients**: fitted by weighted least squares (relative error) to the measured peak
-//!   resident set (VmHWM, `peak_rss_mb` in summary.json) of 180 two-step runs on a 2-core
-//!   machine, 2026-11 (`scripts/memory_matrix.py --raw`, refitted offline): tiny and small ×
-//!   stages 0–3 × offload none/nvme × recompute off/on/every:2 at 1 and 2 simulated ranks (tiny
-//!   also at 4), 2 ranks under mpirun; and d_model 1024, vocab 8192, seq_len 512, 12 layers of
-//!   d_model 128, and gpt2-124m at seq_len 256, at stages 0 and 3. The fit: activations 0.89 ×
-//!   the graphs above; 0.64 × the parameter tensors the graphs hold (the engine's per-unit
-//!   tensors); 0.99 × the model's parameter bytes Ψ per rank, even under ZeRO-3 (the engine
-//!   computes on whole units, and the allocator keeps what a step freed); 35.9 MiB per rank (its
-//!   threads, their stacks and allocator arenas, burn's buffers); 26.8 MiB per process (binary,
-//!   runtime); 20.3 MiB more under a launcher (the MPI library's buffers and progress thread).
-//!   Over the 180 runs: median error 3.1%, max 13.3%, one run outside ±10%. Refitted without
-//!   one shape at a time, the fit predicts that shape within 16% (gpt2-124m within 4%).
-//!   Identical runs differ by up to 13% here: ZeRO-3 ignores `train.recompute`, so its three
-//!   recompute settings are one run three times (138, 140 and 156 MiB for 12 layers of d_model
-//!   128), which bounds what any such fit can promise.
+//!   resident set (VmHWM, `peak_rss_mb` in summary.json) of 192 two-step runs on a 2-core
+//!   machine, 2026-11-23, with the fused ops (`scripts/memory_matrix.py --raw`, refitted by
+//!   `scripts/memory_fit.py`; the runs are `scripts/memory_runs.jsonl`): tiny and small × stages
+//!   0–3 × offload none/nvme × recompute off/on/every:2 at 1, 2 and 4 simulated ranks, 2 ranks
+//!   under mpirun; and d_model 1024, vocab 8192, seq_len 512, 12 layers of d_model 128, and
+//!   gpt2-124m at seq_len 256, at stages 0 and 3, recompute off/on, 1 and 2 ranks. The fit:
+//!   activations 0.90 × the graphs above; 0.40 × the parameter tensors the graphs hold (the
+//!   engine's per-unit tensors); 1.10 × the model's parameter bytes Ψ per rank, even under ZeRO-3
+//!   (the engine computes on whole units, and the allocator keeps what a step freed); 34.1 MiB per
+//!   rank (its threads, their stacks and allocator arenas, burn's buffers); 26.5 MiB per process
+//!   (binary, runtime); 20.4 MiB more under a launcher (the MPI library's buffers and progress
+//!   thread). Over the 192 runs: median error 3.1%, max 10.8%, two runs outside ±10%. Refitted
+//!   without one of the five extra shapes at a time, the fit predicts it within 11% (gpt2-124m
+//!   within 7%); without tiny or small, within 18% and 16%. Identical runs differ by up to 13%
+//!   here (ZeRO-3 ignores `train.recompute`, so its three recompute settings are one run three
+//!   times: 138, 140 and 156 MiB for 12 layers of d_model 128 in the earlier fit's runs), which
+//!   bounds what any such fit can promise.
 
 use super::model_states::{plan_layout, rank_model_states, unit_param_bytes};
 use crate::plan::Plan;
@@ -36,12 +37,12 @@ use serde::Serialize;
 const MIB: f64 = (1 << 20) as f64;
 
 /// The fitted coefficients (module doc).
-const ACTIVATIONS: f64 = 0.887;
-const PARAMS_IN_GRAPHS: f64 = 0.636;
-const WHOLE_MODEL: f64 = 0.986;
-const PER_RANK_MIB: f64 = 35.9;
-const PER_PROCESS_MIB: f64 = 26.8;
-const LAUNCHER_MIB: f64 = 20.3;
+const ACTIVATIONS: f64 = 0.896;
+const PARAMS_IN_GRAPHS: f64 = 0.400;
+const WHOLE_MODEL: f64 = 1.099;
+const PER_RANK_MIB: f64 = 34.1;
+const PER_PROCESS_MIB: f64 = 26.5;
+const LAUNCHER_MIB: f64 = 20.4;
 
 /// The process an estimate is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
