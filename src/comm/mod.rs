@@ -10,6 +10,9 @@
 //! [`Pending`] handle; the buffer comes back from [`Pending::wait`]. Because the thread sits in
 //! the transport's blocking calls while the caller computes, communication progresses during
 //! backward even on OpenMPI, which only progresses non-blocking collectives inside MPI calls.
+//! A small collective (up to 256 KiB) issued while nothing is queued runs on the caller's thread
+//! instead, and is finished when `start` returns: handing it over would cost more than it
+//! overlaps.
 //!
 //! Determinism: a reduction is an all-to-all of shards followed by a local sum over ranks in rank
 //! order (0, 1, …, N−1), and `all_reduce` is exactly `reduce_scatter` + `all_gather`. Every

@@ -1,6 +1,8 @@
 //! The `mpi` backend: rsmpi over the system MPI (Debian OpenMPI here). MPI is initialised on the
-//! communication thread with `MPI_THREAD_FUNNELED` (only that thread ever calls MPI), and
-//! finalised there when the communicator is dropped.
+//! communication thread with `MPI_THREAD_SERIALIZED` and finalised there when the communicator is
+//! dropped. In between a caller may make a small or blocking call itself (never two threads at
+//! once: the transport sits behind a lock); a library that only offers `MPI_THREAD_FUNNELED`
+//! keeps every call on the communication thread.
 //!
 //! Reduce-scatter is `MPI_Alltoall` followed by the rank-ordered local sum that the local backend
 //! uses too, rather than `MPI_Reduce_scatter_block`: OpenMPI picks its reduction algorithm (and
@@ -62,8 +64,16 @@ struct MpiTransport {
     /// The library's `MPI_IN_PLACE` sentinel, when the library is one whose value is known
     /// (rsmpi's safe API has no in-place collectives); without it all-gather copies its shard.
     in_place: Option<*mut std::ffi::c_void>,
+    /// The library allows calls from any thread, one at a time.
+    serialized: bool,
     _universe: Universe,
 }
+
+// SAFETY: the handles are MPI's, which may be used from any thread at the level MPI provided
+// (`callable_from_any_thread` says which); the worker keeps the transport behind a lock, so no
+// two threads call MPI at once, and drops it on the thread that initialised MPI. `in_place` is a
+// constant sentinel, never dereferenced.
+unsafe impl Send for MpiTransport {}
 
 impl MpiTransport {
     fn init() -> Result<Self> {
@@ -74,7 +84,7 @@ impl MpiTransport {
         if std::env::var_os("OMPI_MCA_mpi_yield_when_idle").is_none() {
             std::env::set_var("OMPI_MCA_mpi_yield_when_idle", "1");
         }
-        let (universe, provided) = mpi::initialize_with_threading(Threading::Funneled)
+        let (universe, provided) = mpi::initialize_with_threading(Threading::Serialized)
             .ok_or_else(|| KilnError::Comm("MPI was already initialised in this process".into()))?;
         if provided < Threading::Funneled {
             return Err(KilnError::Comm(format!(
@@ -100,6 +110,7 @@ impl MpiTransport {
             world,
             scratch: Vec::new(),
             in_place,
+            serialized: provided >= Threading::Serialized,
             _universe: universe,
         })
     }
@@ -108,6 +119,10 @@ impl MpiTransport {
 impl Transport for MpiTransport {
     fn rank(&self) -> usize {
         self.rank
+    }
+
+    fn callable_from_any_thread(&self) -> bool {
+        self.serialized
     }
 
     fn world(&self) -> usize {
