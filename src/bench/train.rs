@@ -76,15 +76,43 @@ pub(super) fn run(cmd: &mut Command, what: &str) -> Result<String> {
         .output()
         .map_err(|e| KilnError::config(format!("bench: cannot start {what}: {e}")))?;
     if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // The whole output goes to a file: torchrun ends it with a banner of `=` signs, and the
+        // error that matters may be any of the lines above.
+        let name: String = what
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let path =
+            std::env::temp_dir().join(format!("kiln-bench-{}-{name}.stderr", std::process::id()));
+        let kept = match std::fs::write(&path, stderr.as_bytes()) {
+            Ok(()) => format!(" (whole output: {})", path.display()),
+            Err(_) => String::new(),
+        };
         return Err(KilnError::Comm(format!(
-            "bench: {what} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
+            "bench: {what} failed ({}): {}{kept}",
+            out.status,
+            telling_line(&stderr)
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The line of a failed command's output that says what went wrong: the last one naming an
+/// error or exception, else the last one that is not blank or a banner.
+fn telling_line(stderr: &str) -> &str {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.chars().any(|c| c.is_alphanumeric()))
+        .collect();
+    lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("Error") || l.contains("error:") || l.contains("Exception"))
+        .or(lines.last())
+        .copied()
+        .unwrap_or("no output")
 }
 
 /// Medians over the steps of one finished kiln run, ms.
@@ -310,4 +338,20 @@ pub fn step(shape: &BenchShape, torch: Option<(&str, &str)>) -> Result<Vec<Conte
     } else {
         vec![kiln]
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::telling_line;
+
+    #[test]
+    fn the_error_line_is_picked_over_torchruns_banner() {
+        let torchrun = "W1123 step 3\nTraceback (most recent call last):\n  File \"x.py\"\nRuntimeError: Connection reset by peer\n\n======================================================\nscripts/torch_gpt.py FAILED\n------------------------------------------------------\nFailures:\n  <NO_OTHER_FAILURES>\n======================================================\n";
+        assert_eq!(
+            telling_line(torchrun),
+            "RuntimeError: Connection reset by peer"
+        );
+        assert_eq!(telling_line("first\nlast words\n=====\n"), "last words");
+        assert_eq!(telling_line("\n"), "no output");
+    }
 }

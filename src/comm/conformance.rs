@@ -1,8 +1,8 @@
 //! The conformance suite every backend must pass (`kiln check comm`, and the tests): each
 //! operation at lengths 0, 1, odd, not divisible by the world size and 64 MiB, on random data,
 //! compared with a float64 sequential reference that every rank can compute on its own; two
-//! collectives in flight while the caller computes; and all_reduce ≡ reduce_scatter + all_gather
-//! bitwise.
+//! collectives in flight while the caller computes; a small collective behind a queued large one;
+//! and all_reduce ≡ reduce_scatter + all_gather bitwise.
 
 use super::{padded_len, Communicator, ReduceOp};
 use crate::error::{KilnError, Result};
@@ -170,6 +170,42 @@ pub fn run_suite(comm: &dyn Communicator, large: bool) -> Result<Vec<String>> {
     passed.push(format!(
         "len {len:>9}: two all_reduce calls in flight during computation"
     ));
+
+    // A small collective issued behind a queued large one keeps its place: small ones may run
+    // on the caller's thread, but never ahead of the queue. Rank 0 issues late, so that its
+    // communication thread is asleep and a small call that jumped the queue would win the race
+    // to the transport there while the other ranks are already in the large one.
+    let (large_len, small_len) = (262_147, 7);
+    for round in 0..4u64 {
+        if rank == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let case = 7100 + 2 * round;
+        let large = comm.all_reduce(contribution(rank, large_len, case), ReduceOp::Sum);
+        let small = comm.all_reduce(contribution(rank, small_len, case + 1), ReduceOp::Sum);
+        let name = "all_reduce issued behind a queued one";
+        let got = small.wait()?;
+        check_reduced(
+            name,
+            &got,
+            0..small_len,
+            world,
+            small_len,
+            case + 1,
+            ReduceOp::Sum,
+        )?;
+        let got = large.wait()?;
+        check_reduced(
+            name,
+            &got,
+            0..large_len,
+            world,
+            large_len,
+            case,
+            ReduceOp::Sum,
+        )?;
+    }
+    passed.push("a small all_reduce issued behind a queued large one keeps its place".into());
 
     // Byte gathers and barrier.
     let bytes = comm.all_gather_bytes(format!("rank {rank}").as_bytes())?;

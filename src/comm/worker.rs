@@ -563,10 +563,14 @@ impl Communicator for WorkerComm {
 
 impl Drop for WorkerComm {
     fn drop(&mut self) {
-        // Closing the queue (and dropping this side's runner) ends the thread after the
-        // collectives already issued; joining it lets a backend finalise (MPI_Finalize) on its
-        // own thread before the process exits.
-        self.queue.lock().expect("queue lock").take();
+        // Closing the queue ends the thread after the collectives already issued; joining it
+        // lets a backend finalise (MPI_Finalize) before the process exits. This side's runner
+        // goes first, so that the thread holds the last reference and the transport is
+        // finalised there, on the thread that initialised it.
+        if let Some(Queue { tx, runner }) = self.queue.lock().expect("queue lock").take() {
+            drop(runner);
+            drop(tx);
+        }
         if let Some(t) = self.thread.lock().expect("thread lock").take() {
             let _ = t.join();
         }
