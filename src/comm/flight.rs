@@ -48,6 +48,10 @@ pub struct Entry {
     pub started_s: Option<f64>,
     /// When it finished or failed.
     pub ended_s: Option<f64>,
+    /// How long the transport's own calls took (the library call or calls and, for a reduction,
+    /// the rank-ordered sum), without the issue, the hand-off and the bookkeeping around them.
+    #[serde(default)]
+    pub transport_s: Option<f64>,
 }
 
 /// What a rank says about itself when asked (by its watchdog, or another rank's).
@@ -156,6 +160,7 @@ impl FlightRecorder {
             issued_s: now,
             started_s: None,
             ended_s: None,
+            transport_s: None,
         };
         if inner.entries.len() == CAPACITY {
             inner.entries.pop_front();
@@ -181,11 +186,12 @@ impl FlightRecorder {
         });
     }
 
-    /// Collective `seq` finished (`ok`) or failed.
-    pub fn finish(&self, seq: u64, ok: bool) {
+    /// Collective `seq` finished (`ok`) or failed, after `transport_s` seconds in the transport.
+    pub fn finish(&self, seq: u64, ok: bool, transport_s: f64) {
         self.update(seq, |e, now| {
             e.state = if ok { State::Completed } else { State::Failed };
             e.ended_s = Some(now);
+            e.transport_s = Some(transport_s);
         });
     }
 

@@ -233,6 +233,7 @@ impl<T: Transport> RunJob for Runner<T> {
         self.recorder.start(entry.seq);
         let mut t = self.transport.lock().expect("transport lock");
         t.begin(entry);
+        let in_transport = std::time::Instant::now();
         let reply = match job {
             Job::Collective(c, tx) => {
                 Reply::Collective(run_collective(&mut *t, c, self.verify), tx)
@@ -240,8 +241,9 @@ impl<T: Transport> RunJob for Runner<T> {
             Job::Bytes(b, tx) => Reply::Bytes(t.all_gather_bytes(&b), tx),
             Job::Barrier(tx) => Reply::Barrier(t.barrier(), tx),
         };
+        let transport_s = in_transport.elapsed().as_secs_f64();
         drop(t);
-        self.recorder.finish(entry.seq, reply.ok());
+        self.recorder.finish(entry.seq, reply.ok(), transport_s);
         before_reply();
         reply.send();
     }
