@@ -198,6 +198,11 @@ pub struct TrainConfig {
     /// takes GPU `local rank % visible GPUs`. Parameters, gradients, collectives and AdamW stay
     /// in host memory; each unit's parameters are uploaded before it runs.
     pub device: String,
+    /// Keep memory that tensors free for the next step's tensors instead of handing it back
+    /// to the kernel (like PyTorch's CUDA caching allocator): no page faults and page zeroing
+    /// inside a step, but the resident set stays at its high-water mark, so every phase's peak
+    /// in metrics.jsonl reads as that mark. See `memory::allocator`.
+    pub keep_freed_memory: bool,
 }
 
 impl Default for TrainConfig {
@@ -227,6 +232,7 @@ impl Default for TrainConfig {
             threads: 0,
             preflight: true,
             device: "auto".into(),
+            keep_freed_memory: false,
         }
     }
 }

@@ -8,7 +8,9 @@
 //! - [`preflight()`]: refuses, before allocating, a run that cannot fit (`train.preflight`).
 //! - [`report`] and [`fit`]: `kiln estimate` (every stage × tier × recompute; `--fit`).
 //! - [`phases`]: the peak resident set of each phase of a step.
+//! - [`allocator`]: whether freed memory is kept for reuse (`train.keep_freed_memory`).
 
+pub mod allocator;
 pub mod estimate;
 pub mod fit;
 pub mod limit;

@@ -40,6 +40,10 @@ pub struct StepRecord {
     /// Peak resident set of the process within each phase of this step, MiB (issue 14; see
     /// [`crate::memory::phases`]); `null` for a phase that did not run or is not metered.
     pub phase_peak: PhasePeaks,
+    /// Minor page faults of the process during the step, up to this record: pages the kernel
+    /// mapped and zeroed for it (with `--simulate`, every rank's). Mostly freed memory coming
+    /// back; `train.keep_freed_memory` removes them.
+    pub minor_faults: u64,
     /// Device memory burn's allocator holds at the end of the step (pages kept for reuse
     /// included), MiB; `null` on the CPU.
     pub gpu_reserved_mb: Option<f64>,
@@ -93,6 +97,8 @@ pub struct Summary {
     pub predicted_peak_rss_mb: f64,
     /// Model-state bytes by kind on rank 0.
     pub memory: MemoryReport,
+    /// Minor page faults of the process over the whole run, start-up included.
+    pub minor_faults: u64,
     /// Wall time of the run, s.
     pub wall_s: f64,
 }

@@ -82,6 +82,7 @@ pub fn run(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Resul
 
 fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Result<RunOutcome> {
     let started = Instant::now();
+    crate::memory::allocator::keep_freed_pages(plan.config.train.keep_freed_memory);
     let (rank, world) = (comm.rank(), comm.world());
     let lead = rank == 0;
     let fault = fault::Fault::from_env()?;
@@ -216,6 +217,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
             f.at_step(comm.as_ref(), step)?;
         }
         let step_start = Instant::now();
+        let faults_before = crate::memory::allocator::minor_page_faults();
         let mut loss_sum = 0.0f32;
         for index in 0..plan.grad_accum {
             let first_row = rank as u64 * rows_per_rank + (index * plan.micro_batch) as u64;
@@ -299,6 +301,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
                 memory: strategy.memory(),
                 peak_rss_mb,
                 phase_peak,
+                minor_faults: crate::memory::allocator::minor_page_faults() - faults_before,
                 gpu_reserved_mb: engine
                     .device()
                     .memory_pool_usage()
@@ -368,6 +371,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         phase_peak: run_phase_peak,
         predicted_peak_rss_mb: estimate.peak as f64 / MIB,
         memory: strategy.memory(),
+        minor_faults: crate::memory::allocator::minor_page_faults(),
         wall_s: started.elapsed().as_secs_f64(),
     };
     if lead && !opts.no_outputs {
