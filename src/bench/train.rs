@@ -99,17 +99,36 @@ pub(super) fn run(cmd: &mut Command, what: &str) -> Result<String> {
 }
 
 /// The line of a failed command's output that says what went wrong: the last one naming an
-/// error or exception, else the last one that is not blank or a banner.
+/// error, an exception or a crash, else the last one that is not blank or a banner. torchrun's
+/// own report of a failed child (its `torch.distributed.elastic` lines, `ChildFailedError`)
+/// comes after the child's last words and names no cause, so it is passed over.
 fn telling_line(stderr: &str) -> &str {
+    const CAUSES: [&str; 6] = [
+        "Error",
+        "error:",
+        "Exception",
+        "terminate called",
+        "Segmentation fault",
+        "Killed",
+    ];
     let lines: Vec<&str> = stderr
         .lines()
         .map(str::trim)
         .filter(|l| l.chars().any(|c| c.is_alphanumeric()))
         .collect();
+    let launcher = |l: &str| {
+        [
+            "distributed/elastic",
+            "distributed.elastic",
+            "ChildFailedError",
+        ]
+        .iter()
+        .any(|m| l.contains(m))
+    };
     lines
         .iter()
         .rev()
-        .find(|l| l.contains("Error") || l.contains("error:") || l.contains("Exception"))
+        .find(|l| !launcher(l) && CAUSES.iter().any(|c| l.contains(c)))
         .or(lines.last())
         .copied()
         .unwrap_or("no output")
@@ -350,6 +369,13 @@ mod tests {
         assert_eq!(
             telling_line(torchrun),
             "RuntimeError: Connection reset by peer"
+        );
+        // A child that aborted (seen in an FSDP2 run): torchrun's traceback and ChildFailedError
+        // follow its last words.
+        let aborted = "terminate called without an active exception\nE1124 02:23:25 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: -6) local_rank: 1\nTraceback (most recent call last):\n    raise ChildFailedError(\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n======\n  exitcode  : -6 (pid: 26187)  (SIGABRT)\n";
+        assert_eq!(
+            telling_line(aborted),
+            "terminate called without an active exception"
         );
         assert_eq!(telling_line("first\nlast words\n=====\n"), "last words");
         assert_eq!(telling_line("\n"), "no output");

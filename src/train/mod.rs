@@ -416,12 +416,17 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
             summary.peak_rss_mb,
             summary.predicted_peak_rss_mb,
             (summary.predicted_peak_rss_mb / summary.peak_rss_mb - 1.0) * 100.0,
-            summary
-                .phase_peak
-                .largest()
-                .map_or(String::new(), |(phase, mb)| format!(
-                    "; the largest phase peak is the {phase}'s, {mb:.0} MiB"
-                ))
+            if plan.config.train.keep_freed_memory {
+                // Nothing is returned to the kernel, so every phase reads the high-water mark.
+                "; freed memory kept (train.keep_freed_memory): phases not told apart".to_string()
+            } else {
+                summary
+                    .phase_peak
+                    .largest()
+                    .map_or(String::new(), |(phase, mb)| {
+                        format!("; the largest phase peak is the {phase}'s, {mb:.0} MiB")
+                    })
+            }
         );
     }
     Ok(RunOutcome {
