@@ -3,10 +3,11 @@
 //! burn's CPU backend allocates a fresh buffer for nearly every tensor op, and a step frees
 //! and reallocates the same activations each time. By default mimalloc, kiln's allocator,
 //! hands freed memory back to the kernel once it has been idle for a second (its v3
-//! default); a step takes longer than that, so the next step's tensors fault those pages in again, and the kernel zeroes each one. Keeping freed memory
-//! (mimalloc's `purge_delay = -1`, the behaviour of PyTorch's CUDA caching allocator) takes
-//! that work out of every step, at the price that the resident set never shrinks: it stays
-//! at the run's high-water mark, so every phase's peak reads as that mark.
+//! default); a step takes longer than that, so the next step's tensors fault those pages in
+//! again, and the kernel zeroes each one. Keeping freed memory (mimalloc's
+//! `purge_delay = -1`, the behaviour of PyTorch's CUDA caching allocator) takes that work out
+//! of every step, at the price that the resident set never shrinks: it stays at the run's
+//! high-water mark, so every phase's peak reads as that mark.
 //!
 //! Only the `kiln` binary allocates through mimalloc; in a program that links kiln as a
 //! library (the tests) the setting changes nothing but is harmless.

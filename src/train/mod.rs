@@ -301,7 +301,8 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
                 memory: strategy.memory(),
                 peak_rss_mb,
                 phase_peak,
-                minor_faults: crate::memory::allocator::minor_page_faults() - faults_before,
+                minor_faults: crate::memory::allocator::minor_page_faults()
+                    .saturating_sub(faults_before),
                 gpu_reserved_mb: engine
                     .device()
                     .memory_pool_usage()
