@@ -5,8 +5,9 @@ Input: JSON-lines files written by `scripts/memory_matrix.py --raw FILE` (each r
 `kiln estimate --json` and summary.json). The model is the estimate module's: model states
 exactly as kiln reports them; at the moment of backward that holds the most, the autodiff graphs
 (23·t·d + h·t² floats per block, 4.75·t·V for the head, per sequence) and the parameter
-tensors those graphs hold; the model's parameter bytes once per rank; a constant per rank, per
-process, and for a launcher's MPI library. Weighted least squares on the relative error.
+tensors those graphs hold (ZeRO-3's regathered units hold only the running unit's); the model's
+parameter bytes once per rank; a constant per rank, per process, and for a launcher's MPI
+library. Weighted least squares on the relative error.
 Prints the coefficients, the errors, the worst runs, and a leave-one-shape-out check.
 Needs numpy (e.g. the scratch virtualenv of scripts/torch_gpt.py).
 
@@ -47,15 +48,22 @@ def shape(model):
     return values, micro
 
 
-def recomputes(stage, recompute, layers):
-    """Units that recompute (ZeRO-3 with the default reshard_after_forward: all of them)."""
+def backwards(stage, recompute, layers):
+    """What each unit's backward starts from (src/memory/estimate.rs `unit_backwards`): "kept",
+    "recomputed" (train.recompute), or under ZeRO-3 with the default reshard_after_forward
+    "regathered" (graph without its matrices), the embedding "recomputed". No unit is
+    persistent: the matrix runs keep parallel.persist_threshold at its default, 0."""
     units = layers + 2
-    if stage == 3 or recompute == "true":
-        return [True] * units
-    if recompute.startswith("every:"):
+    if recompute == "true":
+        flags = [True] * units
+    elif recompute.startswith("every:"):
         k = int(recompute.split(":")[1])
-        return [False] + [i % k == 0 for i in range(layers)] + [False]
-    return [False] * units
+        flags = [False] + [i % k == 0 for i in range(layers)] + [False]
+    else:
+        flags = [False] * units
+    if stage != 3:
+        return ["recomputed" if f else "kept" for f in flags]
+    return ["recomputed" if f or u == 0 else "regathered" for u, f in enumerate(flags)]
 
 
 def features(run, act_weight=0.89, par_weight=0.64):
@@ -64,13 +72,15 @@ def features(run, act_weight=0.89, par_weight=0.64):
     V, d, L, h, t = (m[k] for k in KEYS)
     unit_params = [V * d + t * d] + [12 * d * d + 13 * d] * L + [2 * d + d * V]
     graph = [0.0] + [23 * t * d + h * t * t] * L + [4.75 * t * V]
-    rc = recomputes(stage, recompute, L)
     kept_act = kept_par = 0.0
     worst = (0.0, 0.0)
-    for u, r in enumerate(rc):
-        if r:
+    for u, kind in enumerate(backwards(stage, recompute, L)):
+        if kind == "recomputed":
             kept_act += 4 * b * t * d
             held = (kept_act + 4 * b * graph[u], kept_par + 4 * unit_params[u])
+        elif kind == "regathered":
+            kept_act += 4 * b * graph[u]
+            held = (kept_act, kept_par + 4 * unit_params[u])
         else:
             kept_act += 4 * b * graph[u]
             kept_par += 4 * unit_params[u]

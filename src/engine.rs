@@ -4,18 +4,25 @@
 //! `(y · dy).sum().backward()` — yields its parameter gradients and its input gradient, which is
 //! the next upstream gradient. burn has no per-parameter hooks; this is where kiln's come from.
 //!
-//! A unit that recomputes (`train.recompute`, per unit; every unit under ZeRO-3) runs its forward
-//! on untracked tensors (nothing requires grad, so no graph is kept) and keeps only its input;
-//! its backward recomputes it with tracked tensors first (activation checkpointing per unit). Both forwards go through the autodiff device:
-//! burn dispatches some ops differently without it (flex's native attention instead of the
-//! decomposed one autodiff uses), which would change the recomputed inputs in the last bit.
+//! A unit that recomputes (`train.recompute`, per unit) runs its forward on untracked tensors
+//! (nothing requires grad, so no graph is kept) and keeps only its input; its backward recomputes
+//! it with tracked tensors first (activation checkpointing per unit). Both forwards go through
+//! the autodiff device: burn dispatches some ops differently without it (flex's native attention
+//! instead of the decomposed one autodiff uses), which would change the recomputed inputs in the
+//! last bit.
+//!
+//! A unit whose parameters the strategy releases after its forward (ZeRO-3 with
+//! `parallel.reshard_after_forward`) keeps its graph, but its matrices go in as released weights
+//! ([`crate::model::Param`]): the graph keeps no copy of them, and before the unit's backward the
+//! engine refills their slots from the regathered parameters. A unit the model cannot run that
+//! way (`UnitModel::matmul_weights` is `None`: the embedding) recomputes instead.
 
 mod eval;
 
 use crate::error::Result;
 use crate::flat::ModelLayout;
 use crate::memory::phases::Phase;
-use crate::model::{MicroBatch, UnitModel};
+use crate::model::{release, MicroBatch, Param, UnitModel, WeightSlot};
 use crate::strategy::{MicroStep, Strategy};
 use burn::tensor::{Device, Tensor, TensorData};
 use std::cell::Cell;
@@ -50,14 +57,27 @@ pub struct Engine {
 
 /// What a unit kept from the forward pass for its backward.
 enum Saved {
-    /// Graph kept: parameter leaves, input leaf and output.
+    /// Graph kept: per parameter the tracked tensor its gradient is registered under (the leaf,
+    /// or a released weight's sink), the released weights' slots by parameter index, the input
+    /// leaf and the output.
     Graph {
-        params: Vec<Tensor<1>>,
+        grad_leaves: Vec<Tensor<1>>,
+        slots: Vec<(usize, WeightSlot)>,
         input: Option<Tensor<3>>,
         output: Tensor<3>,
     },
     /// Recompute: only the input (untracked).
     Input(Option<Tensor<3>>),
+}
+
+/// How [`Engine::params`] hands a unit's parameters to its forward.
+pub(crate) enum ParamMode<'a> {
+    /// Untracked tensors: no graph (recompute's first forward, evaluation).
+    Untracked,
+    /// Tracked leaves: the graph keeps them until the backward.
+    Tracked,
+    /// The flagged ones released (`UnitModel::matmul_weights`), the others tracked leaves.
+    Released(&'a [bool]),
 }
 
 impl Engine {
@@ -132,41 +152,81 @@ impl Engine {
         self.transfer.replace(Duration::ZERO).as_secs_f64() * 1e3
     }
 
-    /// The tensors `forward_unit` takes for `unit`: its own parameters, then those it borrows
-    /// (tied weights), read from the strategy's buffers.
-    pub(crate) fn param_tensors(
+    /// The values of `unit`'s parameters in `forward_unit`'s order — its own, then those it
+    /// borrows (tied weights) — in the strategy's buffers.
+    fn param_values<'s>(&self, unit: usize, strategy: &'s dyn Strategy) -> Vec<&'s [f32]> {
+        let own = strategy.unit_params(unit);
+        let entries = self.layout.units[unit]
+            .params
+            .iter()
+            .map(|p| &own[p.range()]);
+        let lent = self.model.borrowed_params(unit).into_iter().map(|r| {
+            let p = &self.layout.units[r.unit].params[r.index];
+            &strategy.unit_params(r.unit)[p.range()]
+        });
+        entries.chain(lent).collect()
+    }
+
+    /// The parameters `forward_unit` takes for `unit`, on the autodiff device, as `mode` says.
+    pub(crate) fn params(
         &self,
         unit: usize,
         strategy: &dyn Strategy,
-        device: &Device,
-        require_grad: bool,
-    ) -> Vec<Tensor<1>> {
+        mode: ParamMode,
+    ) -> Vec<Param> {
         let start = Instant::now();
-        let own = strategy.unit_params(unit);
-        let borrowed = self.model.borrowed_params(unit);
-        let entries = self.layout.units[unit].params.iter().map(|p| (own, p));
-        let lent = borrowed.iter().map(|r| {
-            (
-                strategy.unit_params(r.unit),
-                &self.layout.units[r.unit].params[r.index],
-            )
-        });
-        let params = entries
-            .chain(lent)
-            .map(|(flat, p)| {
+        let params = self
+            .param_values(unit, strategy)
+            .into_iter()
+            .enumerate()
+            .map(|(i, values)| {
                 let t = Tensor::<1>::from_data(
-                    TensorData::new(flat[p.range()].to_vec(), [p.len]),
-                    device,
+                    TensorData::new(values.to_vec(), [values.len()]),
+                    &self.autodiff,
                 );
-                if require_grad {
-                    t.require_grad()
-                } else {
-                    t
+                match mode {
+                    ParamMode::Untracked => Param::Tensor(t),
+                    ParamMode::Released(flags) if flags[i] => {
+                        Param::Released(release(t, &self.autodiff))
+                    }
+                    ParamMode::Tracked | ParamMode::Released(_) => Param::Tensor(t.require_grad()),
                 }
             })
             .collect();
         self.transfer.set(self.transfer.get() + start.elapsed());
         params
+    }
+
+    /// Puts the released weights of `unit` back into their slots, from the strategy's
+    /// (regathered) buffers, for its backward.
+    fn refill(&self, unit: usize, strategy: &dyn Strategy, slots: &[(usize, WeightSlot)]) {
+        if slots.is_empty() {
+            return;
+        }
+        let start = Instant::now();
+        let values = self.param_values(unit, strategy);
+        for (i, slot) in slots {
+            slot.fill(values[*i].to_vec());
+        }
+        self.transfer.set(self.transfer.get() + start.elapsed());
+    }
+
+    /// Splits a forward's parameters into what the graph path keeps: the tensors gradients are
+    /// registered under, and the released weights' slots (their values are dropped here).
+    fn keep_for_backward(params: Vec<Param>) -> (Vec<Tensor<1>>, Vec<(usize, WeightSlot)>) {
+        let mut slots = Vec::new();
+        let leaves = params
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| match p {
+                Param::Tensor(t) => t,
+                Param::Released(r) => {
+                    slots.push((i, r.slot));
+                    r.sink
+                }
+            })
+            .collect();
+        (leaves, slots)
     }
 
     /// One forward + backward of `batch`. Gradients are handed to `strategy.on_grads_ready` unit
@@ -183,8 +243,11 @@ impl Engine {
         let mut x: Option<Tensor<3>> = None;
         for unit in 0..num_units {
             strategy.before_forward(unit)?;
-            if strategy.requires_recompute(unit) || self.recompute[unit] {
-                let params = self.param_tensors(unit, strategy, &self.autodiff, false);
+            let weights = strategy
+                .releases_after_forward(unit)
+                .then(|| self.model.matmul_weights(unit));
+            if self.recompute[unit] || matches!(weights, Some(None)) {
+                let params = self.params(unit, strategy, ParamMode::Untracked);
                 // Detached: after a unit that kept its graph the input is tracked, and this
                 // unit's forward would build the graph recompute is meant to avoid.
                 let input = x.take().map(|t| t.detach());
@@ -192,12 +255,18 @@ impl Engine {
                 saved.push(Saved::Input(input));
                 x = Some(y);
             } else {
-                let params = self.param_tensors(unit, strategy, &self.autodiff, true);
+                let mode = match &weights {
+                    Some(Some(flags)) => ParamMode::Released(flags),
+                    _ => ParamMode::Tracked,
+                };
+                let params = self.params(unit, strategy, mode);
                 let input = x.take().map(|t| t.detach().require_grad());
                 let output = self.model.forward_unit(unit, &params, input.clone(), batch);
                 x = Some(output.clone());
+                let (grad_leaves, slots) = Self::keep_for_backward(params);
                 saved.push(Saved::Graph {
-                    params,
+                    grad_leaves,
+                    slots,
                     input,
                     output,
                 });
@@ -216,15 +285,19 @@ impl Engine {
             strategy.before_backward(unit)?;
             let (params, input, output) = match saved.pop().expect("one saved entry per unit") {
                 Saved::Graph {
-                    params,
+                    grad_leaves,
+                    slots,
                     input,
                     output,
-                } => (params, input, output),
+                } => {
+                    self.refill(unit, strategy, &slots);
+                    (grad_leaves, input, output)
+                }
                 Saved::Input(input) => {
-                    let params = self.param_tensors(unit, strategy, &self.autodiff, true);
+                    let params = self.params(unit, strategy, ParamMode::Tracked);
                     let input = input.map(|t| t.detach().require_grad());
                     let output = self.model.forward_unit(unit, &params, input.clone(), batch);
-                    (params, input, output)
+                    (Self::keep_for_backward(params).0, input, output)
                 }
             };
             let grads = (output * Tensor::from_inner(upstream.clone()))

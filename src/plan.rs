@@ -39,7 +39,7 @@ pub struct Plan {
     /// `train.device`: which device each rank computes on is chosen where it runs.
     pub device: crate::device::DeviceSetting,
     /// `train.recompute` resolved: one flag per unit, whether it recomputes its forward in
-    /// backward. (ZeRO-3 recomputes every unit whatever this says.)
+    /// backward. (Under ZeRO-3 a released embedding recomputes whatever this says.)
     pub recompute: Vec<bool>,
 }
 

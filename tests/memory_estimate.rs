@@ -70,6 +70,7 @@ fn recompute_settings_resolve_to_units() {
     }
 }
 
+/// Stage 3 included: there recomputed units sit beside regathered ones in one step.
 #[test]
 fn selective_recompute_is_bitwise_equal_to_none() {
     let reference = small_run(0, 2, 1, &[]);
@@ -78,7 +79,7 @@ fn selective_recompute_is_bitwise_equal_to_none() {
         "train.recompute=true",
         "train.recompute=[\"blocks.1\", \"head\"]",
     ] {
-        for stage in [0, 2] {
+        for stage in [0, 2, 3] {
             let run = small_run(stage, 2, 1, &[setting]);
             assert_eq!(
                 run.losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),

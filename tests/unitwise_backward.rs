@@ -1,5 +1,6 @@
 //! Unit-wise backward (the engine's hook points) gives the same parameter gradients as one
-//! backward through the whole model, with and without per-unit recompute.
+//! backward through the whole model, with and without per-unit recompute, and with the units'
+//! weights released after forward.
 
 mod common;
 
@@ -7,12 +8,17 @@ use burn::tensor::{Device, Tensor, TensorData};
 use kiln::engine::Engine;
 use kiln::error::Result;
 use kiln::flat::{init_unit, ModelLayout};
-use kiln::model::{Gpt, GptConfig, UnitModel};
+use kiln::model::{Gpt, GptConfig, Param, UnitModel};
 use kiln::offload::{HostStore, StateLayout, Tier};
 use kiln::strategy::{MemoryReport, MicroStep, ParamsHeld, StateView, StepStats, Strategy};
 
 /// A strategy that only records the gradients it is handed.
 struct Recorder {
+    /// Whether units are released after forward (as ZeRO-3 with reshard_after_forward).
+    release: bool,
+    /// Doubles a unit's parameters just before its backward: a backward that reads the
+    /// regathered parameters then sees other values than its forward did.
+    change_before_backward: bool,
     params: Vec<Vec<f32>>,
     grads: Vec<Vec<f32>>,
     order: Vec<usize>,
@@ -22,7 +28,30 @@ struct Recorder {
     store: HostStore,
 }
 
+impl Recorder {
+    fn new(
+        params: &[Vec<f32>],
+        layout: &ModelLayout,
+        release: bool,
+        change_before_backward: bool,
+    ) -> Self {
+        Recorder {
+            release,
+            change_before_backward,
+            params: params.to_vec(),
+            grads: vec![Vec::new(); layout.units.len()],
+            order: Vec::new(),
+            layout: layout.clone(),
+            state: StateLayout::new(layout, 0..0),
+            store: HostStore::new(Tier::None, 0),
+        }
+    }
+}
+
 impl Strategy for Recorder {
+    fn releases_after_forward(&self, _: usize) -> bool {
+        self.release
+    }
     fn before_forward(&mut self, _: usize) -> Result<()> {
         Ok(())
     }
@@ -32,7 +61,10 @@ impl Strategy for Recorder {
     fn after_forward(&mut self, _: usize) -> Result<()> {
         Ok(())
     }
-    fn before_backward(&mut self, _: usize) -> Result<()> {
+    fn before_backward(&mut self, unit: usize) -> Result<()> {
+        if self.change_before_backward {
+            self.params[unit].iter_mut().for_each(|p| *p *= 2.0);
+        }
         Ok(())
     }
     fn on_grads_ready(&mut self, unit: usize, grads: &[f32], _: MicroStep) -> Result<()> {
@@ -113,6 +145,7 @@ fn whole_model_grads(
         for r in model.borrowed_params(unit) {
             params.push(leaves[r.unit][r.index].clone());
         }
+        let params: Vec<Param> = params.into_iter().map(Param::from).collect();
         x = Some(model.forward_unit(unit, &params, x, batch));
     }
     let grads = x.unwrap().sum().backward();
@@ -173,14 +206,7 @@ fn unit_wise_equals_whole_model(cfg: GptConfig) {
     let reference = whole_model_grads(&model, &layout, &params, &batch);
 
     for recompute in [false, true] {
-        let mut rec = Recorder {
-            params: params.clone(),
-            grads: vec![Vec::new(); model.num_units()],
-            order: Vec::new(),
-            layout: layout.clone(),
-            state: StateLayout::new(&layout, 0..0),
-            store: HostStore::new(Tier::None, 0),
-        };
+        let mut rec = Recorder::new(&params, &layout, false, false);
         let mut engine = Engine::new(
             Box::new(model.clone()),
             layout.clone(),
@@ -230,14 +256,7 @@ fn recompute_is_bitwise(cfg: GptConfig) {
     let device = Device::flex();
     let batch = kiln::data::micro_batch(&source, 2, 0, 2, cfg.seq_len, &device);
     let run = |recompute: bool| {
-        let mut rec = Recorder {
-            params: params.clone(),
-            grads: vec![Vec::new(); model.num_units()],
-            order: Vec::new(),
-            layout: layout.clone(),
-            state: StateLayout::new(&layout, 0..0),
-            store: HostStore::new(Tier::None, 0),
-        };
+        let mut rec = Recorder::new(&params, &layout, false, false);
         let mut engine = Engine::new(
             Box::new(model.clone()),
             layout.clone(),
@@ -255,5 +274,107 @@ fn recompute_is_bitwise(cfg: GptConfig) {
             common::bitwise_equal(a, b),
             "recompute changed the gradients"
         );
+    }
+}
+
+/// A model that counts the forwards of each unit.
+struct Counting {
+    inner: Gpt,
+    forwards: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl UnitModel for Counting {
+    fn num_units(&self) -> usize {
+        self.inner.num_units()
+    }
+    fn unit_name(&self, unit: usize) -> String {
+        self.inner.unit_name(unit)
+    }
+    fn unit_params(&self, unit: usize) -> Vec<kiln::model::ParamSpec> {
+        self.inner.unit_params(unit)
+    }
+    fn borrowed_params(&self, unit: usize) -> Vec<kiln::model::ParamRef> {
+        self.inner.borrowed_params(unit)
+    }
+    fn matmul_weights(&self, unit: usize) -> Option<Vec<bool>> {
+        self.inner.matmul_weights(unit)
+    }
+    fn forward_unit(
+        &self,
+        unit: usize,
+        params: &[Param],
+        input: Option<Tensor<3>>,
+        batch: &kiln::model::MicroBatch,
+    ) -> Tensor<3> {
+        self.forwards.lock().unwrap()[unit] += 1;
+        self.inner.forward_unit(unit, params, input, batch)
+    }
+    fn seq_len(&self) -> usize {
+        self.inner.seq_len()
+    }
+    fn vocab(&self) -> usize {
+        self.inner.vocab()
+    }
+}
+
+/// Released units (ZeRO-3's regather): blocks and the head run their forward once and their
+/// backward from weights refilled from the strategy's buffer before it, bitwise as when the
+/// graph keeps them; the
+/// embedding, which cannot release its table, is recomputed. The tied head (GPT-2 style) takes
+/// the transposed path.
+#[test]
+fn released_weights_give_bitwise_the_same_gradients_without_recompute() {
+    for cfg in [small_gpt(), gpt2_style()] {
+        let model = Gpt::new(cfg);
+        let layout = ModelLayout::new(&model, 1);
+        let params: Vec<Vec<f32>> = (0..model.num_units())
+            .map(|u| init_unit(&model.unit_params(u), &layout.units[u], 11))
+            .collect();
+        let source = kiln::data::MarkovSource::new(5, 64, 1.0);
+        let device = Device::flex();
+        let batch = kiln::data::micro_batch(&source, 1, 0, 2, cfg.seq_len, &device);
+        let run = |release: bool, change_before_backward: bool| {
+            let mut rec = Recorder::new(&params, &layout, release, change_before_backward);
+            let forwards = std::sync::Arc::new(std::sync::Mutex::new(vec![0; model.num_units()]));
+            let counting = Counting {
+                inner: model.clone(),
+                forwards: forwards.clone(),
+            };
+            let mut engine = Engine::new(Box::new(counting), layout.clone(), device.clone(), false);
+            engine
+                .micro_step(&mut rec, &batch, MicroStep { index: 0, count: 1 })
+                .unwrap();
+            let forwards = forwards.lock().unwrap().clone();
+            (rec.grads, forwards)
+        };
+        let ((kept, kept_forwards), (released, released_forwards)) =
+            (run(false, false), run(true, false));
+        assert_eq!(kept_forwards, vec![1; model.num_units()]);
+        let mut want = vec![1; model.num_units()];
+        want[0] = 2;
+        assert_eq!(
+            released_forwards, want,
+            "released: only the embedding recomputes"
+        );
+        for (u, (a, b)) in kept.iter().zip(&released).enumerate() {
+            assert!(
+                common::bitwise_equal(a, b),
+                "unit {u}: released weights changed the gradients"
+            );
+        }
+        // The backward of a released block reads its weights from the strategy's buffer at
+        // backward time, not from a copy the graph kept since the forward.
+        let (changed, _) = run(true, true);
+        let (unchanged, _) = run(false, true);
+        for u in 1..model.num_units() - 1 {
+            assert!(
+                !common::bitwise_equal(&changed[u], &released[u]),
+                "unit {u}: a released unit's backward did not read the regathered weights"
+            );
+            assert!(
+                common::bitwise_equal(&unchanged[u], &kept[u]),
+                "unit {u}: a kept graph read the strategy's buffer in backward"
+            );
+        }
     }
 }

@@ -69,9 +69,9 @@ pub enum BenchCommand {
         /// the same reshard_after_forward).
         #[arg(long)]
         torch_python: Option<String>,
-        /// ZeRO-3 with reshard_after_forward = true: compare with FSDP2 plus activation
-        /// checkpointing per block, which does kiln's work (kiln recomputes each released unit
-        /// in backward; plain FSDP2 regathers parameters but keeps its activations).
+        /// ZeRO-3 with reshard_after_forward = true, both recomputing: kiln with
+        /// train.recompute = true (every unit) against FSDP2 with activation checkpointing per
+        /// block.
         #[arg(long)]
         torch_recompute: bool,
         /// Run shape.
@@ -234,7 +234,10 @@ pub fn run(what: BenchCommand) -> Result<()> {
             torch_recompute,
             shape,
         } => {
-            let shape = shape.shape();
+            let mut shape = shape.shape();
+            if torch_recompute {
+                shape.sets.push("train.recompute=true".into());
+            }
             let config = crate::config::load(Some(&shape.config), &shape.sets)?;
             let p = &config.parallel;
             let mode = match (p.stage, p.reshard_after_forward) {

@@ -252,10 +252,10 @@ pub struct ParallelConfig {
     /// Stage 3: units with fewer parameters than this stay whole on every rank.
     pub persist_threshold: usize,
     /// Stage 3 (FSDP2's knob of the same name): `true` (default) releases a unit's gathered
-    /// parameters after its forward and gathers it again, recomputing its forward, in backward;
-    /// `false` keeps the unit and its forward graph from its forward to its backward (no second
-    /// gather, no recompute; within a step every parameter is held whole at the peak, as in
-    /// ZeRO-2; parameters are still sharded between steps).
+    /// parameters after its forward and gathers it again for its backward (its graph keeps the
+    /// activations, not the parameters); `false` keeps the unit's parameters in its forward
+    /// graph until its backward (no second gather; within a step every parameter is held whole
+    /// at the peak, as in ZeRO-2; parameters are still sharded between steps).
     pub reshard_after_forward: bool,
 }
 

@@ -20,8 +20,9 @@ pub const RECOMPUTE_FORMS: &str =
 ///   embedding's graph is one `[b, t, d]` sum.
 /// - a list of unit names (`"embed"`, `"blocks.N"`, `"head"`): exactly those units.
 ///
-/// ZeRO-3 recomputes every unit whatever this says: it releases a unit's parameters after its
-/// forward.
+/// ZeRO-3 follows it too: a unit it releases after forward is gathered again for its backward,
+/// and recomputed there only if named here (the embedding, whose lookup would keep its table,
+/// is recomputed whenever it is released).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Recompute {
     /// No unit recomputes.

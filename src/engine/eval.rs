@@ -1,7 +1,7 @@
 //! Forward-only passes (validation, issue 12): the same hooks and parameter tensors as a
 //! training micro-step's forward, without a graph or gradients.
 
-use super::Engine;
+use super::{Engine, ParamMode};
 use crate::error::Result;
 use crate::model::MicroBatch;
 use crate::strategy::Strategy;
@@ -19,7 +19,7 @@ impl Engine {
         let mut x: Option<Tensor<3>> = None;
         for unit in 0..self.model.num_units() {
             strategy.before_forward(unit)?;
-            let params = self.param_tensors(unit, strategy, &self.autodiff, false);
+            let params = self.params(unit, strategy, ParamMode::Untracked);
             x = Some(self.model.forward_unit(unit, &params, x.take(), batch));
             strategy.after_forward(unit)?;
         }

@@ -3,8 +3,9 @@
 //!
 //! Model states are exact (the trainer's own accounting, [`super::rank_model_states`]). The
 //! rest follows one step's backward, where the peak is: when unit `u`'s backward runs, the
-//! process holds the graphs of the kept units up to `u`, the input of every recomputed unit up
-//! to `u` and, if `u` recomputes, its rebuilt graph; and the parameter tensors those graphs hold.
+//! process holds the graphs of the kept units up to `u` (ZeRO-3's regathered units' without
+//! their matrices), the input of every recomputed unit up to `u` and, if `u` recomputes, its
+//! rebuilt graph; and the parameter tensors those graphs hold.
 //! - **graph sizes** (per micro-batch of `b` sequences of `t` tokens, f32): burn's autodiff graph
 //!   keeps about 23·t·d floats per block plus h·t² for the attention probabilities (the fused
 //!   GELU and attention of `model::fused` save their input and P); the head 4.75·t·V (logits,
@@ -12,24 +13,28 @@
 //!   the inputs.
 //! - **coefficients**: fitted by weighted least squares (relative error) to the measured peak
 //!   resident set (VmHWM, `peak_rss_mb` in summary.json) of 192 two-step runs on a 2-core
-//!   machine, 2026-11-23, with the fused ops (`scripts/memory_matrix.py --raw`, refitted by
+//!   machine, with the fused ops (`scripts/memory_matrix.py --raw`, refitted by
 //!   `scripts/memory_fit.py`; the runs are `scripts/memory_runs.jsonl`): tiny and small × stages
 //!   0–3 × offload none/nvme × recompute off/on/every:2 at 1, 2 and 4 simulated ranks, 2 ranks
 //!   under mpirun; and d_model 1024, vocab 8192, seq_len 512, 12 layers of d_model 128, and
-//!   gpt2-124m at seq_len 256, at stages 0 and 3, recompute off/on, 1 and 2 ranks. The fit:
-//!   activations 0.90 × the graphs above; 0.40 × the parameter tensors the graphs hold (the
-//!   engine's per-unit tensors); 1.10 × the model's parameter bytes Ψ per rank, even under ZeRO-3
-//!   (the engine computes on whole units, and the allocator keeps what a step freed); 34.1 MiB per
-//!   rank (its threads, their stacks and allocator arenas, burn's buffers); 26.5 MiB per process
-//!   (binary, runtime); 20.4 MiB more under a launcher (the MPI library's buffers and progress
-//!   thread). Over the 192 runs: median error 3.1%, max 10.8%, two runs outside ±10%. Refitted
-//!   without one of the five extra shapes at a time, the fit predicts it within 11% (gpt2-124m
-//!   within 7%); without tiny or small, within 18% and 16%. Identical runs differ by up to 13%
-//!   here (ZeRO-3 ignores `train.recompute`, so its three recompute settings are one run three
-//!   times: 138, 140 and 156 MiB for 12 layers of d_model 128 in the earlier fit's runs), which
+//!   gpt2-124m at seq_len 256, at stages 0 and 3, recompute off/on, 1 and 2 ranks. Stages 0–2
+//!   were run on 2026-11-23; the 58 stage-3 runs again on 2026-11-24, when ZeRO-3 began to
+//!   regather instead of recomputing. The fit: activations 0.88 × the graphs above; 0.54 × the
+//!   parameter tensors the graphs hold (the engine's per-unit tensors); 0.98 × the model's
+//!   parameter bytes Ψ per rank, even under ZeRO-3 (the engine computes on whole units, and the
+//!   allocator keeps what a step freed); 35.3 MiB per rank (its threads, their stacks and
+//!   allocator arenas, burn's buffers); 26.5 MiB per process (binary, runtime); 13.6 MiB more
+//!   under a launcher (the MPI library's buffers and progress thread). Over the 192 runs: median
+//!   error 2.9%, max 12.4%, five runs outside ±10% — the worst is small at micro-batch 1 under
+//!   ZeRO-3, whose activations are a small part of the total (at micro-batch 4, it is predicted
+//!   within 3% with and without recompute: 1011 vs 1041 MiB, 691 vs 704). Refitted without one
+//!   of the five extra shapes at a time, the fit predicts it within 12% (gpt2-124m within 7%);
+//!   without tiny or small, within 20%. Identical runs differ by up to 13% here (138, 140 and
+//!   156 MiB for one run of 12 layers of d_model 128 repeated, in an earlier fit's runs), which
 //!   bounds what any such fit can promise.
 
 use super::model_states::{plan_layout, rank_model_states, unit_param_bytes};
+use crate::model::{Gpt, UnitModel};
 use crate::plan::Plan;
 use crate::strategy::MemoryReport;
 use serde::Serialize;
@@ -37,12 +42,12 @@ use serde::Serialize;
 const MIB: f64 = (1 << 20) as f64;
 
 /// The fitted coefficients (module doc).
-const ACTIVATIONS: f64 = 0.896;
-const PARAMS_IN_GRAPHS: f64 = 0.400;
-const WHOLE_MODEL: f64 = 1.099;
-const PER_RANK_MIB: f64 = 34.1;
+const ACTIVATIONS: f64 = 0.883;
+const PARAMS_IN_GRAPHS: f64 = 0.543;
+const WHOLE_MODEL: f64 = 0.984;
+const PER_RANK_MIB: f64 = 35.3;
 const PER_PROCESS_MIB: f64 = 26.5;
-const LAUNCHER_MIB: f64 = 20.4;
+const LAUNCHER_MIB: f64 = 13.6;
 
 /// The process an estimate is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,11 +136,11 @@ pub fn estimate(plan: &Plan, process: Process) -> Estimate {
     let ranks = process.ranks();
     let layout = plan_layout(plan);
     let rank_states = rank_model_states(plan, &layout);
-    let recompute = recompute_units(plan);
+    let backwards = unit_backwards(plan, &layout);
     let unit_bytes: Vec<f64> = (0..layout.units.len())
         .map(|u| unit_param_bytes(&layout, |v| v == u) as f64)
         .collect();
-    let peak = backward_peak(plan, &unit_bytes, &recompute);
+    let peak = backward_peak(plan, &unit_bytes, &backwards);
     let rank_activations = (ACTIVATIONS * peak.activations) as usize;
     let whole_model: f64 = unit_bytes.iter().sum();
     let rank_workspace =
@@ -157,16 +162,39 @@ pub fn estimate(plan: &Plan, process: Process) -> Estimate {
     }
 }
 
-/// Which units recompute: `train.recompute` resolved, and under ZeRO-3 with
-/// `parallel.reshard_after_forward` every unit it releases after forward (the engine's rule).
-pub fn recompute_units(plan: &Plan) -> Vec<bool> {
-    if plan.stage < 3 {
-        return plan.recompute.clone();
-    }
-    let layout = plan_layout(plan);
+/// What a unit's backward starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitBackward {
+    /// Its graph and the parameter tensors in it, kept since the forward.
+    Kept,
+    /// Its graph without its matrices (released by ZeRO-3), which are refilled for its backward.
+    Regathered,
+    /// Its input only: its forward runs again first (`train.recompute`, or a unit ZeRO-3
+    /// releases that the model cannot run with released weights: the embedding).
+    Recomputed,
+}
+
+/// Each unit's [`UnitBackward`], by the engine's rule: `train.recompute` resolved, and under
+/// ZeRO-3 with `parallel.reshard_after_forward` every unit it releases after forward.
+pub fn unit_backwards(plan: &Plan, layout: &crate::flat::ModelLayout) -> Vec<UnitBackward> {
     let persistent =
-        super::model_states::persistent_units(&layout, plan.config.parallel.persist_threshold);
-    super::model_states::zero3_recompute_units(plan, &persistent)
+        super::model_states::persistent_units(layout, plan.config.parallel.persist_threshold);
+    let released =
+        |u: usize| plan.stage == 3 && plan.config.parallel.reshard_after_forward && !persistent[u];
+    let model = Gpt::new(plan.model);
+    (0..layout.units.len())
+        .map(|u| {
+            if plan.recompute.get(u).copied().unwrap_or(false) {
+                UnitBackward::Recomputed
+            } else if !released(u) {
+                UnitBackward::Kept
+            } else if model.matmul_weights(u).is_some() {
+                UnitBackward::Regathered
+            } else {
+                UnitBackward::Recomputed
+            }
+        })
+        .collect()
 }
 
 /// One moment of the backward: the activation bytes held, and the parameter bytes the graphs
@@ -179,10 +207,11 @@ struct Held {
 
 /// The moment of one micro-batch's backward that holds the most (module doc): units' backward
 /// runs from the last to the first, and at unit `u`'s, the kept units up to `u` hold their
-/// graphs and parameter tensors, the recomputed ones their input, and `u`, if it recomputes,
-/// its rebuilt graph and parameters. In f64: a shape a user typed can overflow integer
-/// products, and the result saturates instead.
-fn backward_peak(plan: &Plan, unit_bytes: &[f64], recompute: &[bool]) -> Held {
+/// graphs and parameter tensors, the regathered ones their graphs, the recomputed ones their
+/// input, and `u` its parameters as tensors (refilled, or with its rebuilt graph if it
+/// recomputes). In f64: a shape a user typed can overflow integer products, and the result
+/// saturates instead.
+fn backward_peak(plan: &Plan, unit_bytes: &[f64], backwards: &[UnitBackward]) -> Held {
     let m = &plan.model;
     let (b, t, d, h) = (
         plan.micro_batch as f64,
@@ -190,7 +219,7 @@ fn backward_peak(plan: &Plan, unit_bytes: &[f64], recompute: &[bool]) -> Held {
         m.d_model as f64,
         m.n_heads as f64,
     );
-    let last = recompute.len().saturating_sub(1);
+    let last = backwards.len().saturating_sub(1);
     let graph = |u: usize| match u {
         0 => 0.0,
         u if u == last => 4.75 * t * m.vocab as f64,
@@ -200,17 +229,29 @@ fn backward_peak(plan: &Plan, unit_bytes: &[f64], recompute: &[bool]) -> Held {
     let mut kept = Held::default();
     let mut worst = Held::default();
     // Forward order: what units 0..=u leave behind, then the moment of u's backward.
-    for (u, &recomputes) in recompute.iter().enumerate() {
-        let held = if recomputes {
-            kept.activations += 4.0 * b * t * d;
-            Held {
-                activations: kept.activations + 4.0 * b * graph(u),
-                params_in_graphs: kept.params_in_graphs + unit_bytes[u],
+    for (u, &backward) in backwards.iter().enumerate() {
+        let held = match backward {
+            UnitBackward::Recomputed => {
+                kept.activations += 4.0 * b * t * d;
+                Held {
+                    activations: kept.activations + 4.0 * b * graph(u),
+                    params_in_graphs: kept.params_in_graphs + unit_bytes[u],
+                }
             }
-        } else {
-            kept.activations += 4.0 * b * graph(u);
-            kept.params_in_graphs += unit_bytes[u];
-            kept
+            // The graph keeps the unit's LayerNorm gains and biases, a few d floats: not
+            // counted.
+            UnitBackward::Regathered => {
+                kept.activations += 4.0 * b * graph(u);
+                Held {
+                    params_in_graphs: kept.params_in_graphs + unit_bytes[u],
+                    ..kept
+                }
+            }
+            UnitBackward::Kept => {
+                kept.activations += 4.0 * b * graph(u);
+                kept.params_in_graphs += unit_bytes[u];
+                kept
+            }
         };
         if cost(&held) > cost(&worst) {
             worst = held;

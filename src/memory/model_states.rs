@@ -94,10 +94,10 @@ pub fn persistent_units(layout: &ModelLayout, threshold: usize) -> Vec<bool> {
     layout.units.iter().map(|u| u.numel < threshold).collect()
 }
 
-/// Which units recompute their forward in backward under ZeRO-3: those `train.recompute` names,
-/// and with `parallel.reshard_after_forward` (the default) every unit released after forward,
-/// i.e. all but the persistent ones.
-pub fn zero3_recompute_units(plan: &Plan, persistent: &[bool]) -> Vec<bool> {
+/// Which units ZeRO-3 gathers again for their backward: with `parallel.reshard_after_forward`
+/// (the default) every unit released after forward, i.e. all but the persistent ones, and those
+/// `train.recompute` names.
+pub fn zero3_regather_units(plan: &Plan, persistent: &[bool]) -> Vec<bool> {
     let reshard = plan.config.parallel.reshard_after_forward;
     persistent
         .iter()
@@ -107,23 +107,22 @@ pub fn zero3_recompute_units(plan: &Plan, persistent: &[bool]) -> Vec<bool> {
 }
 
 /// [`zero3_peak_gather_buffers_with`] for the default, `reshard_after_forward = true` without
-/// `train.recompute`: every unit but the persistent ones recomputes.
+/// `train.recompute`: every unit but the persistent ones is gathered again.
 pub fn zero3_peak_gather_buffers(persistent: &[bool], prefetch: usize) -> usize {
-    let recomputes: Vec<bool> = persistent.iter().map(|&p| !p).collect();
-    zero3_peak_gather_buffers_with(persistent, &recomputes, prefetch)
+    let regathers: Vec<bool> = persistent.iter().map(|&p| !p).collect();
+    zero3_peak_gather_buffers_with(persistent, &regathers, prefetch)
 }
 
 /// The most gather buffers ZeRO-3 holds at once (its `peak_gathered` ÷ the largest unit):
 /// replays the hook order of one micro-step and of `full_params` with the strategy's rules —
 /// a unit is gathered before it runs with the next `prefetch` units in flight, released after,
 /// and released buffers are kept for reuse while at most `prefetch + 1` are spare. Persistent
-/// units hold no gather buffer. A unit that does not recompute (`recomputes`, as
-/// [`zero3_recompute_units`]) counts as held from its forward to its backward (its graph keeps
-/// its parameters) and is not gathered in backward. One step reaches the peak: later ones
-/// repeat it.
+/// units hold no gather buffer. A unit not gathered again (`regathers`, as
+/// [`zero3_regather_units`]) counts as held from its forward to its backward (its graph keeps
+/// its parameters). One step reaches the peak: later ones repeat it.
 pub fn zero3_peak_gather_buffers_with(
     persistent: &[bool],
-    recomputes: &[bool],
+    regathers: &[bool],
     prefetch: usize,
 ) -> usize {
     let n = persistent.len();
@@ -152,7 +151,7 @@ pub fn zero3_peak_gather_buffers_with(
             }
         }
     };
-    let gathers_in_backward = |u: usize| recomputes[u] || persistent[u];
+    let gathers_in_backward = |u: usize| regathers[u] || persistent[u];
     for u in 0..n {
         let next: Vec<usize> = (u + 1..n).collect();
         gather(&mut held, &mut spare, u, &next);
@@ -231,9 +230,9 @@ pub fn rank_model_states(plan: &Plan, layout: &ModelLayout) -> MemoryReport {
         };
     }
     let persistent = persistent_units(layout, plan.config.parallel.persist_threshold);
-    let recomputes = zero3_recompute_units(plan, &persistent);
+    let regathers = zero3_regather_units(plan, &persistent);
     let buffers =
-        zero3_peak_gather_buffers_with(&persistent, &recomputes, plan.config.parallel.prefetch);
+        zero3_peak_gather_buffers_with(&persistent, &regathers, plan.config.parallel.prefetch);
     MemoryReport {
         params_full: unit_param_bytes(layout, |u| persistent[u]),
         param_shards: shard_param_bytes(layout),

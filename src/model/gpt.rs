@@ -3,7 +3,7 @@
 //! of its own or, tied, the token embedding transposed (GPT-2's).
 
 use super::fused::{causal_attention, gelu_tanh};
-use super::{Init, MicroBatch, ParamRef, ParamSpec, UnitModel};
+use super::{Init, MicroBatch, Param, ParamRef, ParamSpec, UnitModel};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::module::{embedding, layer_norm};
 use burn::tensor::Tensor;
@@ -146,37 +146,36 @@ impl Gpt {
     /// The head unit's logits `[batch × seq, vocab]` for the last block's output `x`: `ln_f`,
     /// then the LM head. `params` are the head's (`forward_unit`'s, borrowed ones included).
     /// The head's loss is computed from these; `kiln sample` uses them directly.
-    pub fn logits(&self, params: &[Tensor<1>], x: Tensor<3>) -> Tensor<2> {
+    pub fn logits(&self, params: &[Param], x: Tensor<3>) -> Tensor<2> {
         let GptConfig {
             vocab, d_model: d, ..
         } = self.cfg;
         let [b, t, _] = x.dims();
-        let x = layer_norm(x, params[0].clone(), Some(params[1].clone()), LN_EPS);
+        let x = layer_norm(x, params[0].tensor(), Some(params[1].tensor()), LN_EPS);
         // Untied: `lm_head.weight` [d, vocab]; tied: the borrowed `wte.weight` [vocab, d],
         // transposed.
-        let head = if self.cfg.tie_embeddings {
-            params[2].clone().reshape([vocab, d]).transpose()
+        let x = x.reshape([b * t, d]);
+        if self.cfg.tie_embeddings {
+            params[2].matmul(x, [vocab, d], true)
         } else {
-            params[2].clone().reshape([d, vocab])
-        };
-        x.reshape([b * t, d]).matmul(head)
+            params[2].matmul(x, [d, vocab], false)
+        }
     }
 
-    fn block_forward(&self, params: &[Tensor<1>], x: Tensor<3>) -> Tensor<3> {
+    fn block_forward(&self, params: &[Param], x: Tensor<3>) -> Tensor<3> {
         let [b, t, d] = x.dims();
         let h = self.cfg.n_heads;
         let hd = d / h;
-        let w2 = |i: usize, rows: usize, cols: usize| params[i].clone().reshape([rows, cols]);
         let a = layer_norm(
             x.clone(),
-            params[0].clone(),
-            Some(params[1].clone()),
+            params[0].tensor(),
+            Some(params[1].tensor()),
             LN_EPS,
         );
         let qkv_bias = if self.cfg.key_bias {
-            params[3].clone()
+            params[3].tensor()
         } else {
-            let qv_bias = &params[3];
+            let qv_bias = &params[3].tensor();
             let zeros = Tensor::<1>::zeros([d], &qv_bias.device());
             Tensor::cat(
                 vec![
@@ -187,7 +186,7 @@ impl Gpt {
                 0,
             )
         };
-        let qkv = dense(a, w2(2, d, 3 * d), &qkv_bias);
+        let qkv = dense(a, &params[2], [d, 3 * d], &qkv_bias);
         let heads = |i: usize| {
             qkv.clone()
                 .narrow(2, i * d, d)
@@ -196,25 +195,25 @@ impl Gpt {
         };
         let att = causal_attention(heads(0), heads(1), heads(2));
         let att = att.swap_dims(1, 2).reshape([b, t, d]);
-        let x = x + dense(att, w2(4, d, d), &params[5]);
+        let x = x + dense(att, &params[4], [d, d], &params[5].tensor());
         let m = layer_norm(
             x.clone(),
-            params[6].clone(),
-            Some(params[7].clone()),
+            params[6].tensor(),
+            Some(params[7].tensor()),
             LN_EPS,
         );
-        let m = gelu_tanh(dense(m, w2(8, d, 4 * d), &params[9]));
-        x + dense(m, w2(10, 4 * d, d), &params[11])
+        let m = gelu_tanh(dense(m, &params[8], [d, 4 * d], &params[9].tensor()));
+        x + dense(m, &params[10], [4 * d, d], &params[11].tensor())
     }
 }
 
-/// `x W + b` on `[batch, seq, d_in]`, as one 2-D matmul over batch × seq rows: burn flex runs
-/// the 2-D form faster than its batched linear (measured on the tiny preset's shapes).
-fn dense(x: Tensor<3>, w: Tensor<2>, b: &Tensor<1>) -> Tensor<3> {
+/// `x W + b` on `[batch, seq, d_in]` with `W` of `shape` `[d_in, d_out]`, as one 2-D matmul over
+/// batch × seq rows: burn flex runs the 2-D form faster than its batched linear (measured on the
+/// tiny preset's shapes).
+fn dense(x: Tensor<3>, w: &Param, shape: [usize; 2], b: &Tensor<1>) -> Tensor<3> {
     let [batch, seq, d_in] = x.dims();
-    let d_out = w.dims()[1];
-    let y = x.reshape([batch * seq, d_in]).matmul(w) + b.clone().unsqueeze::<2>();
-    y.reshape([batch, seq, d_out])
+    let y = w.matmul(x.reshape([batch * seq, d_in]), shape, false) + b.clone().unsqueeze::<2>();
+    y.reshape([batch, seq, shape[1]])
 }
 
 impl UnitModel for Gpt {
@@ -272,6 +271,20 @@ impl UnitModel for Gpt {
         }
     }
 
+    /// Blocks and the head read their matrices only through matmuls; the embedding looks rows
+    /// up (burn's embedding keeps its table in the graph), so it recomputes when released.
+    fn matmul_weights(&self, unit: usize) -> Option<Vec<bool>> {
+        let specs = self.unit_params(unit);
+        let borrowed = self.borrowed_params(unit).len();
+        (unit > 0).then(|| {
+            specs
+                .iter()
+                .map(|p| p.shape.len() == 2)
+                .chain(std::iter::repeat_n(true, borrowed))
+                .collect()
+        })
+    }
+
     fn borrowed_params(&self, unit: usize) -> Vec<ParamRef> {
         if self.cfg.tie_embeddings && unit == self.num_units() - 1 {
             vec![ParamRef { unit: 0, index: 0 }]
@@ -283,7 +296,7 @@ impl UnitModel for Gpt {
     fn forward_unit(
         &self,
         unit: usize,
-        params: &[Tensor<1>],
+        params: &[Param],
         input: Option<Tensor<3>>,
         batch: &MicroBatch,
     ) -> Tensor<3> {
@@ -296,8 +309,8 @@ impl UnitModel for Gpt {
         match unit {
             0 => {
                 let [_, t] = batch.inputs.dims();
-                let tok = embedding(params[0].clone().reshape([vocab, d]), batch.inputs.clone());
-                let pos = params[1].clone().reshape([max_seq_len, d]).narrow(0, 0, t);
+                let tok = embedding(params[0].tensor().reshape([vocab, d]), batch.inputs.clone());
+                let pos = params[1].tensor().reshape([max_seq_len, d]).narrow(0, 0, t);
                 tok + pos.unsqueeze::<3>()
             }
             u if u <= self.cfg.n_layers => self.block_forward(

@@ -3,8 +3,11 @@
 
 pub mod fused;
 mod gpt;
+mod param;
 
 pub use gpt::{Gpt, GptConfig};
+pub(crate) use param::release;
+pub use param::{Param, ReleasedWeight, WeightSlot};
 
 use burn::tensor::{Int, Tensor};
 
@@ -73,12 +76,20 @@ pub trait UnitModel: Send + Sync {
     fn borrowed_params(&self, _unit: usize) -> Vec<ParamRef> {
         Vec::new()
     }
+    /// Which of `unit`'s parameters (`forward_unit`'s list: own, then borrowed) it reads only
+    /// as a matmul's weight, through [`Param::matmul`]: those can be released after the forward
+    /// and handed back for the backward (ZeRO-3's regather). `None` if the unit reads a large
+    /// parameter any other way (an embedding lookup): a strategy that releases it then has the
+    /// engine recompute its forward instead. The default: `None`.
+    fn matmul_weights(&self, _unit: usize) -> Option<Vec<bool>> {
+        None
+    }
     /// Runs one unit. `params` follow `unit_params(unit)` and then `borrowed_params(unit)`,
-    /// each as a flat `Tensor<1>`.
+    /// each flat; a parameter flagged by `matmul_weights` may come released.
     fn forward_unit(
         &self,
         unit: usize,
-        params: &[Tensor<1>],
+        params: &[Param],
         input: Option<Tensor<3>>,
         batch: &MicroBatch,
     ) -> Tensor<3>;

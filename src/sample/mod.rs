@@ -16,7 +16,7 @@ use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
 use crate::hf::HfCheckpoint;
 use crate::init::InitSource;
-use crate::model::{Gpt, GptConfig, MicroBatch, UnitModel};
+use crate::model::{Gpt, GptConfig, MicroBatch, Param, UnitModel};
 use crate::rng::Rng;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::path::Path;
@@ -95,7 +95,7 @@ impl Weights {
         })
     }
 
-    fn unit_tensors(&self, unit: usize, device: &Device) -> Vec<Tensor<1>> {
+    fn unit_tensors(&self, unit: usize, device: &Device) -> Vec<Param> {
         let own = self.layout.units[unit]
             .params
             .iter()
@@ -109,7 +109,7 @@ impl Weights {
             .map(|(u, range)| {
                 let data = self.params[u][range].to_vec();
                 let len = data.len();
-                Tensor::<1>::from_data(TensorData::new(data, [len]), device)
+                Tensor::<1>::from_data(TensorData::new(data, [len]), device).into()
             })
             .collect()
     }

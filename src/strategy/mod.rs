@@ -86,10 +86,10 @@ impl MemoryReport {
 
 /// A data-parallel strategy (DDP or a ZeRO stage).
 pub trait Strategy {
-    /// Whether backward must recompute `unit`'s forward (its parameters are released after
-    /// forward, as in ZeRO-3 with `parallel.reshard_after_forward`), whatever `train.recompute`
-    /// says.
-    fn requires_recompute(&self, unit: usize) -> bool {
+    /// Whether `unit`'s parameters are released after its forward and gathered again for its
+    /// backward (ZeRO-3 with `parallel.reshard_after_forward`): the unit's graph must then keep
+    /// no copy of them (the engine releases its matmul weights, or recomputes the unit).
+    fn releases_after_forward(&self, unit: usize) -> bool {
         let _ = unit;
         false
     }

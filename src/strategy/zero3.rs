@@ -1,24 +1,27 @@
 //! ZeRO-3 (Rajbhandari et al. 2020, §5.3; PyTorch's FSDP): parameters exist only as shards.
 //! A unit's full parameters are all-gathered just before it runs — the next `parallel.prefetch`
 //! units' gathers are already in flight — and released after; backward gathers the unit again
-//! and recomputes its forward (burn's graph would otherwise keep copies of the parameters, and
-//! releasing the gathered buffer would free nothing). Gradients are reduce-scattered per bucket
-//! as in ZeRO-2. Units with fewer parameters than `parallel.persist_threshold` stay whole on
-//! every rank (DeepSpeed's stage3_param_persistence_threshold).
+//! (FSDP2's and DeepSpeed's regather). The engine keeps the unit's activations but no copy of
+//! its matrices in the graph (released weights, `model::Param`), and refills them from the
+//! regathered buffer for the backward; the embedding, which the graph would hold, is recomputed
+//! instead. Gradients are reduce-scattered per bucket as in ZeRO-2. Units with fewer parameters
+//! than `parallel.persist_threshold` stay whole on every rank (DeepSpeed's
+//! stage3_param_persistence_threshold).
 //!
-//! `parallel.reshard_after_forward = false` (FSDP2's knob) trades memory for that second gather
-//! and forward: a unit's forward keeps its graph, which holds the unit's gathered parameters
-//! until its backward (the gather buffer itself goes back to the pool: the graph has its own
-//! copy), so backward neither gathers nor recomputes it. Inside the step every parameter is then
-//! held whole at the peak, as in ZeRO-2; between steps only the shards are kept. Persistent units
-//! never recompute (nothing was released), whatever the setting.
+//! `parallel.reshard_after_forward = false` (FSDP2's knob) trades memory for that second gather:
+//! a unit's forward graph holds the unit's gathered parameters until its backward (the gather
+//! buffer itself goes back to the pool: the graph has its own copy), so backward does not gather
+//! it. Inside the step every parameter is then held whole at the peak, as in ZeRO-2; between
+//! steps only the shards are kept. Persistent units are never gathered again (nothing was
+//! released), whatever the setting. `train.recompute` recomputes the units it names in either
+//! case, and they are gathered again for it.
 //!
 //! A unit that reads another unit's parameters (tied embeddings: the head reads `wte`) gathers
 //! that unit too while it runs, and releases it with itself.
 //!
 //! Every element gets the same arithmetic as in DDP (same parameters, the same bitwise
-//! recompute, the same rank-ordered sums, norm and AdamW), so stage 3 is bitwise equal to the
-//! other stages at the same world size.
+//! recompute and released-weight matmuls, the same rank-ordered sums, norm and AdamW), so stage 3
+//! is bitwise equal to the other stages at the same world size.
 
 use super::{
     adamw_over_store, finish_step, GradBuckets, MemoryReport, MicroStep, ParamsHeld, Reduction,
@@ -68,9 +71,9 @@ pub struct Zero3 {
     grads: GradBuckets,
     /// Largest number of bytes held in gathered units at once.
     peak_gathered: usize,
-    /// Per unit: the engine recomputes its forward in backward (`train.recompute`, or released
-    /// after forward), so backward gathers it again.
-    recomputes: Vec<bool>,
+    /// Per unit: backward gathers it again (released after forward, or recomputed by
+    /// `train.recompute`).
+    regathers: Vec<bool>,
     /// Per unit: its forward graph holds its gathered parameters until its gradients are ready
     /// (`reshard_after_forward = false`).
     in_graph: Vec<bool>,
@@ -103,7 +106,7 @@ impl Zero3 {
                 Gathered::Released
             });
         }
-        let recomputes = crate::memory::model_states::zero3_recompute_units(plan, &persistent);
+        let regathers = crate::memory::model_states::zero3_regather_units(plan, &persistent);
         let lenders = (0..layout.units.len())
             .map(|u| model.borrowed_params(u).iter().map(|r| r.unit).collect())
             .collect();
@@ -133,8 +136,8 @@ impl Zero3 {
             grad_divisor: (plan.world * plan.grad_accum) as f32,
             grads,
             peak_gathered: 0,
-            in_graph: vec![false; recomputes.len()],
-            recomputes,
+            in_graph: vec![false; regathers.len()],
+            regathers,
             reshard_after_forward: plan.config.parallel.reshard_after_forward,
         })
     }
@@ -236,7 +239,7 @@ impl Zero3 {
 }
 
 impl Strategy for Zero3 {
-    fn requires_recompute(&self, unit: usize) -> bool {
+    fn releases_after_forward(&self, unit: usize) -> bool {
         self.reshard_after_forward && !self.persistent[unit]
     }
 
@@ -256,7 +259,7 @@ impl Strategy for Zero3 {
     fn after_forward(&mut self, unit: usize) -> Result<()> {
         self.release(unit);
         self.release_lenders(unit);
-        if !self.recomputes[unit] && !self.persistent[unit] {
+        if !self.regathers[unit] && !self.persistent[unit] {
             self.in_graph[unit] = true;
             self.note_peak();
         }
@@ -266,13 +269,13 @@ impl Strategy for Zero3 {
     fn before_backward(&mut self, unit: usize) -> Result<()> {
         // Only units gathered again in backward are worth prefetching; with the default every
         // unit is (persistent ones are whole already), and this is the plain reverse order.
-        let gathers = |u: usize| self.recomputes[u] || self.persistent[u];
+        let gathers = |u: usize| self.regathers[u] || self.persistent[u];
         if !gathers(unit) {
             return Ok(());
         }
         let next: Vec<usize> = (0..unit).rev().filter(|&u| gathers(u)).collect();
         self.gather(unit, next.into_iter())?;
-        if self.recomputes[unit] {
+        if self.regathers[unit] {
             self.gather_lenders(unit)?;
         }
         Ok(())

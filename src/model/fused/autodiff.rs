@@ -1,13 +1,15 @@
 //! The fused ops under burn's Autodiff: each is one graph node whose backward calls the inner
 //! backend's kernels, instead of the chain of nodes the composed form records.
 
-use super::{attention_probs, attention_scale, FusedOps};
+use super::{attention_probs, attention_scale, oriented, FusedOps};
+use crate::model::WeightSlot;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, TensorMetadata};
+use burn::tensor::Shape;
 
 impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -102,6 +104,86 @@ impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 prep.finish(Saved { q, k, v, p }, output)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::causal_attention(q, k, v)),
+        }
+    }
+
+    fn weight_matmul(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        sink: FloatTensor<Self>,
+        slot: WeightSlot,
+        transposed: bool,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct WeightMatmul;
+
+        /// `x` (for W's gradient) and where W will be: never W itself.
+        #[derive(Debug, Clone)]
+        struct Saved<B: Backend> {
+            x: Option<FloatTensor<B>>,
+            slot: WeightSlot,
+            shape: Shape,
+            transposed: bool,
+        }
+
+        impl<B: Backend + FusedOps> Backward<B, 2> for WeightMatmul {
+            type State = Saved<B>;
+
+            /// burn's matmul backward, call for call (`dx = dy · W_effᵀ`, `dW_eff = xᵀ · dy`,
+            /// W_eff = W or Wᵀ), so every bit equals the graph path's.
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let Saved {
+                    x,
+                    slot,
+                    shape,
+                    transposed,
+                } = ops.state;
+                let grad = grads.consume::<B>(&ops.node);
+                let [x_node, sink_node] = ops.parents;
+                if let (Some(node), Some(x)) = (sink_node, x) {
+                    let numel = shape.num_elements();
+                    let grad_w = oriented::<B>(
+                        B::float_matmul(B::float_transpose(x), grad.clone()),
+                        transposed,
+                    );
+                    grads.register::<B>(node.id, B::float_reshape(grad_w, Shape::from([numel])));
+                }
+                if let Some(node) = x_node {
+                    let w =
+                        B::float_reshape(B::float_from_data(slot.take(), &grad.device()), shape);
+                    let grad_x =
+                        B::float_matmul(grad, B::float_transpose(oriented::<B>(w, transposed)));
+                    grads.register::<B>(node.id, grad_x);
+                }
+            }
+        }
+
+        let sink_tracked = sink.is_tracked();
+        let prepared = WeightMatmul
+            .prepare::<C>([x.node(), sink.node()])
+            .compute_bound()
+            .stateful();
+        let x = x.into_primitive();
+        let w = w.into_primitive();
+        let shape = w.shape();
+        let w_eff = oriented::<B>(w, transposed);
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                let output = B::float_matmul(x.clone(), w_eff);
+                let saved = Saved {
+                    x: sink_tracked.then_some(x),
+                    slot,
+                    shape,
+                    transposed,
+                };
+                prep.finish(saved, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::float_matmul(x, w_eff)),
         }
     }
 }

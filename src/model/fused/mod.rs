@@ -12,6 +12,9 @@
 //!   backward from the saved `P` (no recompute): `dV = Pᵀ dO`, `dP = dO Vᵀ`, one in-place pass
 //!   for `dS = scale · P ⊙ (dP − rowsum(P ⊙ dP))`, `dQ = dS K`, `dK = dSᵀ Q`.
 //!
+//! One more op is not a fusion but a graph node of its own: `weight_matmul`, burn's matmul with
+//! a weight the graph does not keep (ZeRO-3's regather, [`crate::model::Param`]).
+//!
 //! The seam is burn's backend extension: [`FusedOps`] is implemented by the Flex backend with
 //! single-pass f32 kernels ([`flex`]), by burn's Autodiff wrapper with the backward passes above
 //! ([`autodiff`]), and — with the `cuda` feature — by the cubecl backend through the trait's
@@ -20,6 +23,7 @@
 mod autodiff;
 mod flex;
 
+use crate::model::WeightSlot;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Dispatch, Scalar, TensorMetadata};
 use burn::tensor::Tensor;
@@ -93,6 +97,21 @@ pub trait FusedOps: Backend {
         let p = attention_probs::<Self>(q, k);
         Self::float_matmul(p, v)
     }
+
+    /// `x · W` (`x · Wᵀ` when `transposed`) for a weight released after the forward
+    /// ([`crate::model::Param::Released`]). Without autodiff it is the matmul; under burn's
+    /// Autodiff the graph keeps `x` and `slot` instead of `W`, reads `W` from `slot` in the
+    /// backward, and registers W's gradient, flat, under `sink`.
+    fn weight_matmul(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        sink: FloatTensor<Self>,
+        slot: WeightSlot,
+        transposed: bool,
+    ) -> FloatTensor<Self> {
+        let _ = (sink, slot);
+        Self::float_matmul(x, oriented::<Self>(w, transposed))
+    }
 }
 
 /// On the GPU the default bodies run: burn's cubecl ops, autotuned matmuls included. (A fused
@@ -105,6 +124,15 @@ fn attention_probs<B: FusedOps>(q: FloatTensor<B>, k: FloatTensor<B>) -> FloatTe
     let d_head = *q.shape().dims::<4>().last().expect("4-D query");
     let scores = B::float_matmul(q, B::float_transpose(k));
     B::causal_softmax(scores, attention_scale(d_head))
+}
+
+/// `w`, transposed if `transposed`: the weight as `weight_matmul` multiplies by it.
+fn oriented<B: Backend>(w: FloatTensor<B>, transposed: bool) -> FloatTensor<B> {
+    if transposed {
+        B::float_transpose(w)
+    } else {
+        w
+    }
 }
 
 /// The attention's score scale, `1/√d_head`.
@@ -159,5 +187,22 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
         q.into_dispatch(),
         k.into_dispatch(),
         v.into_dispatch(),
+    ))
+}
+
+/// `x · W` for a released weight through the fused op (see [`FusedOps::weight_matmul`]).
+pub fn weight_matmul(
+    x: Tensor<2>,
+    w: Tensor<2>,
+    sink: Tensor<1>,
+    slot: WeightSlot,
+    transposed: bool,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::weight_matmul(
+        x.into_dispatch(),
+        w.into_dispatch(),
+        sink.into_dispatch(),
+        slot,
+        transposed,
     ))
 }
