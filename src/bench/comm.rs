@@ -3,7 +3,8 @@
 //! run. Bus bandwidth follows nccl-tests: all-reduce moves 2(N−1)/N of the buffer per rank,
 //! reduce-scatter and all-gather (N−1)/N.
 
-use crate::comm::{Collective, Communicator, ReduceOp, ReferenceKind};
+use crate::comm::INLINE_BYTES;
+use crate::comm::{thread_cpu_seconds, Collective, Communicator, ReduceOp, ReferenceKind};
 use crate::error::Result;
 use serde::Serialize;
 use std::time::Instant;
@@ -29,11 +30,26 @@ pub struct CommRow {
     /// rank-ordered sum, as the flight recorder times them), without the issue, the hand-off and
     /// the return to the caller; `None` where the record is unreadable.
     pub kiln_in_call_s: Option<f64>,
+    /// Median seconds per call that the thread making kiln's call spent off a core (wall time
+    /// minus the thread's CPU time: descheduled or asleep). Only for calls up to
+    /// [`INLINE_BYTES`], which run on the caller's own thread; a larger one waits for the
+    /// communication thread, off the core by design.
+    pub kiln_off_cpu_s: Option<f64>,
+    /// The same for the library's call, on the thread that made it.
+    pub reference_off_cpu_s: f64,
 }
 
 /// Sizes from 1 KiB to 64 MiB, ×4 apart.
 pub fn sizes() -> Vec<usize> {
     (0..9).map(|i| 1024usize << (2 * i)).collect()
+}
+
+/// Elements of a row's buffer: `bytes` of f32, rounded down to a multiple of the world size, so
+/// that no buffer is larger than its row says. Rounded up, 256 KiB at N = 3 became 262,152
+/// bytes, just past [`INLINE_BYTES`], and that row alone paid the hand-off to the communication
+/// thread.
+fn row_len(bytes: usize, world: usize) -> usize {
+    (bytes / 4) / world * world
 }
 
 fn iterations_for(bytes: usize) -> usize {
@@ -58,8 +74,13 @@ fn in_call_median(comm: &dyn Communicator, op: &str, len: usize) -> Option<f64> 
         })
         .filter_map(|e| e["transport_s"].as_f64())
         .collect();
-    spans.sort_by(f64::total_cmp);
-    spans.get(spans.len() / 2).copied()
+    (!spans.is_empty()).then(|| median(&mut spans))
+}
+
+/// The median of `v` (the upper one of an even count); `v` must not be empty.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// Measures every operation and size on `comm` (every rank must call this).
@@ -75,7 +96,7 @@ pub fn measure(comm: &dyn Communicator) -> Result<Vec<CommRow>> {
         ("all_gather", ReferenceKind::AllGather, 1.0),
     ] {
         for bytes in sizes() {
-            let len = (bytes / 4).div_ceil(world) * world;
+            let len = row_len(bytes, world);
             let iterations = iterations_for(bytes);
             // kiln's call and the library's alternate call by call, so that the machine's drift
             // (this machine is shared) hits both alike.
@@ -83,8 +104,10 @@ pub fn measure(comm: &dyn Communicator) -> Result<Vec<CommRow>> {
             let mut reference = vec![1.0f32; len];
             let mut times = Vec::with_capacity(iterations);
             let mut reference_times = Vec::with_capacity(iterations);
+            let (mut off_cpu, mut reference_off_cpu) = (Vec::new(), Vec::new());
             for i in 0..iterations + 2 {
                 comm.barrier()?;
+                let start_cpu = thread_cpu_seconds();
                 let start = Instant::now();
                 buf = match kind {
                     ReferenceKind::AllReduce => comm.all_reduce(buf, ReduceOp::Sum),
@@ -93,6 +116,7 @@ pub fn measure(comm: &dyn Communicator) -> Result<Vec<CommRow>> {
                 }
                 .wait()?;
                 let elapsed = start.elapsed().as_secs_f64();
+                let on_cpu = thread_cpu_seconds() - start_cpu;
                 reference = comm
                     .start(Collective::Reference {
                         kind,
@@ -101,14 +125,16 @@ pub fn measure(comm: &dyn Communicator) -> Result<Vec<CommRow>> {
                     .wait()?;
                 if i >= 2 {
                     times.push(elapsed);
+                    off_cpu.push(elapsed - on_cpu);
                     reference_times.push(reference[0] as f64);
+                    reference_off_cpu.push((reference[0] - reference[1]) as f64);
                 }
                 buf.fill(1.0);
             }
-            times.sort_by(f64::total_cmp);
-            reference_times.sort_by(f64::total_cmp);
-            let kiln_s = times[times.len() / 2];
-            let reference_s = reference_times[reference_times.len() / 2];
+            let kiln_s = median(&mut times);
+            let reference_s = median(&mut reference_times);
+            let kiln_off_cpu_s = (len * 4 <= INLINE_BYTES).then(|| median(&mut off_cpu));
+            let reference_off_cpu_s = median(&mut reference_off_cpu);
             let moved = (len * 4) as f64 * factor * (world - 1) as f64 / world as f64;
             let (k, r) = (moved / kiln_s / 1e9, moved / reference_s / 1e9);
             let kiln_in_call_s = in_call_median(comm, op, len);
@@ -121,6 +147,8 @@ pub fn measure(comm: &dyn Communicator) -> Result<Vec<CommRow>> {
                 reference_busbw_gbs: r,
                 ratio: k / r,
                 kiln_in_call_s,
+                kiln_off_cpu_s,
+                reference_off_cpu_s,
             });
         }
     }
@@ -132,9 +160,11 @@ pub fn measure(comm: &dyn Communicator) -> Result<Vec<CommRow>> {
 pub fn table(rows: &[CommRow], world: usize) -> String {
     let mut out = format!(
         "world {world}: bus bandwidth, GB/s (median per call); `in call`: kiln's ratio counting only \
-         its time inside the transport, without the hand-off and the return to the caller\n\
-         {:<15} {:>9} {:>10} {:>10} {:>7} {:>8}\n",
-        "op", "size", "kiln", "MPI", "ratio", "in call"
+         its time inside the transport, without the hand-off and the return to the caller; \
+         `off core`: median µs per call that the calling thread spent off its core, kiln / MPI \
+         (kiln's only where the call runs on the caller's thread)\n\
+         {:<15} {:>9} {:>10} {:>10} {:>7} {:>8} {:>12}\n",
+        "op", "size", "kiln", "MPI", "ratio", "in call", "off core"
     );
     for r in rows {
         let size = if r.bytes >= 1 << 20 {
@@ -145,10 +175,39 @@ pub fn table(rows: &[CommRow], world: usize) -> String {
         let in_call = r
             .kiln_in_call_s
             .map_or("–".to_string(), |t| format!("{:.2}", r.reference_s / t));
+        let off_core = format!(
+            "{} / {:.0}",
+            r.kiln_off_cpu_s
+                .map_or("–".to_string(), |t| format!("{:.0}", t.max(0.0) * 1e6)),
+            r.reference_off_cpu_s.max(0.0) * 1e6
+        );
         out += &format!(
-            "{:<15} {:>9} {:>10.3} {:>10.3} {:>7.2} {:>8}\n",
-            r.op, size, r.kiln_busbw_gbs, r.reference_busbw_gbs, r.ratio, in_call
+            "{:<15} {:>9} {:>10.3} {:>10.3} {:>7.2} {:>8} {:>12}\n",
+            r.op, size, r.kiln_busbw_gbs, r.reference_busbw_gbs, r.ratio, in_call, off_core
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_row_is_larger_than_it_says_and_the_inline_row_stays_inline() {
+        for world in 1..=8 {
+            for bytes in sizes() {
+                let len = row_len(bytes, world);
+                assert_eq!(len % world, 0, "{bytes} B at N = {world}");
+                assert!(
+                    len * 4 <= bytes && len * 4 + 4 * world > bytes,
+                    "{bytes} B, N = {world}"
+                );
+            }
+            assert!(
+                row_len(INLINE_BYTES, world) * 4 <= INLINE_BYTES,
+                "N = {world}"
+            );
+        }
+    }
 }

@@ -35,7 +35,8 @@ pub use agree::{agree, agree_on};
 pub use local::{simulate_group, LocalGroup};
 #[cfg(feature = "mpi")]
 pub use mpi::mpi_communicator;
-pub use worker::{Collective, Pending, ReferenceKind, Transport, WorkerComm};
+pub(crate) use worker::INLINE_BYTES;
+pub use worker::{thread_cpu_seconds, Collective, Pending, ReferenceKind, Transport, WorkerComm};
 
 use crate::error::{KilnError, Result};
 use std::sync::Arc;

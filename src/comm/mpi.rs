@@ -246,12 +246,12 @@ impl Transport for MpiTransport {
         Ok(())
     }
 
-    fn reference(&mut self, kind: ReferenceKind, buf: &mut [f32]) -> Result<f64> {
+    fn reference(&mut self, kind: ReferenceKind, buf: &mut [f32]) -> Result<(f64, f64)> {
         use mpi::collective::SystemOperation;
         let shard = buf.len() / self.world;
         let mut out = vec![0.0f32; buf.len()];
         self.world_comm.barrier();
-        let start = mpi::time();
+        let (start, start_cpu) = (mpi::time(), super::thread_cpu_seconds());
         match kind {
             ReferenceKind::AllReduce => {
                 self.world_comm
@@ -266,6 +266,6 @@ impl Transport for MpiTransport {
                 self.world_comm.all_gather_into(&buf[..shard], &mut out[..])
             }
         }
-        Ok(mpi::time() - start)
+        Ok((mpi::time() - start, super::thread_cpu_seconds() - start_cpu))
     }
 }

@@ -50,9 +50,10 @@ pub enum Collective {
         /// Sending rank.
         root: usize,
     },
-    /// One call of the backend library's own collective (e.g. `MPI_Allreduce`), timed on the
-    /// communication thread after a barrier, for `kiln bench comm`; the buffer comes back with
-    /// the seconds it took in element 0. Errors on backends that have no library of their own.
+    /// One call of the backend library's own collective (e.g. `MPI_Allreduce`), timed after a
+    /// barrier, for `kiln bench comm`; the buffer comes back with the seconds it took in element
+    /// 0 and the seconds its thread spent on a core meanwhile in element 1. Errors on backends
+    /// that have no library of their own.
     Reference {
         /// Which collective.
         kind: ReferenceKind,
@@ -148,8 +149,9 @@ pub trait Transport: Send {
     fn callable_from_any_thread(&self) -> bool {
         true
     }
-    /// Times one call of the library's own collective, in seconds.
-    fn reference(&mut self, kind: ReferenceKind, buf: &mut [f32]) -> Result<f64> {
+    /// Times one call of the library's own collective: (seconds, seconds the calling thread spent
+    /// on a core meanwhile, [`thread_cpu_seconds`]).
+    fn reference(&mut self, kind: ReferenceKind, buf: &mut [f32]) -> Result<(f64, f64)> {
         let _ = (kind, buf);
         Err(KilnError::Comm(
             "this backend has no library collective to compare with".into(),
@@ -187,7 +189,21 @@ impl Job {
 /// of a 64 KiB all-reduce of two ranks here, so small collectives lost 5–12% to the library's
 /// own call. Blocking the caller costs little at this size, where the transfer is a few tens of
 /// microseconds; larger collectives keep overlapping with compute.
-const INLINE_BYTES: usize = 256 << 10;
+pub(crate) const INLINE_BYTES: usize = 256 << 10;
+
+/// CPU time of the calling thread so far, seconds (`CLOCK_THREAD_CPUTIME_ID`); 0 if unknown.
+/// A call's wall time minus this clock's advance is the time its thread spent off a core.
+pub fn thread_cpu_seconds() -> f64 {
+    // SAFETY: clock_gettime writes one plain struct that lives on this frame.
+    unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        if libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) == 0 {
+            ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+        } else {
+            0.0
+        }
+    }
+}
 
 /// A finished job's result with where it goes.
 enum Reply {
@@ -490,8 +506,15 @@ fn run_collective<T: Transport>(t: &mut T, c: Collective, verify: bool) -> Resul
         }
         Collective::Reference { kind, mut buf } => {
             check_multiple(buf.len(), "reference")?;
-            let seconds = t.reference(kind, &mut buf)?;
+            if buf.len() < 2 {
+                return Err(KilnError::Comm(format!(
+                    "reference: {} elements cannot hold the two timings it returns",
+                    buf.len()
+                )));
+            }
+            let (seconds, on_cpu) = t.reference(kind, &mut buf)?;
             buf[0] = seconds as f32;
+            buf[1] = on_cpu as f32;
             Ok(buf)
         }
         Collective::Broadcast { mut buf, root } => {
