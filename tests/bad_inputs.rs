@@ -232,6 +232,21 @@ fn every_bad_input_is_one_line_exit_2_and_writes_nothing() {
         strings(&["bench", "nosuch"]),
         &["nosuch", "kiln bench --help"],
     );
+    // PyTorch's side recomputes only under FSDP2 with resharding: refused before anything runs.
+    let tiny = format!("{}/configs/tiny.toml", env!("CARGO_MANIFEST_DIR"));
+    case(
+        strings(&[
+            "bench",
+            "ddp",
+            "--torch-recompute",
+            "--torch-python",
+            "python3",
+        ])
+        .into_iter()
+        .chain(["--config".to_string(), tiny])
+        .collect(),
+        &["--torch-recompute", "parallel.stage = 3", "not stage 0"],
+    );
     case(
         train(&[])
             .into_iter()

@@ -178,7 +178,8 @@ fn the_setting_named_is_the_first_that_fits() {
     );
     assert!(e.contains("may use") && e.contains("(a test)"), "{e}");
     // One rank, recomputing: no stage divides anything, and only the nvme tier takes states out
-    // of memory. (Without recompute, stage 3 would come first: it always recomputes.)
+    // of memory. (Without recompute, stage 3 could fit first: even at one rank it releases each
+    // unit's matmul weights after the unit's forward.)
     let recompute: Vec<&str> = small
         .iter()
         .copied()

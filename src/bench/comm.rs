@@ -3,8 +3,9 @@
 //! run. Bus bandwidth follows nccl-tests: all-reduce moves 2(N−1)/N of the buffer per rank,
 //! reduce-scatter and all-gather (N−1)/N.
 
-use crate::comm::INLINE_BYTES;
-use crate::comm::{thread_cpu_seconds, Collective, Communicator, ReduceOp, ReferenceKind};
+use crate::comm::{
+    thread_cpu_seconds, Collective, Communicator, ReduceOp, ReferenceKind, INLINE_BYTES,
+};
 use crate::error::Result;
 use serde::Serialize;
 use std::time::Instant;
@@ -14,7 +15,8 @@ use std::time::Instant;
 pub struct CommRow {
     /// Operation.
     pub op: &'static str,
-    /// Buffer size in bytes.
+    /// The row's size in bytes; its buffer is this rounded down to a multiple of the world size
+    /// ([`row_len`]).
     pub bytes: usize,
     /// kiln's median seconds per call.
     pub kiln_s: f64,
@@ -32,7 +34,8 @@ pub struct CommRow {
     pub kiln_in_call_s: Option<f64>,
     /// Median seconds per call that the thread making kiln's call spent off a core (wall time
     /// minus the thread's CPU time: descheduled or asleep). Only for calls up to
-    /// [`INLINE_BYTES`], which run on the caller's own thread; a larger one waits for the
+    /// [`INLINE_BYTES`], which run on the caller's own thread (where the transport allows it:
+    /// MPI does at `MPI_THREAD_SERIALIZED`, which OpenMPI gives); a larger one waits for the
     /// communication thread, off the core by design.
     pub kiln_off_cpu_s: Option<f64>,
     /// The same for the library's call, on the thread that made it.
@@ -97,6 +100,9 @@ pub fn measure(comm: &dyn Communicator) -> Result<Vec<CommRow>> {
     ] {
         for bytes in sizes() {
             let len = row_len(bytes, world);
+            if len == 0 {
+                continue; // more ranks than the row has elements
+            }
             let iterations = iterations_for(bytes);
             // kiln's call and the library's alternate call by call, so that the machine's drift
             // (this machine is shared) hits both alike.
@@ -125,9 +131,11 @@ pub fn measure(comm: &dyn Communicator) -> Result<Vec<CommRow>> {
                     .wait()?;
                 if i >= 2 {
                     times.push(elapsed);
-                    off_cpu.push(elapsed - on_cpu);
+                    // The two clocks are read a few hundred ns apart, so a call that never left
+                    // its core can come out slightly negative: that is 0.
+                    off_cpu.push((elapsed - on_cpu).max(0.0));
                     reference_times.push(reference[0] as f64);
-                    reference_off_cpu.push((reference[0] - reference[1]) as f64);
+                    reference_off_cpu.push(((reference[0] - reference[1]) as f64).max(0.0));
                 }
                 buf.fill(1.0);
             }
@@ -178,8 +186,8 @@ pub fn table(rows: &[CommRow], world: usize) -> String {
         let off_core = format!(
             "{} / {:.0}",
             r.kiln_off_cpu_s
-                .map_or("–".to_string(), |t| format!("{:.0}", t.max(0.0) * 1e6)),
-            r.reference_off_cpu_s.max(0.0) * 1e6
+                .map_or("–".to_string(), |t| format!("{:.0}", t * 1e6)),
+            r.reference_off_cpu_s * 1e6
         );
         out += &format!(
             "{:<15} {:>9} {:>10.3} {:>10.3} {:>7.2} {:>8} {:>12}\n",

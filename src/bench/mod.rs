@@ -71,7 +71,7 @@ pub enum BenchCommand {
         torch_python: Option<String>,
         /// ZeRO-3 with reshard_after_forward = true, both recomputing: kiln with
         /// train.recompute = true (every unit) against FSDP2 with activation checkpointing per
-        /// block.
+        /// block. Refused with any other stage or reshard setting.
         #[arg(long)]
         torch_recompute: bool,
         /// Run shape.
@@ -240,6 +240,16 @@ pub fn run(what: BenchCommand) -> Result<()> {
             }
             let config = crate::config::load(Some(&shape.config), &shape.sets)?;
             let p = &config.parallel;
+            // PyTorch's side recomputes only under FSDP2 with resharding; elsewhere kiln alone
+            // would recompute and the ratio would compare unlike runs.
+            if torch_recompute && !(p.stage == 3 && p.reshard_after_forward) {
+                return Err(KilnError::config(format!(
+                    "--torch-recompute: needs parallel.stage = 3 with parallel.reshard_after_forward \
+                     = true (FSDP2 with activation checkpointing), not stage {} with \
+                     reshard_after_forward = {}",
+                    p.stage, p.reshard_after_forward
+                )));
+            }
             let mode = match (p.stage, p.reshard_after_forward) {
                 (0, _) => "ddp",
                 (1 | 2, _) => "zero1",

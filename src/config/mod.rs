@@ -253,9 +253,10 @@ pub struct ParallelConfig {
     pub persist_threshold: usize,
     /// Stage 3 (FSDP2's knob of the same name): `true` (default) releases a unit's gathered
     /// parameters after its forward and gathers it again for its backward (its graph keeps the
-    /// activations, not the parameters); `false` keeps the unit's parameters in its forward
-    /// graph until its backward (no second gather; within a step every parameter is held whole
-    /// at the peak, as in ZeRO-2; parameters are still sharded between steps).
+    /// activations and the small LayerNorm parameters, not the weight matrices; the embedding,
+    /// whose lookup keeps its table, is recomputed); `false` keeps the unit's parameters in its
+    /// forward graph until its backward (no second gather; within a step every parameter is held
+    /// whole at the peak, as in ZeRO-2; parameters are still sharded between steps).
     pub reshard_after_forward: bool,
 }
 

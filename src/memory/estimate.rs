@@ -179,8 +179,8 @@ pub enum UnitBackward {
 pub fn unit_backwards(plan: &Plan, layout: &crate::flat::ModelLayout) -> Vec<UnitBackward> {
     let persistent =
         super::model_states::persistent_units(layout, plan.config.parallel.persist_threshold);
-    let released =
-        |u: usize| plan.stage == 3 && plan.config.parallel.reshard_after_forward && !persistent[u];
+    let released = super::model_states::zero3_released_units(plan, &persistent);
+    let released = |u: usize| plan.stage == 3 && released[u];
     let model = Gpt::new(plan.model);
     (0..layout.units.len())
         .map(|u| {

@@ -94,15 +94,21 @@ pub fn persistent_units(layout: &ModelLayout, threshold: usize) -> Vec<bool> {
     layout.units.iter().map(|u| u.numel < threshold).collect()
 }
 
-/// Which units ZeRO-3 gathers again for their backward: with `parallel.reshard_after_forward`
-/// (the default) every unit released after forward, i.e. all but the persistent ones, and those
-/// `train.recompute` names.
-pub fn zero3_regather_units(plan: &Plan, persistent: &[bool]) -> Vec<bool> {
+/// Which units ZeRO-3 releases after their forward, so that their graphs keep no copy of their
+/// parameters (`Strategy::releases_after_forward`): with `parallel.reshard_after_forward` (the
+/// default) all but the persistent ones; none without it.
+pub fn zero3_released_units(plan: &Plan, persistent: &[bool]) -> Vec<bool> {
     let reshard = plan.config.parallel.reshard_after_forward;
-    persistent
-        .iter()
+    persistent.iter().map(|&p| reshard && !p).collect()
+}
+
+/// Which units ZeRO-3 gathers again for their backward: those it releases after their forward
+/// ([`zero3_released_units`]) and those `train.recompute` names.
+pub fn zero3_regather_units(plan: &Plan, persistent: &[bool]) -> Vec<bool> {
+    zero3_released_units(plan, persistent)
+        .into_iter()
         .enumerate()
-        .map(|(u, &p)| plan.recompute.get(u).copied().unwrap_or(false) || (reshard && !p))
+        .map(|(u, released)| released || plan.recompute.get(u).copied().unwrap_or(false))
         .collect()
 }
 

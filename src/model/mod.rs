@@ -77,10 +77,11 @@ pub trait UnitModel: Send + Sync {
         Vec::new()
     }
     /// Which of `unit`'s parameters (`forward_unit`'s list: own, then borrowed) it reads only
-    /// as a matmul's weight, through [`Param::matmul`]: those can be released after the forward
-    /// and handed back for the backward (ZeRO-3's regather). `None` if the unit reads a large
-    /// parameter any other way (an embedding lookup): a strategy that releases it then has the
-    /// engine recompute its forward instead. The default: `None`.
+    /// as a matmul's weight, through exactly one [`Param::matmul`] per forward (that matmul's
+    /// backward takes the weight out of a slot every copy of the `Param` shares): those can be
+    /// released after the forward and handed back for the backward (ZeRO-3's regather). `None`
+    /// if the unit reads a large parameter any other way (an embedding lookup): a strategy that
+    /// releases it then has the engine recompute its forward instead. The default: `None`.
     fn matmul_weights(&self, _unit: usize) -> Option<Vec<bool>> {
         None
     }

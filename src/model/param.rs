@@ -91,11 +91,13 @@ impl WeightSlot {
     /// Takes the weight out (the backward reads it once).
     ///
     /// # Panics
-    /// If the engine did not refill the slot before the backward.
+    /// If the slot is empty: the engine did not refill it before the backward, or a model read
+    /// the weight through more than one matmul (`UnitModel::matmul_weights` allows one).
     pub fn take(&self) -> TensorData {
-        self.lock()
-            .take()
-            .expect("a released weight's backward ran before the engine refilled its slot")
+        self.lock().take().expect(
+            "a released weight's slot is empty at its backward: not refilled, or read by more \
+             than one matmul (UnitModel::matmul_weights)",
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<TensorData>> {

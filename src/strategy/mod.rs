@@ -86,9 +86,11 @@ impl MemoryReport {
 
 /// A data-parallel strategy (DDP or a ZeRO stage).
 pub trait Strategy {
-    /// Whether `unit`'s parameters are released after its forward and gathered again for its
-    /// backward (ZeRO-3 with `parallel.reshard_after_forward`): the unit's graph must then keep
-    /// no copy of them (the engine releases its matmul weights, or recomputes the unit).
+    /// Whether `unit`'s graph must keep no copy of its parameters because the strategy frees
+    /// them after the forward and gathers them again for the backward (ZeRO-3 with
+    /// `parallel.reshard_after_forward`): the engine then releases the unit's matmul weights,
+    /// or recomputes the unit. (A unit that `train.recompute` names keeps no graph anyway, so a
+    /// strategy that regathers it for that reason answers `false`.)
     fn releases_after_forward(&self, unit: usize) -> bool {
         let _ = unit;
         false

@@ -77,7 +77,8 @@ pub struct Zero3 {
     /// Per unit: its forward graph holds its gathered parameters until its gradients are ready
     /// (`reshard_after_forward = false`).
     in_graph: Vec<bool>,
-    reshard_after_forward: bool,
+    /// Per unit: released after its forward, its graph keeping no copy of its parameters.
+    released: Vec<bool>,
 }
 
 impl Zero3 {
@@ -107,6 +108,7 @@ impl Zero3 {
             });
         }
         let regathers = crate::memory::model_states::zero3_regather_units(plan, &persistent);
+        let released = crate::memory::model_states::zero3_released_units(plan, &persistent);
         let lenders = (0..layout.units.len())
             .map(|u| model.borrowed_params(u).iter().map(|r| r.unit).collect())
             .collect();
@@ -138,7 +140,7 @@ impl Zero3 {
             peak_gathered: 0,
             in_graph: vec![false; regathers.len()],
             regathers,
-            reshard_after_forward: plan.config.parallel.reshard_after_forward,
+            released,
         })
     }
 
@@ -240,7 +242,7 @@ impl Zero3 {
 
 impl Strategy for Zero3 {
     fn releases_after_forward(&self, unit: usize) -> bool {
-        self.reshard_after_forward && !self.persistent[unit]
+        self.released[unit]
     }
 
     fn before_forward(&mut self, unit: usize) -> Result<()> {
