@@ -194,12 +194,17 @@ fn tied_embeddings_and_key_bias_gradients_equal_whole_model_gradients() {
     unit_wise_equals_whole_model(cfg);
 }
 
+/// Every unit's parameters, initialised from `seed`.
+fn seeded_params(model: &Gpt, layout: &ModelLayout, seed: u64) -> Vec<Vec<f32>> {
+    (0..model.num_units())
+        .map(|u| init_unit(&model.unit_params(u), &layout.units[u], seed))
+        .collect()
+}
+
 fn unit_wise_equals_whole_model(cfg: GptConfig) {
     let model = Gpt::new(cfg);
     let layout = ModelLayout::new(&model, 1);
-    let params: Vec<Vec<f32>> = (0..model.num_units())
-        .map(|u| init_unit(&model.unit_params(u), &layout.units[u], 7))
-        .collect();
+    let params = seeded_params(&model, &layout, 7);
     let source = kiln::data::MarkovSource::new(3, 64, 1.0);
     let device = Device::flex();
     let batch = kiln::data::micro_batch(&source, 0, 0, 3, cfg.seq_len, &device);
@@ -249,9 +254,7 @@ fn recompute_gives_bitwise_the_same_gradients() {
 fn recompute_is_bitwise(cfg: GptConfig) {
     let model = Gpt::new(cfg);
     let layout = ModelLayout::new(&model, 1);
-    let params: Vec<Vec<f32>> = (0..model.num_units())
-        .map(|u| init_unit(&model.unit_params(u), &layout.units[u], 9))
-        .collect();
+    let params = seeded_params(&model, &layout, 9);
     let source = kiln::data::MarkovSource::new(5, 64, 1.0);
     let device = Device::flex();
     let batch = kiln::data::micro_batch(&source, 2, 0, 2, cfg.seq_len, &device);
@@ -326,9 +329,7 @@ fn released_weights_give_bitwise_the_same_gradients_without_recompute() {
     for cfg in [small_gpt(), gpt2_style()] {
         let model = Gpt::new(cfg);
         let layout = ModelLayout::new(&model, 1);
-        let params: Vec<Vec<f32>> = (0..model.num_units())
-            .map(|u| init_unit(&model.unit_params(u), &layout.units[u], 11))
-            .collect();
+        let params = seeded_params(&model, &layout, 11);
         let source = kiln::data::MarkovSource::new(5, 64, 1.0);
         let device = Device::flex();
         let batch = kiln::data::micro_batch(&source, 1, 0, 2, cfg.seq_len, &device);
