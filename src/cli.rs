@@ -399,11 +399,11 @@ fn print_config(recipe: &RecipeArgs, cfg: &config::Config) -> Result<(), KilnErr
 fn dump_data(cfg: &config::Config, out: &std::path::Path) -> Result<(), KilnError> {
     use std::io::Write;
     let plan = crate::plan::Plan::resolve(cfg, 1)?;
-    let source = crate::data::open(&cfg.data, plan.model.vocab, plan.model.seq_len)?;
+    let source = crate::data::open(&cfg.data, plan.gpt().vocab, plan.gpt().seq_len)?;
     let file = std::fs::File::create(out)
         .map_err(|e| KilnError::file(out, format!("cannot create: {e}")))?;
     let mut w = std::io::BufWriter::new(file);
-    let mut row = vec![0u32; plan.model.seq_len + 1];
+    let mut row = vec![0u32; plan.gpt().seq_len + 1];
     for step in 0..plan.steps {
         for r in 0..plan.global_batch as u64 {
             source.fill_row(step, r, &mut row);
@@ -419,7 +419,7 @@ fn dump_data(cfg: &config::Config, out: &std::path::Path) -> Result<(), KilnErro
         out.display(),
         plan.steps,
         plan.global_batch,
-        plan.model.seq_len + 1,
+        plan.gpt().seq_len + 1,
         source.describe()
     );
     Ok(())

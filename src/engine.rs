@@ -19,18 +19,19 @@
 
 mod eval;
 
-use crate::error::Result;
+use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
 use crate::memory::phases::Phase;
-use crate::model::{release, MicroBatch, Param, UnitModel, WeightSlot};
+use crate::model::{release, Activation, MicroBatch, Param, UnitModel, WeightSlot};
 use crate::strategy::{MicroStep, Strategy};
 use burn::tensor::{Device, Tensor, TensorData};
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
-/// Runs micro-steps of a [`UnitModel`] on one device.
-pub struct Engine {
-    model: Box<dyn UnitModel>,
+/// Runs micro-steps of a [`UnitModel`] on one device, over micro-batches of type `B` with
+/// activations of type `A` (the built-in GPT's by default).
+pub struct Engine<B: 'static = MicroBatch, A: Activation = Tensor<3>> {
+    model: Box<dyn UnitModel<B, A>>,
     layout: ModelLayout,
     /// Device without autodiff (data and upstream gradients).
     device: Device,
@@ -56,18 +57,18 @@ pub struct Engine {
 }
 
 /// What a unit kept from the forward pass for its backward.
-enum Saved {
+enum Saved<A> {
     /// Graph kept: per parameter the tracked tensor its gradient is registered under (the leaf,
     /// or a released weight's sink), the released weights' slots by parameter index, the input
     /// leaf and the output.
     Graph {
         grad_leaves: Vec<Tensor<1>>,
         slots: Vec<(usize, WeightSlot)>,
-        input: Option<Tensor<3>>,
-        output: Tensor<3>,
+        input: Option<A>,
+        output: A,
     },
     /// Recompute: only the input (untracked).
-    Input(Option<Tensor<3>>),
+    Input(Option<A>),
 }
 
 /// How [`Engine::params`] hands a unit's parameters to its forward.
@@ -80,10 +81,10 @@ pub(crate) enum ParamMode<'a> {
     Released(&'a [bool]),
 }
 
-impl Engine {
+impl<B: 'static, A: Activation> Engine<B, A> {
     /// An engine for `model` laid out as `layout` on `device`.
     pub fn new(
-        model: Box<dyn UnitModel>,
+        model: Box<dyn UnitModel<B, A>>,
         layout: ModelLayout,
         device: Device,
         recompute: bool,
@@ -140,7 +141,7 @@ impl Engine {
     }
 
     /// The model.
-    pub fn model(&self) -> &dyn UnitModel {
+    pub fn model(&self) -> &dyn UnitModel<B, A> {
         self.model.as_ref()
     }
 
@@ -229,18 +230,45 @@ impl Engine {
         (leaves, slots)
     }
 
+    /// `unit`'s forward between the model's own `prepare_unit` and `release_unit`.
+    pub(crate) fn forward(
+        &self,
+        unit: usize,
+        params: &[Param],
+        input: Option<A>,
+        batch: &B,
+    ) -> Result<A> {
+        self.model.prepare_unit(unit)?;
+        let y = self.model.forward_unit(unit, params, input, batch);
+        self.model.release_unit(unit);
+        Ok(y)
+    }
+
+    /// The last unit's output as the loss: one element, or an error naming the unit.
+    pub(crate) fn loss_value(&self, y: A) -> Result<f32> {
+        let dims = y.dims_vec();
+        y.scalar().ok_or_else(|| {
+            let last = self.model.num_units() - 1;
+            KilnError::config(format!(
+                "unit {last} (`{}`) is the last unit and must return the loss, one element; it \
+                 returned a tensor of shape {dims:?}",
+                self.model.unit_name(last)
+            ))
+        })
+    }
+
     /// One forward + backward of `batch`. Gradients are handed to `strategy.on_grads_ready` unit
     /// by unit (last unit first). Returns the micro-batch's mean token loss.
     pub fn micro_step(
         &mut self,
         strategy: &mut dyn Strategy,
-        batch: &MicroBatch,
+        batch: &B,
         micro: MicroStep,
     ) -> Result<f32> {
         let num_units = self.model.num_units();
         self.phases.enter(Phase::Forward);
         let mut saved = Vec::with_capacity(num_units);
-        let mut x: Option<Tensor<3>> = None;
+        let mut x: Option<A> = None;
         for unit in 0..num_units {
             strategy.before_forward(unit)?;
             let weights = strategy
@@ -251,7 +279,7 @@ impl Engine {
                 // Detached: after a unit that kept its graph the input is tracked, and this
                 // unit's forward would build the graph recompute is meant to avoid.
                 let input = x.take().map(|t| t.detach());
-                let y = self.model.forward_unit(unit, &params, input.clone(), batch);
+                let y = self.forward(unit, &params, input.clone(), batch)?;
                 saved.push(Saved::Input(input));
                 x = Some(y);
             } else {
@@ -261,7 +289,7 @@ impl Engine {
                 };
                 let params = self.params(unit, strategy, mode);
                 let input = x.take().map(|t| t.detach().require_grad());
-                let output = self.model.forward_unit(unit, &params, input.clone(), batch);
+                let output = self.forward(unit, &params, input.clone(), batch)?;
                 x = Some(output.clone());
                 let (grad_leaves, slots) = Self::keep_for_backward(params);
                 saved.push(Saved::Graph {
@@ -273,14 +301,10 @@ impl Engine {
             }
             strategy.after_forward(unit)?;
         }
-        let loss = x
-            .expect("a model has at least one unit")
-            .into_data()
-            .as_slice::<f32>()
-            .expect("f32 loss")[0];
+        let loss = self.loss_value(x.expect("a model has at least one unit"))?;
 
         self.phases.enter(Phase::Backward);
-        let mut upstream = Tensor::<3>::ones([1, 1, 1], &self.device);
+        let mut upstream: Option<A> = None;
         for unit in (0..num_units).rev() {
             strategy.before_backward(unit)?;
             let (params, input, output) = match saved.pop().expect("one saved entry per unit") {
@@ -296,13 +320,11 @@ impl Engine {
                 Saved::Input(input) => {
                     let params = self.params(unit, strategy, ParamMode::Tracked);
                     let input = input.map(|t| t.detach().require_grad());
-                    let output = self.model.forward_unit(unit, &params, input.clone(), batch);
+                    let output = self.forward(unit, &params, input.clone(), batch)?;
                     (Self::keep_for_backward(params).0, input, output)
                 }
             };
-            let grads = (output * Tensor::from_inner(upstream.clone()))
-                .sum()
-                .backward();
+            let grads = output.backward_from(upstream.take());
             let layout = &self.layout.units[unit];
             let scratch = &mut self.grad_scratch[..layout.padded_len];
             // The first download would wait for the unit's backward kernels; wait here instead,
@@ -343,7 +365,7 @@ impl Engine {
             self.transfer.set(self.transfer.get() + start.elapsed());
             scratch[layout.numel..].fill(0.0);
             if let Some(input) = input {
-                upstream = input.grad(&grads).expect("a unit's input requires grad");
+                upstream = Some(input.grad(&grads).expect("a unit's input requires grad"));
             }
             strategy.on_grads_ready(unit, scratch, micro)?;
         }

@@ -2,7 +2,7 @@
 //! contiguous f32 buffer in module-path order, padded to a multiple of the world size so that it
 //! splits into equal shards. Index spaces are named so that an offset's meaning is never guessed.
 
-use crate::model::{Init, ParamSpec, UnitModel};
+use crate::model::{Init, ModelUnits, ParamSpec};
 use crate::rng::{hash_str, Rng};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -129,7 +129,7 @@ pub struct ModelLayout {
 
 impl ModelLayout {
     /// The layout of `model` for `world` ranks.
-    pub fn new(model: &dyn UnitModel, world: usize) -> Self {
+    pub fn new(model: &dyn ModelUnits, world: usize) -> Self {
         let units = (0..model.num_units())
             .map(|u| UnitLayout::new(model.unit_name(u), &model.unit_params(u), world))
             .collect();

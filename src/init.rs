@@ -7,7 +7,7 @@
 use crate::error::Result;
 use crate::flat::{init_unit, UnitLayout};
 use crate::hf::HfCheckpoint;
-use crate::model::UnitModel;
+use crate::model::ModelUnits;
 use crate::plan::Plan;
 use std::path::Path;
 
@@ -35,11 +35,17 @@ impl InitSource {
     /// Unit `unit`'s flat buffer, padded to `layout.padded_len` with zeros.
     pub fn unit(
         &self,
-        model: &dyn UnitModel,
+        model: &dyn ModelUnits,
         unit: usize,
         layout: &UnitLayout,
     ) -> Result<Vec<f32>> {
         let specs = model.unit_params(unit);
+        if let Some(values) = model.initial_unit(unit) {
+            // The model brought its own values (a user's burn module): laid out and padded.
+            let mut buf = vec![0.0f32; layout.padded_len];
+            buf[..values.len()].copy_from_slice(&values);
+            return Ok(buf);
+        }
         match self {
             InitSource::Seed(seed) => Ok(init_unit(&specs, layout, *seed)),
             InitSource::HuggingFace(ckpt) => ckpt.unit(&specs, layout),

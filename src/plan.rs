@@ -3,7 +3,7 @@
 
 use crate::config::{Config, ModelConfig, TrainConfig};
 use crate::error::{KilnError, Result};
-use crate::model::GptConfig;
+use crate::model::{GptConfig, ModelUnits};
 use crate::offload::Tier;
 use crate::optim::{AdamWConfig, DsSchedule, LrSchedule, ScheduleKind, WarmupShape};
 
@@ -12,8 +12,12 @@ use crate::optim::{AdamWConfig, DsSchedule, LrSchedule, ScheduleKind, WarmupShap
 pub struct Plan {
     /// The config it came from (for manifests and summaries).
     pub config: Config,
-    /// Model shape.
-    pub model: GptConfig,
+    /// The built-in GPT's shape; `None` when the model comes from the library's user
+    /// ([`crate::api`]), who describes it.
+    pub model: Option<GptConfig>,
+    /// The model's own description as data (a GPT: its shape), stored in checkpoint manifests
+    /// and compared on resume.
+    pub model_desc: serde_json::Value,
     /// Number of ranks.
     pub world: usize,
     /// Sequences per micro-batch per rank.
@@ -55,7 +59,8 @@ fn positive(key: &str, v: Option<usize>) -> Result<Option<usize>> {
 }
 
 impl Plan {
-    /// Validates `config` for `world` ranks.
+    /// Validates `config` for `world` ranks and the built-in GPT that `[model]` describes,
+    /// trained on the data `[data]` names.
     pub fn resolve(config: &Config, world: usize) -> Result<Plan> {
         let model = resolve_model(&config.model)?;
 
@@ -84,6 +89,18 @@ impl Plan {
             }
         }
 
+        let gpt = crate::model::Gpt::new(model);
+        let names: Vec<String> = (0..gpt.num_units()).map(|u| gpt.unit_name(u)).collect();
+        let mut plan = Plan::resolve_training(config, world, &names)?;
+        plan.model = Some(model);
+        plan.model_desc = serde_json::to_value(model).expect("a GptConfig is plain data");
+        Ok(plan)
+    }
+
+    /// Validates the model-agnostic part of `config` — `[train]`, `[parallel]`, `[offload]`,
+    /// `[comm]` — for `world` ranks and a model whose units are `unit_names` (for
+    /// `train.recompute`). `[model]` and `[data]` are not read: the library's user brings both.
+    pub fn resolve_training(config: &Config, world: usize, unit_names: &[String]) -> Result<Plan> {
         let t = &config.train;
         if t.steps == 0 {
             return Err(bad("train.steps", "must be at least 1"));
@@ -178,7 +195,8 @@ impl Plan {
 
         Ok(Plan {
             config: config.clone(),
-            model,
+            model: None,
+            model_desc: serde_json::Value::Null,
             world,
             micro_batch: batch.micro,
             grad_accum: batch.accum,
@@ -196,17 +214,25 @@ impl Plan {
             bucket_bytes: (p.bucket_mb * 1024.0 * 1024.0) as usize,
             offload,
             device: crate::device::DeviceSetting::parse(&t.device)?,
-            recompute: resolve_recompute(&t.recompute, model)?,
+            recompute: resolve_recompute(&t.recompute, unit_names)?,
         })
+    }
+
+    /// The built-in GPT's shape.
+    ///
+    /// # Panics
+    /// On a plan for a user's model: only the GPT's own paths (the CLI's data, validation,
+    /// sampling and memory formulas) call this.
+    pub fn gpt(&self) -> &GptConfig {
+        self.model
+            .as_ref()
+            .expect("a path of the built-in GPT reached with a user's model")
     }
 }
 
-/// `train.recompute` as one flag per unit of `model`.
-fn resolve_recompute(setting: &crate::config::Recompute, model: GptConfig) -> Result<Vec<bool>> {
-    use crate::model::UnitModel;
-    let gpt = crate::model::Gpt::new(model);
-    let names: Vec<String> = (0..gpt.num_units()).map(|u| gpt.unit_name(u)).collect();
-    setting.resolve(&names).map_err(|e| {
+/// `train.recompute` as one flag per unit, the units named `names`.
+fn resolve_recompute(setting: &crate::config::Recompute, names: &[String]) -> Result<Vec<bool>> {
+    setting.resolve(names).map_err(|e| {
         bad(
             "train.recompute",
             format!("{e}; expected {}", crate::config::RECOMPUTE_FORMS),

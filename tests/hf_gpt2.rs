@@ -56,9 +56,9 @@ fn step_one_rows_are_the_fixtures() {
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     let cfg = common::config(&sets);
     let plan = kiln::plan::Plan::resolve(&cfg, 1).unwrap();
-    let source = kiln::data::open(&cfg.data, plan.model.vocab, plan.model.seq_len).unwrap();
+    let source = kiln::data::open(&cfg.data, plan.gpt().vocab, plan.gpt().seq_len).unwrap();
     for (i, want) in r["rows"].as_array().unwrap().iter().enumerate() {
-        let mut row = vec![0u32; plan.model.seq_len + 1];
+        let mut row = vec![0u32; plan.gpt().seq_len + 1];
         source.fill_row(0, i as u64, &mut row);
         let want: Vec<u32> = serde_json::from_value(want.clone()).unwrap();
         assert_eq!(row, want, "row {i} of step 1");
@@ -247,7 +247,7 @@ fn untied_qv_model_round_trips_through_hf() {
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     let cfg = common::config(&sets);
     let plan = kiln::plan::Plan::resolve(&cfg, 1).unwrap();
-    let model = kiln::model::Gpt::new(plan.model);
+    let model = kiln::model::Gpt::new(*plan.gpt());
     let layout = kiln::flat::ModelLayout::new(&model, 1);
     let init = kiln::init::InitSource::for_plan(&plan).unwrap();
     let want = TensorFileReader::open(&kiln_file).unwrap();

@@ -9,7 +9,7 @@ use kiln::comm::{simulate_group, CommOptions, Communicator};
 use kiln::data;
 use kiln::engine::Engine;
 use kiln::flat::ModelLayout;
-use kiln::model::{Gpt, UnitModel};
+use kiln::model::{Gpt, ModelUnits};
 use kiln::plan::Plan;
 use kiln::strategy::{MicroStep, Replicated, ReplicatedStage, Strategy};
 use std::sync::Arc;
@@ -31,7 +31,7 @@ fn train_rank(
     comm: Arc<dyn Communicator>,
     steps: u64,
 ) -> kiln::error::Result<Replicated> {
-    let model = Gpt::new(plan.model);
+    let model = Gpt::new(*plan.gpt());
     let layout = ModelLayout::new(&model, comm.world());
     let mut ddp = Replicated::new(plan, comm.clone(), &layout, &model, ReplicatedStage::Ddp)?;
     let mut engine = Engine::new(Box::new(model), layout, Device::flex(), false);
@@ -40,7 +40,7 @@ fn train_rank(
         for index in 0..plan.grad_accum {
             let row = (comm.rank() * plan.grad_accum + index) as u64;
             let batch =
-                data::micro_batch(&source, step, row, 1, plan.model.seq_len, engine.device());
+                data::micro_batch(&source, step, row, 1, plan.gpt().seq_len, engine.device());
             engine.micro_step(
                 &mut ddp,
                 &batch,
@@ -101,7 +101,7 @@ fn buckets_follow_arrival_order_with_a_small_first_bucket() {
     let comm = simulate_group(1, &CommOptions::new(false)).pop().unwrap();
     let ddp = train_rank(&p, comm, 1).unwrap();
     let plan = ddp.bucket_plan().unwrap();
-    let num_units = Gpt::new(p.model).num_units();
+    let num_units = Gpt::new(*p.gpt()).num_units();
     assert_eq!(plan.order, (0..num_units).rev().collect::<Vec<_>>());
     assert_eq!(
         plan.buckets[0].slots[0].unit,
@@ -120,7 +120,7 @@ fn a_unit_out_of_order_is_an_error_naming_it() {
     let comm = simulate_group(1, &CommOptions::new(false)).pop().unwrap();
     let mut ddp = train_rank(&p, comm, 1).unwrap();
     let grads = vec![0.0f32; 1_000_000];
-    let layout = ModelLayout::new(&Gpt::new(p.model), 1);
+    let layout = ModelLayout::new(&Gpt::new(*p.gpt()), 1);
     let embed = &grads[..layout.units[0].padded_len];
     let err = ddp
         .on_grads_ready(0, embed, MicroStep { index: 0, count: 1 })
@@ -137,7 +137,7 @@ fn a_missing_unit_is_an_error_naming_it() {
     let p = plan(1, &[]);
     let comm = simulate_group(1, &CommOptions::new(false)).pop().unwrap();
     let mut ddp = train_rank(&p, comm, 1).unwrap();
-    let layout = ModelLayout::new(&Gpt::new(p.model), 1);
+    let layout = ModelLayout::new(&Gpt::new(*p.gpt()), 1);
     let head = layout.units.len() - 1;
     let grads = vec![0.0f32; layout.units[head].padded_len];
     ddp.on_grads_ready(head, &grads, MicroStep { index: 0, count: 1 })

@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use kiln::engine::Engine;
 use kiln::error::Result;
 use kiln::flat::{init_unit, ModelLayout};
-use kiln::model::{Gpt, GptConfig, Param, UnitModel};
+use kiln::model::{Gpt, GptConfig, ModelUnits, Param, UnitModel};
 use kiln::offload::{HostStore, StateLayout, Tier};
 use kiln::strategy::{MemoryReport, MicroStep, ParamsHeld, StateView, StepStats, Strategy};
 
@@ -286,7 +286,7 @@ struct Counting {
     forwards: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
 }
 
-impl UnitModel for Counting {
+impl ModelUnits for Counting {
     fn num_units(&self) -> usize {
         self.inner.num_units()
     }
@@ -302,6 +302,9 @@ impl UnitModel for Counting {
     fn matmul_weights(&self, unit: usize) -> Option<Vec<bool>> {
         self.inner.matmul_weights(unit)
     }
+}
+
+impl UnitModel for Counting {
     fn forward_unit(
         &self,
         unit: usize,
@@ -311,12 +314,6 @@ impl UnitModel for Counting {
     ) -> Tensor<3> {
         self.forwards.lock().unwrap()[unit] += 1;
         self.inner.forward_unit(unit, params, input, batch)
-    }
-    fn seq_len(&self) -> usize {
-        self.inner.seq_len()
-    }
-    fn vocab(&self) -> usize {
-        self.inner.vocab()
     }
 }
 

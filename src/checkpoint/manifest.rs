@@ -4,7 +4,6 @@
 use crate::config::Config;
 use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
-use crate::model::GptConfig;
 use crate::plan::Plan;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -49,8 +48,10 @@ pub struct Manifest {
     pub stage: u8,
     /// Offload tier it was written from (informational).
     pub offload: String,
-    /// The resolved model shape.
-    pub model: GptConfig,
+    /// The model's own description as data (`Plan::model_desc`): the built-in GPT's shape, or
+    /// what a library user's model says of itself. Checkpoints written before user models
+    /// existed hold a GPT shape here, which reads as the same JSON.
+    pub model: serde_json::Value,
     /// The flat layout at `world`: unit names, parameter paths, shapes, offsets, padding.
     pub layout: ModelLayout,
     /// The whole config of the run that wrote it (optimizer hyper-parameters included).
@@ -105,6 +106,17 @@ pub fn differing_keys(here: &Value, there: &Value, prefix: &str) -> Vec<(String,
 }
 
 impl Manifest {
+    /// The built-in GPT's shape this checkpoint was written for, or an error naming the
+    /// manifest when it holds another model (GPT-only commands: sample, export to HF).
+    pub fn gpt(&self, dir: &Path) -> Result<crate::model::GptConfig> {
+        serde_json::from_value(self.model.clone()).map_err(|_| {
+            KilnError::file(
+                dir.join("manifest.json"),
+                "holds a model other than kiln's built-in GPT; this command reads GPT checkpoints",
+            )
+        })
+    }
+
     /// Reads `dir/manifest.json`.
     pub fn read(dir: &Path) -> Result<Manifest> {
         let path = dir.join("manifest.json");
@@ -143,9 +155,17 @@ impl Manifest {
     /// must the data stream (`data.*` and the resolved global batch). World size, stage, tier,
     /// steps and optimizer settings may change; returns the keys that did, for the log.
     pub fn check_compatible(&self, dir: &Path, plan: &Plan) -> Result<Vec<String>> {
-        let (model, config) = (&plan.model, &plan.config);
+        let config = &plan.config;
         let path = dir.join("manifest.json");
-        let model_diff = differing_keys(&to_json(model), &to_json(&self.model), "model");
+        // A GPT's shape is compared as a GptConfig reads it, so that fields added since (with
+        // serde defaults) do not count as differences in older checkpoints.
+        let theirs = match plan.model {
+            Some(_) => serde_json::from_value::<crate::model::GptConfig>(self.model.clone())
+                .map(|m| to_json(&m))
+                .unwrap_or_else(|_| self.model.clone()),
+            None => self.model.clone(),
+        };
+        let model_diff = differing_keys(&plan.model_desc, &theirs, "model");
         if let Some((key, here, there)) = model_diff.first() {
             return Err(KilnError::file(
                 &path,

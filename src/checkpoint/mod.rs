@@ -125,7 +125,7 @@ pub fn save(
             world,
             stage: plan.stage,
             offload: plan.offload.name().into(),
-            model: plan.model,
+            model: plan.model_desc.clone(),
             layout,
             config: plan.config.clone(),
             config_hash: manifest::config_hash(&plan.config),

@@ -3,7 +3,7 @@
 use super::deepspeed::{self, Translation};
 use super::Config;
 use crate::error::{KilnError, Result};
-use crate::model::UnitModel;
+use crate::model::ModelUnits;
 use std::path::Path;
 
 /// Reads `path` (if given), applies the overrides in order and checks keys and types.

@@ -3,11 +3,10 @@
 
 use super::{Engine, ParamMode};
 use crate::error::Result;
-use crate::model::MicroBatch;
+use crate::model::Activation;
 use crate::strategy::Strategy;
-use burn::tensor::Tensor;
 
-impl Engine {
+impl<B: 'static, A: Activation> Engine<B, A> {
     /// The mean token loss of `batch` with the strategy's current parameters, forward only.
     ///
     /// Each unit runs between `before_forward` and `after_forward`, so ZeRO-3 gathers it (and
@@ -15,15 +14,21 @@ impl Engine {
     /// parameters are untracked tensors on the autodiff device, as recompute builds them: the
     /// loss is bitwise the one `micro_step` reports for the same batch and parameters, without
     /// keeping a graph.
-    pub fn eval_loss(&mut self, strategy: &mut dyn Strategy, batch: &MicroBatch) -> Result<f32> {
-        let mut x: Option<Tensor<3>> = None;
+    pub fn eval_loss(&mut self, strategy: &mut dyn Strategy, batch: &B) -> Result<f32> {
+        let y = self.eval_output(strategy, batch)?;
+        self.loss_value(y)
+    }
+
+    /// The last unit's output for `batch`, forward only, each unit between the strategy's hooks
+    /// as in [`Engine::eval_loss`].
+    pub fn eval_output(&mut self, strategy: &mut dyn Strategy, batch: &B) -> Result<A> {
+        let mut x: Option<A> = None;
         for unit in 0..self.model.num_units() {
             strategy.before_forward(unit)?;
             let params = self.params(unit, strategy, ParamMode::Untracked);
-            x = Some(self.model.forward_unit(unit, &params, x.take(), batch));
+            x = Some(self.forward(unit, &params, x.take(), batch)?);
             strategy.after_forward(unit)?;
         }
-        let loss = x.expect("a model has at least one unit").into_data();
-        Ok(loss.as_slice::<f32>().expect("f32 loss")[0])
+        Ok(x.expect("a model has at least one unit"))
     }
 }

@@ -24,7 +24,7 @@ pub fn export_command(format: &str, checkpoint: &Path, out: &Path) -> Result<()>
         "hf" => {
             let manifest = crate::checkpoint::verify(&dir)?;
             let reader = CheckpointReader::open(&dir, &manifest)?;
-            export_hf(out, &manifest.model, &manifest.layout, |u, buf| {
+            export_hf(out, &manifest.gpt(&dir)?, &manifest.layout, |u, buf| {
                 read_unit_params(&reader, u, buf)
             })?;
         }

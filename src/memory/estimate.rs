@@ -34,7 +34,7 @@
 //!   bounds what any such fit can promise.
 
 use super::model_states::{plan_layout, rank_model_states, unit_param_bytes};
-use crate::model::{Gpt, UnitModel};
+use crate::model::{Gpt, ModelUnits};
 use crate::plan::Plan;
 use crate::strategy::MemoryReport;
 use serde::Serialize;
@@ -181,7 +181,7 @@ pub fn unit_backwards(plan: &Plan, layout: &crate::flat::ModelLayout) -> Vec<Uni
         super::model_states::persistent_units(layout, plan.config.parallel.persist_threshold);
     let released = super::model_states::zero3_released_units(plan, &persistent);
     let released = |u: usize| plan.stage == 3 && released[u];
-    let model = Gpt::new(plan.model);
+    let model = Gpt::new(*plan.gpt());
     (0..layout.units.len())
         .map(|u| {
             if plan.recompute.get(u).copied().unwrap_or(false) {
@@ -212,7 +212,7 @@ struct Held {
 /// recomputes). In f64: a shape a user typed can overflow integer products, and the result
 /// saturates instead.
 fn backward_peak(plan: &Plan, unit_bytes: &[f64], backwards: &[UnitBackward]) -> Held {
-    let m = &plan.model;
+    let m = plan.gpt();
     let (b, t, d, h) = (
         plan.micro_batch as f64,
         m.seq_len as f64,

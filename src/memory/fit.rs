@@ -60,7 +60,7 @@ pub fn fit(plan: &Plan, process: Process, memory: u64) -> Result<Vec<Fit>> {
                 };
                 let est = estimate(&p, process);
                 if est.peak as u64 <= memory {
-                    best = Some((name, p.model.num_params(), est.peak));
+                    best = Some((name, p.gpt().num_params(), est.peak));
                 }
             }
             out.push(Fit {
@@ -77,7 +77,7 @@ pub fn fit(plan: &Plan, process: Process, memory: u64) -> Result<Vec<Fit>> {
 
 /// The answer as a table: stages down, tiers across.
 pub fn render(plan: &Plan, process: Process, memory: u64, fits: &[Fit]) -> String {
-    let m = &plan.model;
+    let m = plan.gpt();
     let ranks = process.ranks();
     let mut out = format!(
         "largest GPT that fits {} per process ({} rank{} of world {}), vocab {}, seq {}, micro-batch {}, recompute {}:\n",

@@ -252,5 +252,5 @@ pub fn rank_model_states(plan: &Plan, layout: &ModelLayout) -> MemoryReport {
 
 /// The layout of `plan`'s model at its world size (tables only; no parameter is allocated).
 pub fn plan_layout(plan: &Plan) -> ModelLayout {
-    ModelLayout::new(&Gpt::new(plan.model), plan.world)
+    ModelLayout::new(&Gpt::new(*plan.gpt()), plan.world)
 }

@@ -115,7 +115,7 @@ pub fn report(plan: &Plan, process: Process) -> Result<Report> {
         world: plan.world,
         ranks_per_process: process.ranks(),
         launched: process == Process::Launched,
-        num_params: plan.model.num_params(),
+        num_params: plan.gpt().num_params(),
         configured: Row::new(plan, &estimate(plan, process)),
         matrix,
     })

@@ -3,7 +3,7 @@
 //! of its own or, tied, the token embedding transposed (GPT-2's).
 
 use super::fused::{causal_attention, gelu_tanh};
-use super::{Init, MicroBatch, Param, ParamRef, ParamSpec, UnitModel};
+use super::{Init, MicroBatch, ModelUnits, Param, ParamRef, ParamSpec, UnitModel};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::module::{embedding, layer_norm};
 use burn::tensor::Tensor;
@@ -216,7 +216,7 @@ fn dense(x: Tensor<3>, w: &Param, shape: [usize; 2], b: &Tensor<1>) -> Tensor<3>
     y.reshape([batch, seq, shape[1]])
 }
 
-impl UnitModel for Gpt {
+impl ModelUnits for Gpt {
     fn num_units(&self) -> usize {
         self.cfg.n_layers + 2
     }
@@ -293,6 +293,9 @@ impl UnitModel for Gpt {
         }
     }
 
+}
+
+impl UnitModel for Gpt {
     fn forward_unit(
         &self,
         unit: usize,
@@ -327,12 +330,16 @@ impl UnitModel for Gpt {
             }
         }
     }
+}
 
-    fn seq_len(&self) -> usize {
+impl Gpt {
+    /// Sequence length the model is trained with.
+    pub fn seq_len(&self) -> usize {
         self.cfg.seq_len
     }
 
-    fn vocab(&self) -> usize {
+    /// Vocabulary size.
+    pub fn vocab(&self) -> usize {
         self.cfg.vocab
     }
 }

@@ -9,7 +9,8 @@ pub use gpt::{Gpt, GptConfig};
 pub(crate) use param::release;
 pub use param::{Param, ReleasedWeight, WeightSlot};
 
-use burn::tensor::{Int, Tensor};
+use crate::error::Result;
+use burn::tensor::{Gradients, Int, Tensor};
 
 /// How a parameter is initialised. Values depend only on the seed and the parameter's path.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -61,11 +62,58 @@ pub struct MicroBatch {
     pub targets: Tensor<2, Int>,
 }
 
-/// A model split into units run one after another. Unit 0 reads the token ids from the batch;
-/// every later unit reads the previous unit's output `[batch, seq, d]`; the last unit returns
-/// the mean token loss of the micro-batch as a `[1, 1, 1]` tensor, so that the engine can drive
-/// every unit's backward the same way (`(y * dy).sum().backward()`).
-pub trait UnitModel: Send + Sync {
+/// What flows between units: the previous unit's output, and the last unit's loss. The engine
+/// drives each unit's backward from its output's upstream gradient (`(y · dy).sum().backward()`),
+/// so all it needs of an activation is detaching, tracking and that product. Implemented for
+/// burn's float tensors of any rank.
+pub trait Activation: Clone + Send + 'static {
+    /// The same values, cut from the graph.
+    fn detach(self) -> Self;
+    /// A graph leaf whose gradient the backward reports (a unit's input).
+    fn require_grad(self) -> Self;
+    /// This tensor's gradient in `grads` (on the inner device: the next upstream gradient).
+    fn grad(&self, grads: &Gradients) -> Option<Self>;
+    /// Backward of `(self · upstream).sum()`; `None` stands for ones (the loss itself).
+    fn backward_from(self, upstream: Option<Self>) -> Gradients;
+    /// The shape, for error messages.
+    fn dims_vec(&self) -> Vec<usize>;
+    /// The only element, when there is exactly one (a loss).
+    fn scalar(self) -> Option<f32>;
+}
+
+impl<const D: usize> Activation for Tensor<D> {
+    fn detach(self) -> Self {
+        Tensor::detach(self)
+    }
+    fn require_grad(self) -> Self {
+        Tensor::require_grad(self)
+    }
+    fn grad(&self, grads: &Gradients) -> Option<Self> {
+        Tensor::grad(self, grads)
+    }
+    fn backward_from(self, upstream: Option<Self>) -> Gradients {
+        let upstream = match upstream {
+            Some(dy) => Tensor::from_inner(dy),
+            None => Tensor::from_inner(Tensor::ones(self.shape(), &self.clone().inner().device())),
+        };
+        (self * upstream).sum().backward()
+    }
+    fn dims_vec(&self) -> Vec<usize> {
+        self.dims().to_vec()
+    }
+    fn scalar(self) -> Option<f32> {
+        if self.shape().num_elements() != 1 {
+            return None;
+        }
+        let data = self.into_data().convert::<f32>();
+        data.as_slice::<f32>().ok().map(|s| s[0])
+    }
+}
+
+/// How a model splits into units and which parameters each unit holds: everything the flat
+/// layout, the initial values and the strategies need, without running the model (no batch or
+/// activation type, so one object-safe trait serves every model).
+pub trait ModelUnits: Send + Sync {
     /// Number of units.
     fn num_units(&self) -> usize;
     /// Human-readable unit name (`embed`, `blocks.3`, `head`).
@@ -85,17 +133,29 @@ pub trait UnitModel: Send + Sync {
     fn matmul_weights(&self, _unit: usize) -> Option<Vec<bool>> {
         None
     }
+    /// The unit's initial values, unpadded in `unit_params` order, when the model brings its
+    /// own (a user's burn module); `None` draws them from `train.seed` by each `ParamSpec::init`
+    /// (or reads `model.init_from`).
+    fn initial_unit(&self, _unit: usize) -> Option<Vec<f32>> {
+        None
+    }
+}
+
+/// A model split into units run one after another, over micro-batches of type `B` with
+/// activations of type `A`. For the built-in GPT (the defaults) unit 0 reads the token ids from
+/// the batch; every later unit reads the previous unit's output `[batch, seq, d]`. The last
+/// unit returns the micro-batch's mean loss as a one-element tensor, so that the engine can
+/// drive every unit's backward the same way (`(y * dy).sum().backward()`).
+pub trait UnitModel<B = MicroBatch, A: Activation = Tensor<3>>: ModelUnits {
+    /// Called before each forward of `unit` (training, recompute, evaluation): a model that
+    /// holds values outside the strategy's buffers (frozen parameters under ZeRO-3) gathers them
+    /// here. Every rank calls it for the same units in the same order.
+    fn prepare_unit(&self, _unit: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Called after each forward of `unit` that [`UnitModel::prepare_unit`] preceded.
+    fn release_unit(&self, _unit: usize) {}
     /// Runs one unit. `params` follow `unit_params(unit)` and then `borrowed_params(unit)`,
     /// each flat; a parameter flagged by `matmul_weights` may come released.
-    fn forward_unit(
-        &self,
-        unit: usize,
-        params: &[Param],
-        input: Option<Tensor<3>>,
-        batch: &MicroBatch,
-    ) -> Tensor<3>;
-    /// Sequence length the model is trained with.
-    fn seq_len(&self) -> usize;
-    /// Vocabulary size.
-    fn vocab(&self) -> usize;
+    fn forward_unit(&self, unit: usize, params: &[Param], input: Option<A>, batch: &B) -> A;
 }

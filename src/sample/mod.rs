@@ -16,7 +16,7 @@ use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
 use crate::hf::HfCheckpoint;
 use crate::init::InitSource;
-use crate::model::{Gpt, GptConfig, MicroBatch, Param, UnitModel};
+use crate::model::{Gpt, GptConfig, MicroBatch, ModelUnits, Param, UnitModel};
 use crate::rng::Rng;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::path::Path;
@@ -51,7 +51,7 @@ impl Weights {
     pub fn from_checkpoint(dir: &Path) -> Result<Weights> {
         let manifest = crate::checkpoint::verify(dir)?;
         let reader = CheckpointReader::open(dir, &manifest)?;
-        let model = Gpt::new(manifest.model);
+        let model = Gpt::new(manifest.gpt(dir)?);
         let layout = ModelLayout::new(&model, 1);
         let params = layout
             .units

@@ -234,7 +234,7 @@ pub fn build(
     plan: &Plan,
     comm: Arc<dyn Communicator>,
     layout: &ModelLayout,
-    model: &dyn crate::model::UnitModel,
+    model: &dyn crate::model::ModelUnits,
 ) -> Result<Box<dyn Strategy>> {
     let stage = match plan.stage {
         0 => ReplicatedStage::Ddp,

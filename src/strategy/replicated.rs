@@ -19,7 +19,7 @@ use crate::comm::Communicator;
 use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
 use crate::init::InitSource;
-use crate::model::UnitModel;
+use crate::model::ModelUnits;
 use crate::offload::{self, StateLayout, StateStore};
 use crate::optim::AdamWConfig;
 use crate::plan::Plan;
@@ -59,7 +59,7 @@ impl Replicated {
         plan: &Plan,
         comm: Arc<dyn Communicator>,
         layout: &ModelLayout,
-        model: &dyn UnitModel,
+        model: &dyn ModelUnits,
         stage: ReplicatedStage,
     ) -> Result<Self> {
         let (rank, world) = (comm.rank(), comm.world());

@@ -31,7 +31,7 @@ use crate::comm::{Communicator, Pending};
 use crate::error::Result;
 use crate::flat::ModelLayout;
 use crate::init::InitSource;
-use crate::model::UnitModel;
+use crate::model::ModelUnits;
 use crate::offload::{self, StateLayout, StateStore};
 use crate::optim::AdamWConfig;
 use crate::plan::Plan;
@@ -88,7 +88,7 @@ impl Zero3 {
         plan: &Plan,
         comm: Arc<dyn Communicator>,
         layout: &ModelLayout,
-        model: &dyn UnitModel,
+        model: &dyn ModelUnits,
     ) -> Result<Self> {
         let (rank, world) = (comm.rank(), comm.world());
         let init = InitSource::for_plan(plan)?;

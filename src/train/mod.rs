@@ -3,20 +3,21 @@
 
 mod export;
 mod fault;
+mod job;
 mod metrics;
 mod validation;
 
 pub use export::{export_safetensors, write_params};
+pub use job::{gpt_job, val_loss, BatchSource, Evaluator, Job, Metrics};
 pub use metrics::{peak_rss_bytes, MetricsWriter, StepRecord, Summary};
 
 use crate::checkpoint;
 use crate::comm::{agree_on, Communicator, ReduceOp};
-use crate::data;
 use crate::engine::Engine;
 use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
 use crate::memory::phases::{Phase, PhaseMeter, PhasePeaks};
-use crate::model::Gpt;
+use crate::model::Activation;
 use crate::plan::Plan;
 use crate::strategy::{self, MicroStep};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -58,11 +59,25 @@ pub struct RunOutcome {
     /// Validation losses as (optimizer steps done, loss); step 0 is before training. Empty
     /// without validation (`train.eval_every` = 0).
     pub val_losses: Vec<(u64, f32)>,
+    /// Every evaluation's metrics as (optimizer steps done, metrics), in order.
+    pub val_metrics: Vec<(u64, Metrics)>,
 }
 
-/// Trains `plan` as rank `comm.rank()` of `comm.world()`.
+/// Trains the built-in GPT that `plan` describes as rank `comm.rank()` of `comm.world()`.
 pub fn run(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Result<RunOutcome> {
-    let e = match run_inner(plan, comm.clone(), opts) {
+    run_with(plan, comm, opts, |comm| gpt_job(plan, comm))
+}
+
+/// Trains the model `job` builds (after the flight recorder is set up, so that its start-up
+/// collectives are recorded) as rank `comm.rank()` of `comm.world()`. A failed run aborts the
+/// communicator so that no rank is left in a collective.
+pub fn run_with<B: 'static, A: Activation>(
+    plan: &Plan,
+    comm: Arc<dyn Communicator>,
+    opts: &RunOptions,
+    job: impl FnOnce(&dyn Communicator) -> Result<Job<B, A>>,
+) -> Result<RunOutcome> {
+    let e = match run_inner(plan, comm.clone(), opts, job) {
         Ok(outcome) => return Ok(outcome),
         Err(e) => e,
     };
@@ -80,7 +95,12 @@ pub fn run(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Resul
     }
 }
 
-fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Result<RunOutcome> {
+fn run_inner<B: 'static, A: Activation>(
+    plan: &Plan,
+    comm: Arc<dyn Communicator>,
+    opts: &RunOptions,
+    job: impl FnOnce(&dyn Communicator) -> Result<Job<B, A>>,
+) -> Result<RunOutcome> {
     let started = Instant::now();
     crate::memory::allocator::keep_freed_pages(plan.config.train.keep_freed_memory);
     let (rank, world) = (comm.rank(), comm.world());
@@ -90,20 +110,21 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
     if !opts.no_outputs {
         comm.set_flight_dir(std::path::Path::new(&plan.config.output.dir));
     }
-    let model = Gpt::new(plan.model);
-    let layout = ModelLayout::new(&model, world);
     // Start-up steps that can fail on some ranks only (a file missing on one node, a full nvme
     // disk) end with the ranks agreeing on the outcome: the failure is one line, said by the
     // rank that hit it, and no rank is left in a collective.
+    let Job {
+        model,
+        source,
+        eval: validation,
+        name: model_name,
+        estimate,
+    } = job(comm.as_ref())?;
+    let layout = ModelLayout::new(model.as_ref(), world);
     comm.set_serves("the start-up checks");
-    let source = agree_on(
-        comm.as_ref(),
-        data::open(&plan.config.data, plan.model.vocab, plan.model.seq_len),
-    )?;
-    let validation = agree_on(comm.as_ref(), validation::open(plan))?;
     let mut strategy = agree_on(
         comm.as_ref(),
-        strategy::build(plan, comm.clone(), &layout, &model),
+        strategy::build(plan, comm.clone(), &layout, model.as_ref()),
     )?;
     let first_step = match &opts.resume {
         Some(arg) => {
@@ -124,7 +145,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         !c.dir.is_empty() && ((c.every > 0 && step % c.every == 0) || step == plan.steps)
     };
     let mut engine = Engine::new(
-        Box::new(model),
+        model,
         layout.clone(),
         rank_device.burn_device(),
         false,
@@ -161,8 +182,6 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         "rank {rank} (local rank {}) computes on {rank_device}",
         crate::comm::placement(rank, world).local_rank
     );
-    // The same estimate as the preflight check: all ranks of --simulate share this process.
-    let estimate = crate::memory::estimate(plan, crate::memory::Process::running(comm.as_ref()));
     if lead {
         tracing::info!("{}", source.describe());
         if let Some(v) = &validation {
@@ -170,7 +189,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         }
         tracing::info!(
             "model {} ({} parameters), world {world} ({} backend), stage {}, global batch {} = micro {} × accum {} × world {world}",
-            plan.config.model.preset,
+            model_name,
             layout.num_params(),
             comm.backend(),
             plan.stage,
@@ -178,21 +197,23 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
             plan.micro_batch,
             plan.grad_accum
         );
-        tracing::info!(
-            "memory: estimate {} per process ({}); {}",
-            crate::memory::estimate::bytes(estimate.peak),
-            estimate.breakdown(),
-            crate::memory::process_limit().map_or("the limit cannot be read".into(), |l| format!(
-                "this process may use {} ({})",
-                crate::memory::estimate::bytes(l.bytes as usize),
-                l.source
-            ))
-        );
+        // The same estimate as the preflight check: all ranks of --simulate share this process.
+        if let Some(estimate) = &estimate {
+            tracing::info!(
+                "memory: estimate {} per process ({}); {}",
+                crate::memory::estimate::bytes(estimate.peak),
+                estimate.breakdown(),
+                crate::memory::process_limit().map_or("the limit cannot be read".into(), |l| format!(
+                    "this process may use {} ({})",
+                    crate::memory::estimate::bytes(l.bytes as usize),
+                    l.source
+                ))
+            );
+        }
     }
     let bar = progress_bar(lead && !opts.quiet, plan.steps);
-    let seq_len = plan.model.seq_len;
     let rows_per_rank = (plan.micro_batch * plan.grad_accum) as u64;
-    let tokens_per_step = (plan.global_batch * seq_len) as f64;
+    let tokens_per_step = (plan.global_batch * source.tokens_per_row()) as f64;
     let mut losses = Vec::with_capacity(plan.steps as usize);
     let mut grad_norms = Vec::with_capacity(plan.steps as usize);
     let mut step_ms = Vec::with_capacity(plan.steps as usize);
@@ -204,10 +225,10 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
 
     let mut val_log = validation::ValLog::default();
     if let (Some(v), 0) = (&validation, first_step) {
-        let loss = v.loss(&mut engine, strategy.as_mut(), comm.as_ref())?;
-        val_log.losses.push((0, loss));
+        let metrics = v.evaluate(&mut engine, strategy.as_mut(), comm.as_ref())?;
+        val_log.record(0, metrics);
         if lead {
-            bar.suspend(|| tracing::info!("step 0: validation loss {loss:.4}"));
+            bar.suspend(|| tracing::info!("step 0: validation {}", val_log.describe_last()));
         }
     }
     bar.set_position(first_step);
@@ -221,14 +242,8 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         let mut loss_sum = 0.0f32;
         for index in 0..plan.grad_accum {
             let first_row = rank as u64 * rows_per_rank + (index * plan.micro_batch) as u64;
-            let batch = data::micro_batch(
-                source.as_ref(),
-                step,
-                first_row,
-                plan.micro_batch,
-                seq_len,
-                engine.device(),
-            );
+            let rows = first_row..first_row + plan.micro_batch as u64;
+            let batch = source.batch(step, rows, engine.device())?;
             loss_sum += engine.micro_step(
                 strategy.as_mut(),
                 &batch,
@@ -261,12 +276,14 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         // After the step's timing, so that step_ms and tokens/s are training alone.
         let val_loss = match &validation {
             Some(v) if v.due(step + 1, plan.steps) => {
-                let l = v.loss(&mut engine, strategy.as_mut(), comm.as_ref())?;
-                val_log.losses.push((step + 1, l));
+                let metrics = v.evaluate(&mut engine, strategy.as_mut(), comm.as_ref())?;
+                val_log.record(step + 1, metrics);
                 if lead {
-                    bar.suspend(|| tracing::info!("step {}: validation loss {l:.4}", step + 1));
+                    bar.suspend(|| {
+                        tracing::info!("step {}: validation {}", step + 1, val_log.describe_last())
+                    });
                 }
-                Some(l)
+                val_log.last()
             }
             _ => None,
         };
@@ -370,7 +387,8 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         tokens_per_s: tokens_per_step / (median_ms / 1e3),
         peak_rss_mb: engine.phases().run_peak() as f64 / MIB,
         phase_peak: run_phase_peak,
-        predicted_peak_rss_mb: estimate.peak as f64 / MIB,
+        // NaN (JSON null) where kiln has no formula for the model.
+        predicted_peak_rss_mb: estimate.as_ref().map_or(f64::NAN, |e| e.peak as f64 / MIB),
         memory: strategy.memory(),
         minor_faults: crate::memory::allocator::minor_page_faults(),
         wall_s: started.elapsed().as_secs_f64(),
@@ -412,11 +430,17 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
             summary.peak_rss_mb,
             summary.wall_s
         );
+        let estimated = match estimate {
+            Some(_) => format!(
+                ", {:.0} MiB estimated ({:+.1}%)",
+                summary.predicted_peak_rss_mb,
+                (summary.predicted_peak_rss_mb / summary.peak_rss_mb - 1.0) * 100.0
+            ),
+            None => String::new(),
+        };
         tracing::info!(
-            "memory: peak RSS {:.0} MiB measured, {:.0} MiB estimated ({:+.1}%){}",
+            "memory: peak RSS {:.0} MiB measured{estimated}{}",
             summary.peak_rss_mb,
-            summary.predicted_peak_rss_mb,
-            (summary.predicted_peak_rss_mb / summary.peak_rss_mb - 1.0) * 100.0,
             if plan.config.train.keep_freed_memory {
                 // Nothing is returned to the kernel, so every phase reads the high-water mark.
                 "; freed memory kept (train.keep_freed_memory): phases not told apart".to_string()
@@ -438,6 +462,7 @@ fn run_inner(plan: &Plan, comm: Arc<dyn Communicator>, opts: &RunOptions) -> Res
         layout,
         summary,
         val_losses: val_log.losses,
+        val_metrics: val_log.metrics,
     })
 }
 

@@ -63,9 +63,9 @@ pub fn open(plan: &Plan) -> Result<Option<Validation>> {
             "key `train.eval_batches`: must be at least 1 when train.eval_every > 0",
         ));
     }
-    let seq_len = plan.model.seq_len;
+    let seq_len = plan.gpt().seq_len;
     // The file's own checks: readable, whole uint16 tokens, ids below the vocab.
-    let file = FileSource::tokens(&data.val_path, 0, plan.model.vocab, seq_len)?;
+    let file = FileSource::tokens(&data.val_path, 0, plan.gpt().vocab, seq_len)?;
     let rows = train.eval_batches * plan.global_batch;
     let needed = rows * seq_len + 1;
     if file.num_tokens() < needed {
@@ -151,9 +151,29 @@ impl Validation {
 pub struct ValLog {
     /// (optimizer steps done, loss), in order; step 0 is before training.
     pub losses: Vec<(u64, f32)>,
+    /// (optimizer steps done, every metric of that evaluation), in order.
+    pub metrics: Vec<(u64, super::Metrics)>,
 }
 
 impl ValLog {
+    /// Records an evaluation after `done` optimizer steps.
+    pub fn record(&mut self, done: u64, metrics: super::Metrics) {
+        if let Some(loss) = super::val_loss(&metrics) {
+            self.losses.push((done, loss));
+        }
+        self.metrics.push((done, metrics));
+    }
+
+    /// The latest evaluation for the log: `loss 2.0110, accuracy 0.9712`.
+    pub fn describe_last(&self) -> String {
+        self.metrics.last().map_or(String::new(), |(_, m)| {
+            m.iter()
+                .map(|(name, v)| format!("{name} {v:.4}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    }
+
     /// The latest loss.
     pub fn last(&self) -> Option<f32> {
         self.losses.last().map(|&(_, l)| l)
