@@ -230,7 +230,7 @@ impl<B: 'static, A: Activation> Engine<B, A> {
         (leaves, slots)
     }
 
-    /// `unit`'s forward between the model's own `prepare_unit` and `release_unit`.
+    /// `unit`'s forward.
     pub(crate) fn forward(
         &self,
         unit: usize,
@@ -238,10 +238,7 @@ impl<B: 'static, A: Activation> Engine<B, A> {
         input: Option<A>,
         batch: &B,
     ) -> Result<A> {
-        self.model.prepare_unit(unit)?;
-        let y = self.model.forward_unit(unit, params, input, batch);
-        self.model.release_unit(unit);
-        Ok(y)
+        self.model.forward_unit(unit, params, input, batch)
     }
 
     /// The last unit's output as the loss: one element, or an error naming the unit.

@@ -78,14 +78,6 @@ fn lower_this_thread_priority() {
 
 /// Trains with `world` ranks as threads of this process; returns every rank's outcome.
 pub fn simulate(config: &Config, world: usize, opts: &RunOptions) -> Result<Vec<RunOutcome>> {
-    if world == 0 {
-        return Err(KilnError::config(
-            "--simulate: the number of ranks must be at least 1",
-        ));
-    }
-    if !matches!(config.comm.backend.as_str(), "auto" | "local") {
-        return Err(KilnError::config(format!("key `comm.backend`: --simulate runs ranks as threads and needs `local` or `auto`, not `{}`", config.comm.backend)));
-    }
     let plan = Plan::resolve(config, world)?;
     // All `world` ranks share this process's memory.
     memory::preflight(
@@ -95,21 +87,38 @@ pub fn simulate(config: &Config, world: usize, opts: &RunOptions) -> Result<Vec<
             processes_here: 1,
         },
     )?;
+    simulate_ranks(config, world, &|comm| train::run(&plan, comm, opts))
+}
+
+/// Runs `rank` on `world` ranks as threads of this process, each with its own communicator of
+/// one local group and `config`'s compute threads; returns every rank's result.
+pub fn simulate_ranks<T: Send>(
+    config: &Config,
+    world: usize,
+    rank: &(dyn Fn(Arc<dyn Communicator>) -> Result<T> + Sync),
+) -> Result<Vec<T>> {
+    if world == 0 {
+        return Err(KilnError::config(
+            "--simulate: the number of ranks must be at least 1",
+        ));
+    }
+    if !matches!(config.comm.backend.as_str(), "auto" | "local") {
+        return Err(KilnError::config(format!("key `comm.backend`: --simulate runs ranks as threads and needs `local` or `auto`, not `{}`", config.comm.backend)));
+    }
     let comms = comm::simulate_group(world, &comm::CommOptions::from_config(&config.comm)?);
     let threads = threads_per_rank(config, world);
-    let results: Vec<Result<RunOutcome>> = std::thread::scope(|s| {
+    let results: Vec<Result<T>> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()
             .enumerate()
-            .map(|(rank, c)| {
-                let plan = &plan;
+            .map(|(r, c)| {
                 std::thread::Builder::new()
-                    .name(format!("kiln-rank-{rank}"))
+                    .name(format!("kiln-rank-{r}"))
                     .spawn_scoped(s, move || {
                         with_threads(threads, || {
                             // Spans are per thread: enter it on the pool thread that trains.
-                            let _span = tracing::info_span!("rank", r = rank).entered();
-                            train::run(plan, c, opts)
+                            let _span = tracing::info_span!("rank", r = r).entered();
+                            rank(c)
                         })
                     })
                     .expect("spawning a rank thread")
@@ -174,15 +183,32 @@ fn preflight_process(plan: &Plan, comm: &dyn Communicator, local_ranks: usize) -
 
 /// Trains as one rank of this process's launch (world 1 when not under a launcher).
 pub fn run_process(config: &Config, opts: &RunOptions) -> Result<RunOutcome> {
+    process_rank(config, &|comm| {
+        let (rank, world) = (comm.rank(), comm.world());
+        let place = comm::placement(rank, world);
+        // Every rank validates the same config; rank 0 alone reports the error.
+        let plan = match Plan::resolve(config, world) {
+            Err(e) if rank == 0 => return Err(e),
+            Err(e) => return Err(KilnError::ReportedByAnotherRank(e.exit_code())),
+            Ok(plan) => plan,
+        };
+        preflight_process(&plan, comm.as_ref(), place.local_ranks)?;
+        train::run(&plan, comm, opts)
+    })
+}
+
+/// Runs `rank` as this process's rank of its launch (world 1 when not under a launcher), with
+/// `config`'s compute threads.
+pub fn process_rank<T: Send>(
+    config: &Config,
+    rank_fn: &(dyn Fn(Arc<dyn Communicator>) -> Result<T> + Sync),
+) -> Result<T> {
     let options = comm::CommOptions::from_config(&config.comm)?;
     let comm: Arc<dyn Communicator> = comm::open(&config.comm.backend, &options)?;
     let (rank, world) = (comm.rank(), comm.world());
     let place = comm::placement(rank, world);
-    // Every rank validates the same config; rank 0 alone reports the error.
-    let outcome = match Plan::resolve(config, world) {
-        Err(e) if rank == 0 => Err(e),
-        Err(e) => Err(KilnError::ReportedByAnotherRank(e.exit_code())),
-        Ok(plan) => {
+    let outcome = {
+        {
             let threads = threads_per_rank(config, place.local_ranks);
             // Every rank says where it landed: a wrong local size from the launcher shows up
             // as oversubscribed or idle cores, and this line is how to tell. (A lone process
@@ -197,11 +223,9 @@ pub fn run_process(config: &Config, opts: &RunOptions) -> Result<RunOutcome> {
                     place.local_ranks,
                 );
             }
-            preflight_process(&plan, comm.as_ref(), place.local_ranks).and_then(|()| {
-                with_threads(threads, || {
-                    let _span = tracing::info_span!("rank", r = rank).entered();
-                    train::run(&plan, comm.clone(), opts)
-                })
+            with_threads(threads, || {
+                let _span = tracing::info_span!("rank", r = rank).entered();
+                rank_fn(comm.clone())
             })
         }
     };

@@ -6,6 +6,7 @@
 //! [`strategy::Strategy`] per stage; the fused AdamW in [`optim`],
 //! reaching the optimizer states through an [`offload::StateStore`].
 
+pub mod api;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;

@@ -146,7 +146,7 @@ fn whole_model_grads(
             params.push(leaves[r.unit][r.index].clone());
         }
         let params: Vec<Param> = params.into_iter().map(Param::from).collect();
-        x = Some(model.forward_unit(unit, &params, x, batch));
+        x = Some(model.forward_unit(unit, &params, x, batch).unwrap());
     }
     let grads = x.unwrap().sum().backward();
     layout
@@ -311,7 +311,7 @@ impl UnitModel for Counting {
         params: &[Param],
         input: Option<Tensor<3>>,
         batch: &kiln::model::MicroBatch,
-    ) -> Tensor<3> {
+    ) -> kiln::error::Result<Tensor<3>> {
         self.forwards.lock().unwrap()[unit] += 1;
         self.inner.forward_unit(unit, params, input, batch)
     }

@@ -3,7 +3,7 @@
 
 use super::{Engine, ParamMode};
 use crate::error::Result;
-use crate::model::Activation;
+use crate::model::{Activation, Metrics};
 use crate::strategy::Strategy;
 
 impl<B: 'static, A: Activation> Engine<B, A> {
@@ -30,5 +30,23 @@ impl<B: 'static, A: Activation> Engine<B, A> {
             strategy.after_forward(unit)?;
         }
         Ok(x.expect("a model has at least one unit"))
+    }
+
+    /// The model's evaluation metrics for `batch` (`UnitModel::eval_unit` on the last unit),
+    /// forward only, each unit between the strategy's hooks as in [`Engine::eval_loss`].
+    pub fn eval_metrics(&mut self, strategy: &mut dyn Strategy, batch: &B) -> Result<Metrics> {
+        let last = self.model.num_units() - 1;
+        let mut x: Option<A> = None;
+        for unit in 0..last {
+            strategy.before_forward(unit)?;
+            let params = self.params(unit, strategy, ParamMode::Untracked);
+            x = Some(self.forward(unit, &params, x.take(), batch)?);
+            strategy.after_forward(unit)?;
+        }
+        strategy.before_forward(last)?;
+        let params = self.params(last, strategy, ParamMode::Untracked);
+        let metrics = self.model.eval_unit(last, &params, x, batch)?;
+        strategy.after_forward(last)?;
+        Ok(metrics)
     }
 }

@@ -6,6 +6,7 @@ use super::fused::{causal_attention, gelu_tanh};
 use super::{Init, MicroBatch, ModelUnits, Param, ParamRef, ParamSpec, UnitModel};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::module::{embedding, layer_norm};
+use crate::error::Result;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -297,6 +298,18 @@ impl ModelUnits for Gpt {
 
 impl UnitModel for Gpt {
     fn forward_unit(
+        &self,
+        unit: usize,
+        params: &[Param],
+        input: Option<Tensor<3>>,
+        batch: &MicroBatch,
+    ) -> Result<Tensor<3>> {
+        Ok(self.forward_gpt_unit(unit, params, input, batch))
+    }
+}
+
+impl Gpt {
+    fn forward_gpt_unit(
         &self,
         unit: usize,
         params: &[Param],

@@ -79,6 +79,8 @@ pub trait Activation: Clone + Send + 'static {
     fn dims_vec(&self) -> Vec<usize>;
     /// The only element, when there is exactly one (a loss).
     fn scalar(self) -> Option<f32>;
+    /// Whether the graph tracks it (some input of its computation requires grad).
+    fn is_tracked(&self) -> bool;
 }
 
 impl<const D: usize> Activation for Tensor<D> {
@@ -107,6 +109,9 @@ impl<const D: usize> Activation for Tensor<D> {
         }
         let data = self.into_data().convert::<f32>();
         data.as_slice::<f32>().ok().map(|s| s[0])
+    }
+    fn is_tracked(&self) -> bool {
+        self.is_require_grad()
     }
 }
 
@@ -141,21 +146,38 @@ pub trait ModelUnits: Send + Sync {
     }
 }
 
+/// Named values of one evaluation, averaged over the evaluation set; the one named `loss`
+/// (else the first) is the run's validation loss.
+pub type Metrics = Vec<(String, f32)>;
+
 /// A model split into units run one after another, over micro-batches of type `B` with
 /// activations of type `A`. For the built-in GPT (the defaults) unit 0 reads the token ids from
 /// the batch; every later unit reads the previous unit's output `[batch, seq, d]`. The last
 /// unit returns the micro-batch's mean loss as a one-element tensor, so that the engine can
 /// drive every unit's backward the same way (`(y * dy).sum().backward()`).
 pub trait UnitModel<B = MicroBatch, A: Activation = Tensor<3>>: ModelUnits {
-    /// Called before each forward of `unit` (training, recompute, evaluation): a model that
-    /// holds values outside the strategy's buffers (frozen parameters under ZeRO-3) gathers them
-    /// here. Every rank calls it for the same units in the same order.
-    fn prepare_unit(&self, _unit: usize) -> Result<()> {
-        Ok(())
-    }
-    /// Called after each forward of `unit` that [`UnitModel::prepare_unit`] preceded.
-    fn release_unit(&self, _unit: usize) {}
     /// Runs one unit. `params` follow `unit_params(unit)` and then `borrowed_params(unit)`,
-    /// each flat; a parameter flagged by `matmul_weights` may come released.
-    fn forward_unit(&self, unit: usize, params: &[Param], input: Option<A>, batch: &B) -> A;
+    /// each flat; a parameter flagged by `matmul_weights` may come released. An error is a
+    /// user's (a model that reads a parameter its unit does not hold, a failed gather of
+    /// values the model keeps itself); every rank calls this for the same units in the same
+    /// order, so a model may run collectives here.
+    fn forward_unit(&self, unit: usize, params: &[Param], input: Option<A>, batch: &B)
+        -> Result<A>;
+    /// The metrics of the last unit in evaluation, forward only; by default its output as
+    /// `loss`.
+    fn eval_unit(
+        &self,
+        unit: usize,
+        params: &[Param],
+        input: Option<A>,
+        batch: &B,
+    ) -> Result<Metrics> {
+        let y = self.forward_unit(unit, params, input, batch)?;
+        Ok(vec![("loss".into(), y.scalar().unwrap_or(f32::NAN))])
+    }
+    /// Bytes of parameters the model keeps outside the strategy's buffers (frozen ones), on
+    /// this rank.
+    fn frozen_bytes(&self) -> usize {
+        0
+    }
 }

@@ -130,7 +130,8 @@ impl Weights {
         for unit in 0..head {
             x = Some(
                 self.model
-                    .forward_unit(unit, &self.unit_tensors(unit, device), x, &batch),
+                    .forward_unit(unit, &self.unit_tensors(unit, device), x, &batch)
+                    .expect("the GPT's units do not fail"),
             );
         }
         let last = x

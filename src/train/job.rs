@@ -24,6 +24,10 @@ pub trait BatchSource: Send + Sync {
     fn batch(&self, step: u64, rows: Range<u64>, device: &Device) -> Result<Self::Batch>;
     /// One line describing the source for the logs and checkpoint manifests.
     fn describe(&self) -> String;
+    /// Number of rows, for a finite set (an evaluation set must say); `None` for a stream.
+    fn num_rows(&self) -> Option<u64> {
+        None
+    }
     /// Tokens per row, for tokens/s (1 for data that is not token sequences: samples/s).
     fn tokens_per_row(&self) -> usize {
         1
@@ -34,9 +38,7 @@ pub trait BatchSource: Send + Sync {
     }
 }
 
-/// Named values of one evaluation, averaged over the evaluation set; the one named `loss`
-/// (else the first) is the run's validation loss.
-pub type Metrics = Vec<(String, f32)>;
+pub use crate::model::Metrics;
 
 /// A forward-only evaluation run through the same strategy hooks as training.
 pub trait Evaluator<B: 'static, A: Activation> {

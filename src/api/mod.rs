@@ -1,0 +1,242 @@
+//! Train your own burn model with kiln: DDP and ZeRO 1–3, offload, accumulation, clipping,
+//! schedules, recompute, checkpoints, `--simulate N` and `mpirun` — the same engine the
+//! built-in GPT runs on.
+//!
+//! A model is an ordinary `#[derive(Module)]` struct. It says how it splits into [`Unit`]s
+//! (kiln's granularity for gradient buckets, ZeRO-3 gathers and recompute: FSDP2's wrap
+//! policy) and how each unit runs; the data is any [`BatchSource`] whose micro-batch the
+//! model reads. Parameters are found by module path; the ones burn marks as not requiring
+//! gradients (`Module::no_grad`, `Param::set_require_grad(false)`) are frozen: no gradient,
+//! no bucket slot, no optimizer state, sharded and gathered at ZeRO-3 all the same.
+//!
+//! ```ignore
+//! #[derive(Module, Debug)]
+//! struct Mlp { hidden: Linear, out: Linear }
+//!
+//! impl TrainModule for Mlp {
+//!     type Batch = Digits;               // your batch type
+//!     type Activation = Tensor<2>;       // what flows between units
+//!     fn units(&self) -> Vec<Unit> {
+//!         vec![Unit::new("hidden"), Unit::new("out")]
+//!     }
+//!     fn forward_unit(&self, unit: usize, x: Option<Tensor<2>>, b: &Digits) -> Tensor<2> {
+//!         match unit {
+//!             0 => relu(self.hidden.forward(b.images.clone())),
+//!             _ => cross_entropy(self.out.forward(x.unwrap()), &b.labels), // the loss, [1, 1]
+//!         }
+//!     }
+//! }
+//!
+//! let outcome = Trainer::new(config).simulate(2).fit(|_rank| {
+//!     Ok(Fit::new(Mlp::new(&Device::flex()), DigitsSource::train()?))
+//! })?;
+//! ```
+
+mod adapter;
+mod eval;
+mod frozen;
+mod units;
+
+pub use crate::config::Config;
+pub use crate::model::{Activation, Metrics};
+pub use crate::train::{BatchSource, RunOptions, RunOutcome};
+pub use units::Unit;
+
+use crate::comm::Communicator;
+use crate::error::{KilnError, Result};
+use crate::plan::Plan;
+use crate::train::Job;
+use adapter::ModuleModel;
+use burn::module::Module;
+use std::sync::Arc;
+
+/// A burn module kiln can train: how it splits into units, and how each unit runs.
+pub trait TrainModule: Module + Sync + 'static {
+    /// One micro-batch, as the model's units read it.
+    type Batch: 'static;
+    /// What one unit hands the next (a burn float tensor of any rank); the last unit returns
+    /// the micro-batch's mean loss as a one-element tensor.
+    type Activation: Activation;
+
+    /// The units in the order they run. Each parameter must be in exactly one unit; a unit
+    /// may borrow parameters of earlier units (tied weights).
+    fn units(&self) -> Vec<Unit>;
+
+    /// Runs unit `unit`: `input` is the previous unit's output (`None` for the first unit).
+    /// Only the parameters the unit holds or borrows hold their values here.
+    fn forward_unit(
+        &self,
+        unit: usize,
+        input: Option<Self::Activation>,
+        batch: &Self::Batch,
+    ) -> Self::Activation;
+
+    /// In evaluation, what the last unit reports instead of its loss: named values, each a
+    /// mean over the micro-batch (kiln averages them over the evaluation set, weighting each
+    /// micro-batch by its rows). By default the loss alone, as `loss`.
+    fn eval_metrics(
+        &self,
+        unit: usize,
+        input: Option<Self::Activation>,
+        batch: &Self::Batch,
+    ) -> Metrics {
+        let loss = self.forward_unit(unit, input, batch).scalar();
+        vec![("loss".into(), loss.unwrap_or(f32::NAN))]
+    }
+
+    /// Whether AdamW's decoupled weight decay applies to the parameter at `path`; by default
+    /// to matrices and larger, not to biases and norm gains (PyTorch and Hugging Face recipes).
+    fn decays(&self, _path: &str, shape: &[usize]) -> bool {
+        shape.len() >= 2
+    }
+
+    /// The model's own description (its config), stored in checkpoints and compared on resume.
+    fn describe(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}
+
+/// What one rank trains: the model, its training data and, optionally, evaluation data.
+pub struct Fit<M: TrainModule> {
+    model: M,
+    train: Box<dyn BatchSource<Batch = M::Batch>>,
+    eval: Option<Box<dyn BatchSource<Batch = M::Batch>>>,
+}
+
+impl<M: TrainModule> Fit<M> {
+    /// Trains `model` on `train`. The model's initial values must be the same on every rank
+    /// (seed them identically); kiln checks it by hash.
+    pub fn new(model: M, train: impl BatchSource<Batch = M::Batch> + 'static) -> Self {
+        Fit {
+            model,
+            train: Box::new(train),
+            eval: None,
+        }
+    }
+
+    /// Evaluates on `eval` (a finite source: `BatchSource::num_rows`) before the first step,
+    /// every `train.eval_every` steps and after the last.
+    pub fn with_eval(mut self, eval: impl BatchSource<Batch = M::Batch> + 'static) -> Self {
+        self.eval = Some(Box::new(eval));
+        self
+    }
+}
+
+/// Information about the rank a [`Fit`] is built for.
+#[derive(Debug, Clone, Copy)]
+pub struct RankInfo {
+    /// This rank.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+}
+
+/// Trains a [`TrainModule`] with a kiln [`Config`] (the `[train]`, `[parallel]`, `[offload]`,
+/// `[checkpoint]`, `[output]` and `[comm]` sections; `[model]` and `[data]` are the user's).
+#[derive(Debug, Clone)]
+pub struct Trainer {
+    config: Config,
+    simulate: Option<usize>,
+    options: RunOptions,
+}
+
+impl Trainer {
+    /// A trainer for `config`.
+    pub fn new(config: Config) -> Self {
+        Trainer {
+            config,
+            simulate: None,
+            options: RunOptions::default(),
+        }
+    }
+
+    /// A trainer for the TOML config at `path` with `--set`-style overrides
+    /// (`"parallel.stage=3"`); errors name the file or key.
+    pub fn from_file(path: impl AsRef<std::path::Path>, sets: &[String]) -> Result<Self> {
+        Ok(Trainer::new(crate::config::load(Some(path.as_ref()), sets)?))
+    }
+
+    /// Runs `world` ranks as threads of this process (`kiln train --simulate N`) instead of
+    /// one rank per process under `mpirun`/`srun`.
+    pub fn simulate(mut self, world: usize) -> Self {
+        self.simulate = Some(world);
+        self
+    }
+
+    /// Sets the invocation's options: quiet, `--resume`, outputs.
+    pub fn with_options(mut self, options: RunOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Trains, building each rank's model and data with `build`; returns rank 0's outcome
+    /// (under `mpirun`, this process's rank's). Every rank gets the same global batch, so the
+    /// result equals one process's on the same config.
+    pub fn fit<M: TrainModule>(
+        &self,
+        build: impl Fn(RankInfo) -> Result<Fit<M>> + Sync,
+    ) -> Result<RunOutcome> {
+        let rank = |comm: Arc<dyn Communicator>| self.run_rank(comm, &build);
+        match self.simulate {
+            Some(n) => {
+                if !matches!(self.config.comm.backend.as_str(), "auto" | "local") {
+                    return Err(KilnError::config(format!(
+                        "key `comm.backend`: simulated ranks are threads and need `local` or \
+                         `auto`, not `{}`",
+                        self.config.comm.backend
+                    )));
+                }
+                Ok(crate::launch::simulate_ranks(&self.config, n, &rank)?.swap_remove(0))
+            }
+            None => crate::launch::process_rank(&self.config, &rank),
+        }
+    }
+
+    fn run_rank<M: TrainModule>(
+        &self,
+        comm: Arc<dyn Communicator>,
+        build: &(impl Fn(RankInfo) -> Result<Fit<M>> + Sync),
+    ) -> Result<RunOutcome> {
+        let (rank, world) = (comm.rank(), comm.world());
+        let fit = build(RankInfo { rank, world });
+        // Units are known once the model is: resolve the plan against their names. Every rank
+        // must agree that both worked, or none starts.
+        let prepared = fit.and_then(|fit| {
+            let names: Vec<String> = fit.model.units().iter().map(|u| u.name().to_string()).collect();
+            let plan = Plan::resolve_training(&self.config, world, &names)?;
+            Ok((fit, plan))
+        });
+        comm.set_serves("the start-up checks");
+        let (fit, mut plan) = crate::comm::agree_on(comm.as_ref(), prepared)?;
+        let device = crate::device::for_rank(plan.device, rank, world)?.burn_device();
+        let sharded = plan.stage == 3;
+        let model = crate::comm::agree_on(
+            comm.as_ref(),
+            ModuleModel::new(fit.model, comm.clone(), sharded, device.autodiff()),
+        )?;
+        plan.model_desc = model.desc.clone();
+        let eval = fit
+            .eval
+            .map(|source| eval::SourceEval::new(source, &plan))
+            .transpose();
+        let eval = crate::comm::agree_on(comm.as_ref(), eval)?;
+        let name = std::any::type_name::<M>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("model")
+            .to_string();
+        let job = Job {
+            model: Box::new(model),
+            source: fit.train,
+            eval: eval.map(|e| Box::new(e) as Box<dyn crate::train::Evaluator<M::Batch, M::Activation>>),
+            name,
+            estimate: None,
+        };
+        crate::train::run_with(&plan, comm, &self.options, move |_| Ok(job))
+    }
+}
