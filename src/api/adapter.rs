@@ -14,7 +14,9 @@ use super::units::{find_params, split, Found};
 use super::TrainModule;
 use crate::comm::Communicator;
 use crate::error::{KilnError, Result};
-use crate::model::{Activation, Init, Metrics, ModelUnits, Param, ParamRef, ParamSpec, UnitModel};
+use crate::model::{
+    Activation, FrozenParam, Init, Metrics, ModelUnits, Param, ParamRef, ParamSpec, UnitModel,
+};
 use burn::module::{ModuleMapper, Param as BurnParam};
 use burn::tensor::{Device, Tensor, TensorData};
 use std::collections::{BTreeMap, HashMap};
@@ -46,6 +48,8 @@ pub(crate) struct ModuleModel<M: TrainModule> {
     checked: Vec<AtomicBool>,
     /// The model's description for checkpoint manifests.
     pub desc: serde_json::Value,
+    /// A hash of every initial value, trainable and frozen, to check ranks agree.
+    pub init_hash: u64,
 }
 
 impl<M: TrainModule> ModuleModel<M> {
@@ -61,8 +65,10 @@ impl<M: TrainModule> ModuleModel<M> {
         let module = module.train();
         let mut found = find_params(&module)?;
         let split = split(&module.units(), &found)?;
-        let shapes: BTreeMap<String, Vec<usize>> =
-            found.iter().map(|(p, f)| (p.clone(), f.shape.clone())).collect();
+        let shapes: BTreeMap<String, Vec<usize>> = found
+            .iter()
+            .map(|(p, f)| (p.clone(), f.shape.clone()))
+            .collect();
         // Index of each trainable parameter in its owner's layout, for borrowers.
         let mut train_index = HashMap::new();
         let mut units = Vec::new();
@@ -108,6 +114,13 @@ impl<M: TrainModule> ModuleModel<M> {
                 }
             }
         }
+        let init_hash = {
+            let mut h = crc32fast::Hasher::new();
+            for v in initial.iter().flatten().flatten() {
+                h.update(&v.to_le_bytes());
+            }
+            (u64::from(h.finalize()) << 32) | u64::from(Frozen::checksum(&frozen_values))
+        };
         let desc = serde_json::json!({
             "kind": "burn module",
             "model": module.describe(),
@@ -132,6 +145,7 @@ impl<M: TrainModule> ModuleModel<M> {
             device,
             checked,
             desc,
+            init_hash,
         })
     }
 
@@ -171,7 +185,11 @@ impl<M: TrainModule> ModuleModel<M> {
 
     /// The module with `tensors` in place of their placeholders (the others stay placeholders,
     /// tracked when `watch` holds one-element leaves to watch them with).
-    fn filled(&self, tensors: &HashMap<String, Tensor<1>>, watch: Option<&HashMap<String, Tensor<1>>>) -> M {
+    fn filled(
+        &self,
+        tensors: &HashMap<String, Tensor<1>>,
+        watch: Option<&HashMap<String, Tensor<1>>>,
+    ) -> M {
         self.module.clone().map(&mut Filler {
             path: Vec::new(),
             tensors,
@@ -194,23 +212,31 @@ impl<M: TrainModule> ModuleModel<M> {
             .shapes
             .keys()
             .filter(|p| !tensors.contains_key(*p))
-            .map(|p| (p.clone(), Tensor::<1>::zeros([1], &self.device).require_grad()))
+            .map(|p| {
+                (
+                    p.clone(),
+                    Tensor::<1>::zeros([1], &self.device).require_grad(),
+                )
+            })
             .collect();
         if watch.is_empty() {
             return Ok(());
         }
+        // The unit's own values and its input are tracked too, so that the output is part of a
+        // graph whenever the unit reads anything at all.
         let own: HashMap<String, Tensor<1>> = tensors
             .iter()
-            .map(|(p, t)| (p.clone(), t.clone().detach()))
+            .map(|(p, t)| (p.clone(), t.clone().detach().require_grad()))
             .collect();
         let module = self.filled(&own, Some(&watch));
-        let input = input.map(|x| x.clone().detach());
+        let input = input.map(|x| x.clone().detach().require_grad());
         let y = module.forward_unit(unit, input, batch);
-        if !y.is_tracked() {
-            return Ok(());
-        }
         let grads = y.backward_from(None);
-        if let Some(path) = watch.iter().find(|(_, t)| t.grad(&grads).is_some()).map(|(p, _)| p) {
+        if let Some(path) = watch
+            .iter()
+            .find(|(_, t)| t.grad(&grads).is_some())
+            .map(|(p, _)| p)
+        {
             let owner = self
                 .units
                 .iter()
@@ -221,7 +247,9 @@ impl<M: TrainModule> ModuleModel<M> {
                         .iter()
                         .position(|u| u.entries.iter().any(|(p, _)| p == path))
                 })
-                .map_or(String::new(), |o| format!(", which unit `{}` holds", self.units[o].name));
+                .map_or(String::new(), |o| {
+                    format!(", which unit `{}` holds", self.units[o].name)
+                });
             return Err(KilnError::config(format!(
                 "model units: unit `{}` reads parameter `{path}`{owner}; list it with \
                  Unit::borrowing(\"{path}\") (a tied weight) or move it into the unit",
@@ -290,6 +318,25 @@ impl<M: TrainModule> UnitModel<M::Batch, M::Activation> for ModuleModel<M> {
 
     fn frozen_bytes(&self) -> usize {
         self.frozen.bytes()
+    }
+
+    fn frozen_values(&self) -> Result<Vec<FrozenParam>> {
+        let mut all = Vec::new();
+        for unit in 0..self.frozen.units.len() {
+            let entries = &self.frozen.units[unit].entries;
+            if entries.is_empty() {
+                continue;
+            }
+            let values = self.frozen.values(unit)?;
+            for (path, range) in entries {
+                all.push((
+                    path.clone(),
+                    self.shapes[path].clone(),
+                    values[range.clone()].to_vec(),
+                ));
+            }
+        }
+        Ok(all)
     }
 }
 

@@ -42,7 +42,11 @@ impl<B> SourceEval<B> {
 
 impl<B: 'static, A: Activation> Evaluator<B, A> for SourceEval<B> {
     fn describe(&self) -> String {
-        format!("evaluation: {} rows of {}", self.rows, self.source.describe())
+        format!(
+            "evaluation: {} rows of {}",
+            self.rows,
+            self.source.describe()
+        )
     }
 
     fn due(&self, done: u64, total: u64) -> bool {
@@ -87,7 +91,9 @@ impl<B: 'static, A: Activation> Evaluator<B, A> for SourceEval<B> {
             .into_iter()
             .enumerate()
             .map(|(j, name)| {
-                let sum: f64 = (0..num_micro as usize).map(|i| slots[i * k + j] as f64).sum();
+                let sum: f64 = (0..num_micro as usize)
+                    .map(|i| slots[i * k + j] as f64)
+                    .sum();
                 (name, (sum / self.rows as f64) as f32)
             })
             .collect())

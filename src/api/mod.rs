@@ -131,6 +131,28 @@ pub struct RankInfo {
     pub world: usize,
 }
 
+static BUILD_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Errors unless every rank has the same `value` (a description, a hash); the message names
+/// `what` and the ranks that differ from rank 0.
+fn agree_everywhere(comm: &dyn Communicator, what: &str, value: &str) -> Result<()> {
+    comm.set_serves(&format!("the check that the {what} agree"));
+    // Equal lengths on every rank: a hash of the value.
+    let all = comm.all_gather_bytes(&crate::rng::hash_str(value).to_le_bytes())?;
+    let differing: Vec<String> = (0..all.len())
+        .filter(|&r| all[r] != all[0])
+        .map(|r| r.to_string())
+        .collect();
+    if differing.is_empty() {
+        return Ok(());
+    }
+    Err(KilnError::config(format!(
+        "model: the {what} of rank(s) {} differ from rank 0's; build the same model on every \
+         rank (seed burn's initialisers identically)",
+        differing.join(", ")
+    )))
+}
+
 /// Trains a [`TrainModule`] with a kiln [`Config`] (the `[train]`, `[parallel]`, `[offload]`,
 /// `[checkpoint]`, `[output]` and `[comm]` sections; `[model]` and `[data]` are the user's).
 #[derive(Debug, Clone)]
@@ -153,7 +175,17 @@ impl Trainer {
     /// A trainer for the TOML config at `path` with `--set`-style overrides
     /// (`"parallel.stage=3"`); errors name the file or key.
     pub fn from_file(path: impl AsRef<std::path::Path>, sets: &[String]) -> Result<Self> {
-        Ok(Trainer::new(crate::config::load(Some(path.as_ref()), sets)?))
+        Ok(Trainer::new(crate::config::load(
+            Some(path.as_ref()),
+            sets,
+        )?))
+    }
+
+    /// A trainer for kiln's defaults with `--set`-style overrides (`"train.steps=100"`); errors
+    /// name the key.
+    pub fn from_sets<S: AsRef<str>>(sets: &[S]) -> Result<Self> {
+        let sets: Vec<String> = sets.iter().map(|s| s.as_ref().to_string()).collect();
+        Ok(Trainer::new(crate::config::load(None, &sets)?))
     }
 
     /// Runs `world` ranks as threads of this process (`kiln train --simulate N`) instead of
@@ -203,25 +235,41 @@ impl Trainer {
         build: &(impl Fn(RankInfo) -> Result<Fit<M>> + Sync),
     ) -> Result<RunOutcome> {
         let (rank, world) = (comm.rank(), comm.world());
-        let fit = build(RankInfo { rank, world });
-        // Units are known once the model is: resolve the plan against their names. Every rank
-        // must agree that both worked, or none starts.
-        let prepared = fit.and_then(|fit| {
-            let names: Vec<String> = fit.model.units().iter().map(|u| u.name().to_string()).collect();
-            let plan = Plan::resolve_training(&self.config, world, &names)?;
-            Ok((fit, plan))
-        });
+        // Ranks that are threads build one at a time, up to reading the parameters: burn's
+        // initialisers draw from one process-wide RNG (lazily, when a value is first read), so
+        // seeded builds on two threads at once would interleave their draws.
+        let prepared = {
+            let _one_at_a_time = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            build(RankInfo { rank, world }).and_then(|fit| {
+                // Units are known once the model is: the plan is resolved against their names.
+                let names: Vec<String> = fit
+                    .model
+                    .units()
+                    .iter()
+                    .map(|u| u.name().to_string())
+                    .collect();
+                let plan = Plan::resolve_training(&self.config, world, &names)?;
+                let device = crate::device::for_rank(plan.device, rank, world)?.burn_device();
+                let Fit { model, train, eval } = fit;
+                let model =
+                    ModuleModel::new(model, comm.clone(), plan.stage == 3, device.autodiff())?;
+                Ok((model, train, eval, plan))
+            })
+        };
+        // Every rank must agree that this worked, or none starts.
         comm.set_serves("the start-up checks");
-        let (fit, mut plan) = crate::comm::agree_on(comm.as_ref(), prepared)?;
-        let device = crate::device::for_rank(plan.device, rank, world)?.burn_device();
-        let sharded = plan.stage == 3;
-        let model = crate::comm::agree_on(
+        let (model, train, eval, mut plan) = crate::comm::agree_on(comm.as_ref(), prepared)?;
+        // Every rank must have built the same model: the same parameters (paths, shapes,
+        // frozen or not) and the same initial values.
+        let layout = serde_json::json!([model.desc["units"], model.desc["params"]]);
+        agree_everywhere(comm.as_ref(), "parameter layout", &layout.to_string())?;
+        agree_everywhere(
             comm.as_ref(),
-            ModuleModel::new(fit.model, comm.clone(), sharded, device.autodiff()),
+            "initial parameters",
+            &model.init_hash.to_string(),
         )?;
         plan.model_desc = model.desc.clone();
-        let eval = fit
-            .eval
+        let eval = eval
             .map(|source| eval::SourceEval::new(source, &plan))
             .transpose();
         let eval = crate::comm::agree_on(comm.as_ref(), eval)?;
@@ -232,8 +280,9 @@ impl Trainer {
             .to_string();
         let job = Job {
             model: Box::new(model),
-            source: fit.train,
-            eval: eval.map(|e| Box::new(e) as Box<dyn crate::train::Evaluator<M::Batch, M::Activation>>),
+            source: train,
+            eval: eval
+                .map(|e| Box::new(e) as Box<dyn crate::train::Evaluator<M::Batch, M::Activation>>),
             name,
             estimate: None,
         };

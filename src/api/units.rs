@@ -32,7 +32,10 @@ impl Unit {
 
     /// A unit named `name` holding the parameters under each of `prefixes` (a path names a
     /// submodule or one parameter: `"norm"`, `"head.weight"`).
-    pub fn with_paths<S: Into<String>>(name: impl Into<String>, prefixes: impl IntoIterator<Item = S>) -> Self {
+    pub fn with_paths<S: Into<String>>(
+        name: impl Into<String>,
+        prefixes: impl IntoIterator<Item = S>,
+    ) -> Self {
         Unit {
             name: name.into(),
             prefixes: prefixes.into_iter().map(Into::into).collect(),
@@ -89,7 +92,7 @@ pub(crate) fn find_params<M: Module>(module: &M) -> Result<BTreeMap<String, Foun
                 .clone()
                 .into_data()
                 .convert::<f32>()
-                .to_vec::<f32>()
+                .try_to_vec::<f32>()
                 .unwrap_or_default();
             let found = Found {
                 shape: tensor.dims().to_vec(),
@@ -113,7 +116,9 @@ pub(crate) fn find_params<M: Module>(module: &M) -> Result<BTreeMap<String, Foun
         )));
     }
     if finder.found.is_empty() {
-        return Err(KilnError::config("model: the module has no float parameters"));
+        return Err(KilnError::config(
+            "model: the module has no float parameters",
+        ));
     }
     Ok(finder.found)
 }
@@ -149,7 +154,11 @@ pub(crate) fn split(units: &[Unit], params: &BTreeMap<String, Found>) -> Result<
             [] => {
                 return Err(bad(format!(
                     "parameter `{path}` is in no unit (units: {})",
-                    units.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(", ")
+                    units
+                        .iter()
+                        .map(|u| u.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )))
             }
             [u] => {
@@ -166,7 +175,10 @@ pub(crate) fn split(units: &[Unit], params: &BTreeMap<String, Found>) -> Result<
     }
     for (u, unit) in units.iter().enumerate() {
         for prefix in &unit.prefixes {
-            if !params.keys().any(|p| unit.holds(p) && (p == prefix || p.starts_with(prefix.as_str()))) {
+            if !params
+                .keys()
+                .any(|p| unit.holds(p) && (p == prefix || p.starts_with(prefix.as_str())))
+            {
                 return Err(bad(format!(
                     "unit `{}`: no parameter is under the path `{prefix}`",
                     unit.name

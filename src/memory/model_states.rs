@@ -247,6 +247,7 @@ pub fn rank_model_states(plan: &Plan, layout: &ModelLayout) -> MemoryReport {
         optimizer_offloaded,
         comm_buffers,
         gathered: buffers * largest_unit_bytes(layout),
+        frozen_params: 0,
     }
 }
 

@@ -4,9 +4,9 @@
 
 use super::fused::{causal_attention, gelu_tanh};
 use super::{Init, MicroBatch, ModelUnits, Param, ParamRef, ParamSpec, UnitModel};
+use crate::error::Result;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::module::{embedding, layer_norm};
-use crate::error::Result;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -293,7 +293,6 @@ impl ModelUnits for Gpt {
             Vec::new()
         }
     }
-
 }
 
 impl UnitModel for Gpt {

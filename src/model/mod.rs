@@ -79,8 +79,6 @@ pub trait Activation: Clone + Send + 'static {
     fn dims_vec(&self) -> Vec<usize>;
     /// The only element, when there is exactly one (a loss).
     fn scalar(self) -> Option<f32>;
-    /// Whether the graph tracks it (some input of its computation requires grad).
-    fn is_tracked(&self) -> bool;
 }
 
 impl<const D: usize> Activation for Tensor<D> {
@@ -109,9 +107,6 @@ impl<const D: usize> Activation for Tensor<D> {
         }
         let data = self.into_data().convert::<f32>();
         data.as_slice::<f32>().ok().map(|s| s[0])
-    }
-    fn is_tracked(&self) -> bool {
-        self.is_require_grad()
     }
 }
 
@@ -150,6 +145,9 @@ pub trait ModelUnits: Send + Sync {
 /// (else the first) is the run's validation loss.
 pub type Metrics = Vec<(String, f32)>;
 
+/// A parameter outside the strategy's buffers: (module path, shape, values).
+pub type FrozenParam = (String, Vec<usize>, Vec<f32>);
+
 /// A model split into units run one after another, over micro-batches of type `B` with
 /// activations of type `A`. For the built-in GPT (the defaults) unit 0 reads the token ids from
 /// the batch; every later unit reads the previous unit's output `[batch, seq, d]`. The last
@@ -179,5 +177,10 @@ pub trait UnitModel<B = MicroBatch, A: Activation = Tensor<3>>: ModelUnits {
     /// this rank.
     fn frozen_bytes(&self) -> usize {
         0
+    }
+    /// The parameters the model keeps outside the strategy's buffers (frozen ones), whole, as
+    /// (path, shape, values). A collective where they are sharded: every rank calls it.
+    fn frozen_values(&self) -> Result<Vec<FrozenParam>> {
+        Ok(Vec::new())
     }
 }

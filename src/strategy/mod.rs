@@ -70,6 +70,9 @@ pub struct MemoryReport {
     pub comm_buffers: usize,
     /// Units gathered temporarily (stage 3), at their peak.
     pub gathered: usize,
+    /// Frozen parameters (no gradient, no optimizer state): whole, or this rank's shards at
+    /// stage 3. Held by the model, not the strategy; the train loop fills it in.
+    pub frozen_params: usize,
 }
 
 impl MemoryReport {
@@ -81,6 +84,7 @@ impl MemoryReport {
             + self.optimizer
             + self.comm_buffers
             + self.gathered
+            + self.frozen_params
     }
 }
 

@@ -348,6 +348,7 @@ impl Strategy for Zero3 {
             optimizer_offloaded: self.store.offloaded_bytes(),
             comm_buffers: self.grads.buffer_bytes(),
             gathered: self.peak_gathered,
+            frozen_params: 0,
         }
     }
 }

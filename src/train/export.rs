@@ -6,15 +6,28 @@
 use crate::checkpoint::TensorFileWriter;
 use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
+use crate::model::FrozenParam;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Writes `params` (one unpadded buffer per unit, following `layout`) to `path`.
-pub fn export_safetensors(path: &str, layout: &ModelLayout, params: &[Vec<f32>]) -> Result<()> {
-    write_params(Path::new(path), layout, &BTreeMap::new(), |u, buf| {
-        buf.copy_from_slice(&params[u][..buf.len()]);
-        Ok(())
-    })
+/// Writes `params` (one unpadded buffer per unit, following `layout`) and the parameters
+/// outside the layout (`extra`: a user model's frozen ones) to `path`.
+pub fn export_safetensors(
+    path: &str,
+    layout: &ModelLayout,
+    params: &[Vec<f32>],
+    extra: &[FrozenParam],
+) -> Result<()> {
+    write_params_with(
+        Path::new(path),
+        layout,
+        extra,
+        &BTreeMap::new(),
+        |u, buf| {
+            buf.copy_from_slice(&params[u][..buf.len()]);
+            Ok(())
+        },
+    )
 }
 
 /// Creates the directory `target` will be written to: at start-up for `output.export`, so that
@@ -35,10 +48,20 @@ pub fn write_params(
     metadata: &BTreeMap<String, String>,
     fill: impl FnMut(usize, &mut [f32]) -> Result<()>,
 ) -> Result<()> {
+    write_params_with(target, layout, &[], metadata, fill)
+}
+
+fn write_params_with(
+    target: &Path,
+    layout: &ModelLayout,
+    extra: &[FrozenParam],
+    metadata: &BTreeMap<String, String>,
+    fill: impl FnMut(usize, &mut [f32]) -> Result<()>,
+) -> Result<()> {
     create_parent_dir(target)?;
     let tmp = target.with_extension("safetensors.tmp");
     let _ = std::fs::remove_file(&tmp);
-    let written = write_tmp(&tmp, layout, metadata, fill)
+    let written = write_tmp(&tmp, layout, extra, metadata, fill)
         .and_then(|()| std::fs::rename(&tmp, target).map_err(|e| KilnError::io(target, e)));
     if written.is_err() {
         // A full disk, say: leave nothing half-written behind (and free its space).
@@ -50,6 +73,7 @@ pub fn write_params(
 fn write_tmp(
     tmp: &Path,
     layout: &ModelLayout,
+    extra: &[FrozenParam],
     metadata: &BTreeMap<String, String>,
     mut fill: impl FnMut(usize, &mut [f32]) -> Result<()>,
 ) -> Result<()> {
@@ -57,6 +81,11 @@ fn write_tmp(
         .units
         .iter()
         .flat_map(|u| u.params.iter().map(|p| (p.path.clone(), p.shape.clone())))
+        .chain(
+            extra
+                .iter()
+                .map(|(path, shape, _)| (path.clone(), shape.clone())),
+        )
         .collect();
     let writer = TensorFileWriter::create(tmp, &tensors, metadata)?;
     for (u, unit) in layout.units.iter().enumerate() {
@@ -65,6 +94,9 @@ fn write_tmp(
         for p in &unit.params {
             writer.write(&p.path, 0, &buf[p.range()])?;
         }
+    }
+    for (path, _, values) in extra {
+        writer.write(path, 0, values)?;
     }
     writer.finish()
 }

@@ -83,7 +83,10 @@ pub fn val_loss(metrics: &Metrics) -> Option<f32> {
 pub fn gpt_job(plan: &Plan, comm: &dyn Communicator) -> Result<Job<MicroBatch, Tensor<3>>> {
     let shape = *plan.gpt();
     comm.set_serves("the start-up checks");
-    let source = agree_on(comm, data::open(&plan.config.data, shape.vocab, shape.seq_len))?;
+    let source = agree_on(
+        comm,
+        data::open(&plan.config.data, shape.vocab, shape.seq_len),
+    )?;
     let eval = agree_on(comm, validation::open(plan))?
         .map(|v| Box::new(v) as Box<dyn Evaluator<MicroBatch, Tensor<3>>>);
     Ok(Job {

@@ -19,7 +19,7 @@ use crate::flat::ModelLayout;
 use crate::memory::phases::{Phase, PhaseMeter, PhasePeaks};
 use crate::model::Activation;
 use crate::plan::Plan;
-use crate::strategy::{self, MicroStep};
+use crate::strategy::{self, MemoryReport, MicroStep};
 use indicatif::{ProgressBar, ProgressStyle};
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -54,6 +54,9 @@ pub struct RunOutcome {
     pub stopped_at: Option<u64>,
     /// The layout the parameters follow.
     pub layout: ModelLayout,
+    /// Parameters outside the layout (a user model's frozen ones) as (path, shape, values);
+    /// empty when a stop request ended the run.
+    pub frozen: Vec<crate::model::FrozenParam>,
     /// Rank 0's summary.
     pub summary: Summary,
     /// Validation losses as (optimizer steps done, loss); step 0 is before training. Empty
@@ -144,13 +147,8 @@ fn run_inner<B: 'static, A: Activation>(
         let c = &plan.config.checkpoint;
         !c.dir.is_empty() && ((c.every > 0 && step % c.every == 0) || step == plan.steps)
     };
-    let mut engine = Engine::new(
-        model,
-        layout.clone(),
-        rank_device.burn_device(),
-        false,
-    )
-    .with_recompute_units(plan.recompute.clone());
+    let mut engine = Engine::new(model, layout.clone(), rank_device.burn_device(), false)
+        .with_recompute_units(plan.recompute.clone());
     // VmHWM is per process: with --simulate only rank 0 meters it (memory::phases), and runs
     // without outputs (tests in one process) leave it alone.
     let meter = !opts.no_outputs && (lead || comm.backend() != "local");
@@ -203,11 +201,14 @@ fn run_inner<B: 'static, A: Activation>(
                 "memory: estimate {} per process ({}); {}",
                 crate::memory::estimate::bytes(estimate.peak),
                 estimate.breakdown(),
-                crate::memory::process_limit().map_or("the limit cannot be read".into(), |l| format!(
-                    "this process may use {} ({})",
-                    crate::memory::estimate::bytes(l.bytes as usize),
-                    l.source
-                ))
+                crate::memory::process_limit().map_or(
+                    "the limit cannot be read".into(),
+                    |l| format!(
+                        "this process may use {} ({})",
+                        crate::memory::estimate::bytes(l.bytes as usize),
+                        l.source
+                    )
+                )
             );
         }
     }
@@ -315,7 +316,10 @@ fn run_inner<B: 'static, A: Activation>(
                 optimizer_ms: stats.optimizer_ms,
                 transfer_ms,
                 tokens_per_s,
-                memory: strategy.memory(),
+                memory: MemoryReport {
+                    frozen_params: engine.model().frozen_bytes(),
+                    ..strategy.memory()
+                },
                 peak_rss_mb,
                 phase_peak,
                 minor_faults: crate::memory::allocator::minor_page_faults()
@@ -352,9 +356,9 @@ fn run_inner<B: 'static, A: Activation>(
     bar.finish_and_clear();
 
     // Stopped: the checkpoint holds the state; spend no more of the grace period on gathering.
-    let params = match stopped_at {
-        Some(_) => Vec::new(),
-        None => strategy.full_params()?,
+    let (params, frozen) = match stopped_at {
+        Some(_) => (Vec::new(), Vec::new()),
+        None => (strategy.full_params()?, engine.model().frozen_values()?),
     };
     let tail = losses.len().min(20);
     let final_loss = losses[losses.len() - tail..]
@@ -364,7 +368,8 @@ fn run_inner<B: 'static, A: Activation>(
         / tail as f64;
     let mut sorted_ms = step_ms.clone();
     sorted_ms.sort_by(f64::total_cmp);
-    let median_ms = sorted_ms[sorted_ms.len() / 2];
+    // No step at all when a resumed checkpoint already reached train.steps.
+    let median_ms = sorted_ms.get(sorted_ms.len() / 2).copied().unwrap_or(0.0);
     let summary = Summary {
         steps: stopped_at.unwrap_or(plan.steps),
         stopped_by_signal: stopped_at.is_some(),
@@ -389,7 +394,10 @@ fn run_inner<B: 'static, A: Activation>(
         phase_peak: run_phase_peak,
         // NaN (JSON null) where kiln has no formula for the model.
         predicted_peak_rss_mb: estimate.as_ref().map_or(f64::NAN, |e| e.peak as f64 / MIB),
-        memory: strategy.memory(),
+        memory: MemoryReport {
+            frozen_params: engine.model().frozen_bytes(),
+            ..strategy.memory()
+        },
         minor_faults: crate::memory::allocator::minor_page_faults(),
         wall_s: started.elapsed().as_secs_f64(),
     };
@@ -397,7 +405,7 @@ fn run_inner<B: 'static, A: Activation>(
         let out = &plan.config.output;
         metrics::write_summary(&out.dir, &summary)?;
         if !out.export.is_empty() && stopped_at.is_none() {
-            export_safetensors(&out.export, &layout, &params)?;
+            export_safetensors(&out.export, &layout, &params, &frozen)?;
         }
     }
     if let (Some(step), true) = (stopped_at, lead) {
@@ -460,6 +468,7 @@ fn run_inner<B: 'static, A: Activation>(
         params,
         stopped_at,
         layout,
+        frozen,
         summary,
         val_losses: val_log.losses,
         val_metrics: val_log.metrics,
