@@ -143,7 +143,7 @@ struct RecipeArgs {
 impl RecipeArgs {
     /// The config, after rank 0 of the launch has logged what the DeepSpeed file left out.
     fn load(&self) -> Result<config::Config, KilnError> {
-        let (config, translation) = config::load_layers(
+        let (config, translation) = crate::plan::load_layers(
             self.config.as_deref(),
             self.deepspeed.as_deref(),
             &self.sets,
@@ -176,20 +176,6 @@ enum CheckCommand {
     },
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only for a person at a terminal: log files and pipes get plain text (no-color.org).
-    use std::io::IsTerminal;
-    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
@@ -206,7 +192,7 @@ pub fn main() -> i32 {
             return 2;
         }
     };
-    init_logging();
+    crate::api::init_logging();
     let result = match cli.command {
         Command::Train {
             recipe,
@@ -221,7 +207,7 @@ pub fn main() -> i32 {
             format,
             checkpoint,
             out,
-        } => crate::hf::export_command(&format, &checkpoint, &out),
+        } => crate::checkpoint::export_command(&format, &checkpoint, &out),
         Command::Sample(args) => crate::sample::run_command(&args),
         Command::PrepareData(args) => crate::data::prepare::run(&args),
         Command::DumpData { recipe, out } => recipe.load().and_then(|cfg| dump_data(&cfg, &out)),

@@ -1,4 +1,4 @@
-//! The unit-wise engine (DESIGN.md "UnitModel"): forward unit by unit, backward unit by unit in
+//! The unit-wise engine (docs/ARCHITECTURE.md, "Models"): forward unit by unit, backward unit by unit in
 //! reverse, with the strategy's hooks around each unit. Each unit's input is a detached leaf
 //! that requires grad, so a unit's backward — driven by its output's upstream gradient,
 //! `(y · dy).sum().backward()` — yields its parameter gradients and its input gradient, which is

@@ -1,4 +1,4 @@
-//! Flat parameter layout (DESIGN.md "Flat layout"): each unit's parameters live in one
+//! Flat parameter layout (docs/ARCHITECTURE.md, "Contracts"): each unit's parameters live in one
 //! contiguous f32 buffer in module-path order, padded to a multiple of the world size so that it
 //! splits into equal shards. Index spaces are named so that an offset's meaning is never guessed.
 

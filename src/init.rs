@@ -8,7 +8,6 @@ use crate::error::Result;
 use crate::flat::{init_unit, UnitLayout};
 use crate::hf::HfCheckpoint;
 use crate::model::ModelUnits;
-use crate::plan::Plan;
 use std::path::Path;
 
 /// The source of a run's initial parameters.
@@ -20,14 +19,14 @@ pub enum InitSource {
 }
 
 impl InitSource {
-    /// The source `plan` asks for. Opening a checkpoint reads only its headers.
-    pub fn for_plan(plan: &Plan) -> Result<InitSource> {
-        let from = &plan.config.model.init_from;
-        if from.is_empty() {
-            Ok(InitSource::Seed(plan.config.train.seed))
+    /// Seeded values (`train.seed`), or the Hugging Face checkpoint `init_from`
+    /// (`model.init_from`) when it is not empty. Opening a checkpoint reads only its headers.
+    pub fn new(init_from: &str, seed: u64) -> Result<InitSource> {
+        if init_from.is_empty() {
+            Ok(InitSource::Seed(seed))
         } else {
             Ok(InitSource::HuggingFace(HfCheckpoint::open(Path::new(
-                from,
+                init_from,
             ))?))
         }
     }

@@ -78,6 +78,7 @@ fn lower_this_thread_priority() {
 
 /// Trains with `world` ranks as threads of this process; returns every rank's outcome.
 pub fn simulate(config: &Config, world: usize, opts: &RunOptions) -> Result<Vec<RunOutcome>> {
+    check_simulated(config, world)?;
     let plan = Plan::resolve(config, world)?;
     // All `world` ranks share this process's memory.
     memory::preflight(
@@ -97,14 +98,8 @@ pub fn simulate_ranks<T: Send>(
     world: usize,
     rank: &(dyn Fn(Arc<dyn Communicator>) -> Result<T> + Sync),
 ) -> Result<Vec<T>> {
-    if world == 0 {
-        return Err(KilnError::config(
-            "--simulate: the number of ranks must be at least 1",
-        ));
-    }
-    if !matches!(config.comm.backend.as_str(), "auto" | "local") {
-        return Err(KilnError::config(format!("key `comm.backend`: --simulate runs ranks as threads and needs `local` or `auto`, not `{}`", config.comm.backend)));
-    }
+    check_simulated(config, world)?;
+    crate::plan::check_threads(&config.train)?;
     let comms = comm::simulate_group(world, &comm::CommOptions::from_config(&config.comm)?);
     let threads = threads_per_rank(config, world);
     let results: Vec<Result<T>> = std::thread::scope(|s| {
@@ -133,6 +128,19 @@ pub fn simulate_ranks<T: Send>(
             .collect()
     });
     collect(results)
+}
+
+/// `--simulate N` needs N ≥ 1 and the local backend.
+fn check_simulated(config: &Config, world: usize) -> Result<()> {
+    if world == 0 {
+        return Err(KilnError::config(
+            "--simulate: the number of ranks must be at least 1",
+        ));
+    }
+    if !matches!(config.comm.backend.as_str(), "auto" | "local") {
+        return Err(KilnError::config(format!("key `comm.backend`: --simulate runs ranks as threads and needs `local` or `auto`, not `{}`", config.comm.backend)));
+    }
+    Ok(())
 }
 
 /// Every rank's value, or the error that caused a failure rather than the "another rank failed"
@@ -207,8 +215,11 @@ pub fn process_rank<T: Send>(
     let comm: Arc<dyn Communicator> = comm::open(&config.comm.backend, &options)?;
     let (rank, world) = (comm.rank(), comm.world());
     let place = comm::placement(rank, world);
-    let outcome = {
-        {
+    let outcome = match crate::plan::check_threads(&config.train) {
+        // Every rank checks the same config; rank 0 alone reports the error.
+        Err(e) if rank == 0 => Err(e),
+        Err(e) => Err(KilnError::ReportedByAnotherRank(e.exit_code())),
+        Ok(()) => {
             let threads = threads_per_rank(config, place.local_ranks);
             // Every rank says where it landed: a wrong local size from the launcher shows up
             // as oversubscribed or idle cores, and this line is how to tell. (A lone process

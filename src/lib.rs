@@ -1,10 +1,14 @@
 #![warn(missing_docs)]
 //! kiln: ZeRO/DDP data-parallel training on burn.
 //!
-//! The seams (see DESIGN.md): [`config`] → [`plan::Plan`]; [`comm::Communicator`] (local threads
-//! or MPI); [`engine::Engine`] running a [`model::UnitModel`] unit by unit; a
-//! [`strategy::Strategy`] per stage; the fused AdamW in [`optim`],
-//! reaching the optimizer states through an [`offload::StateStore`].
+//! To train your own burn model, start at [`api`]: a `#[derive(Module)]` struct that says how
+//! it splits into units ([`api::TrainModule`]), your own batches ([`api::BatchSource`]), and
+//! [`api::Trainer::fit`].
+//!
+//! The seams (docs/ARCHITECTURE.md): [`config`] → [`plan::Plan`]; [`comm::Communicator`] (local
+//! threads or MPI); [`engine::Engine`] running a [`model::UnitModel`] unit by unit; a
+//! [`strategy::Strategy`] per stage; the fused AdamW in [`optim`], reaching the optimizer states
+//! through an [`offload::StateStore`].
 
 pub mod api;
 pub mod bench;
@@ -31,5 +35,6 @@ pub mod sample;
 pub mod signals;
 pub mod simd;
 pub mod strategy;
+pub mod tensor_file;
 pub mod tokenizer;
 pub mod train;

@@ -105,18 +105,7 @@ impl Plan {
         if t.steps == 0 {
             return Err(bad("train.steps", "must be at least 1"));
         }
-        // More compute threads than cores only adds contention, and a typo like 100000 would
-        // spend minutes creating threads before anything is said.
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if t.threads > cores {
-            return Err(bad(
-                "train.threads",
-                format!(
-                    "{} is more than the {cores} cores this process may use (0 = cores ÷ ranks on this machine)",
-                    t.threads
-                ),
-            ));
-        }
+        check_threads(t)?;
         let batch = resolve_batch(t, world)?;
         let finite_positive = |key: &str, v: f64| {
             if v.is_finite() && v > 0.0 {
@@ -230,6 +219,23 @@ impl Plan {
     }
 }
 
+/// `train.threads`: at most the cores this process may use. More compute threads than cores
+/// only adds contention, and a typo like 100000 would spend minutes creating threads before
+/// anything is said — so the launcher checks it too, before it builds a rank's thread pool.
+pub fn check_threads(t: &TrainConfig) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if t.threads > cores {
+        return Err(bad(
+            "train.threads",
+            format!(
+                "{} is more than the {cores} cores this process may use (0 = cores ÷ ranks on this machine)",
+                t.threads
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// `train.recompute` as one flag per unit, the units named `names`.
 fn resolve_recompute(setting: &crate::config::Recompute, names: &[String]) -> Result<Vec<bool>> {
     setting.resolve(names).map_err(|e| {
@@ -237,6 +243,19 @@ fn resolve_recompute(setting: &crate::config::Recompute, names: &[String]) -> Re
             "train.recompute",
             format!("{e}; expected {}", crate::config::RECOMPUTE_FORMS),
         )
+    })
+}
+
+/// `config::load_layers` for the built-in GPT: a recipe, a DeepSpeed config and `--set`s,
+/// with DeepSpeed's model-scaled "auto" sizes taken from the GPT `[model]` describes.
+pub fn load_layers(
+    path: Option<&std::path::Path>,
+    deepspeed: Option<&std::path::Path>,
+    sets: &[String],
+) -> Result<(Config, crate::config::Translation)> {
+    crate::config::load_layers(path, deepspeed, sets, &|model| {
+        let gpt = crate::model::Gpt::new(resolve_model(model)?);
+        Ok(gpt.unit_params(1).iter().map(|p| p.numel()).sum())
     })
 }
 

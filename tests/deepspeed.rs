@@ -40,7 +40,7 @@ fn write(dir: &Scratch, name: &str, text: &str) -> std::path::PathBuf {
 /// The config from a DeepSpeed file on top of the test model, and what it warned about.
 fn from_deepspeed(ds: &Path) -> (Config, Vec<String>) {
     let (c, t) =
-        config::load_layers(None, Some(ds), &model_keys()).expect("valid DeepSpeed config");
+        kiln::plan::load_layers(None, Some(ds), &model_keys()).expect("valid DeepSpeed config");
     (c, t.warnings)
 }
 
@@ -241,7 +241,7 @@ fn auto_values_take_kilns_own() {
     ];
     let mut sets = model_keys();
     sets.extend(strings(&kiln_values));
-    let (ds, t) = config::load_layers(None, Some(&ds), &sets).expect("valid");
+    let (ds, t) = kiln::plan::load_layers(None, Some(&ds), &sets).expect("valid");
     assert!(t.warnings.is_empty(), "{:?}", t.warnings);
     let mut recipe_keys = kiln_values.to_vec();
     recipe_keys.extend([
@@ -266,7 +266,7 @@ fn precedence_is_recipe_then_deepspeed_then_set() {
         r#"{"optimizer": {"type": "AdamW", "params": {"lr": 0.004}}, "zero_optimization": {"stage": 2}}"#,
     );
     let (c, _) =
-        config::load_layers(Some(&recipe), Some(&ds), &strings(&["parallel.stage=3"])).unwrap();
+        kiln::plan::load_layers(Some(&recipe), Some(&ds), &strings(&["parallel.stage=3"])).unwrap();
     assert_eq!(c.train.lr, 0.004, "the DeepSpeed file overrides the recipe");
     assert_eq!(c.train.clip_grad, 0.25, "what DeepSpeed does not say stays");
     assert_eq!(c.parallel.stage, 3, "--set overrides the DeepSpeed file");
@@ -426,7 +426,7 @@ fn kiln_config_prints_a_recipe_that_resolves_the_same() {
     let printed = write(&dir, "printed.toml", &String::from_utf8_lossy(&out.stdout));
     let reread = config::load(Some(&printed), &[]).expect("the printed recipe loads");
     let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml");
-    let (direct, _) = config::load_layers(Some(&tiny), Some(&ds), &[]).unwrap();
+    let (direct, _) = kiln::plan::load_layers(Some(&tiny), Some(&ds), &[]).unwrap();
     assert_eq!(reread, direct);
     assert!(
         direct.train.recompute == config::Recompute::All,

@@ -38,12 +38,12 @@ mod frozen;
 mod units;
 
 pub use crate::config::Config;
+pub use crate::error::{KilnError, Result};
 pub use crate::model::{Activation, Metrics};
 pub use crate::train::{BatchSource, RunOptions, RunOutcome};
 pub use units::Unit;
 
 use crate::comm::Communicator;
-use crate::error::{KilnError, Result};
 use crate::plan::Plan;
 use crate::train::Job;
 use adapter::ModuleModel;
@@ -131,6 +131,22 @@ pub struct RankInfo {
     pub world: usize,
 }
 
+/// Logs to stderr as `kiln` does: `KILN_LOG` filters (default `info`), every line of a rank's
+/// training tagged with its rank, colour only at a terminal. Call once, first.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a person at a terminal: log files and pipes get plain text (no-color.org).
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colour)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 static BUILD_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Errors unless every rank has the same `value` (a description, a hash); the message names
@@ -215,16 +231,7 @@ impl Trainer {
     ) -> Result<RunOutcome> {
         let rank = |comm: Arc<dyn Communicator>| self.run_rank(comm, &build);
         match self.simulate {
-            Some(n) => {
-                if !matches!(self.config.comm.backend.as_str(), "auto" | "local") {
-                    return Err(KilnError::config(format!(
-                        "key `comm.backend`: simulated ranks are threads and need `local` or \
-                         `auto`, not `{}`",
-                        self.config.comm.backend
-                    )));
-                }
-                Ok(crate::launch::simulate_ranks(&self.config, n, &rank)?.swap_remove(0))
-            }
+            Some(n) => Ok(crate::launch::simulate_ranks(&self.config, n, &rank)?.swap_remove(0)),
             None => crate::launch::process_rank(&self.config, &rank),
         }
     }

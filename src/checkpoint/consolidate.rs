@@ -3,8 +3,8 @@
 //! any checkpoint, with no training process. One unit is in memory at a time.
 
 use super::shards::{CheckpointReader, PARAM};
+use super::write_params;
 use crate::error::Result;
-use crate::train::write_params;
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -1,4 +1,4 @@
-//! Sharded checkpoints (DESIGN.md "Checkpoint"): `checkpoint.dir/step_NNNNNN/` holds one
+//! Sharded checkpoints (docs/ARCHITECTURE.md): `checkpoint.dir/step_NNNNNN/` holds one
 //! safetensors file per rank and a `manifest.json`; `checkpoint.dir/latest` names the newest.
 //!
 //! Saving is atomic: every rank writes and syncs its file inside a hidden temporary directory;
@@ -8,14 +8,15 @@
 //! own world size and stage (see `shards`), so any checkpoint resumes at any world size.
 
 mod consolidate;
+mod export;
 mod manifest;
 mod shards;
-mod tensor_file;
 
+pub use crate::tensor_file::{file_crc32, TensorFileReader, TensorFileWriter};
 pub use consolidate::{consolidate, read_unit_params};
+pub use export::{create_parent_dir, export_command, export_safetensors, write_params};
 pub use manifest::{DataPosition, FileEntry, Manifest, FORMAT};
 pub use shards::CheckpointReader;
-pub use tensor_file::{file_crc32, TensorFileReader, TensorFileWriter};
 
 use crate::comm::{agree, agree_on, Communicator};
 use crate::config::CheckpointConfig;
@@ -27,7 +28,7 @@ use std::path::{Path, PathBuf};
 /// Name of the pointer file inside `checkpoint.dir`.
 pub const LATEST: &str = "latest";
 
-/// `step_000020`: DESIGN.md's contract (the name ends in the step number).
+/// `step_000020`: the checkpoint contract (the name ends in the step number).
 fn step_dir_name(step: u64) -> String {
     format!("step_{step:06}")
 }

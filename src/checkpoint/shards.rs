@@ -6,10 +6,10 @@
 //! old shards that overlap it, so resharding is a read pattern, not a conversion.
 
 use super::manifest::Manifest;
-use super::tensor_file::{TensorFileReader, TensorFileWriter};
 use crate::error::{KilnError, Result};
 use crate::offload::Access;
 use crate::strategy::{ParamsHeld, StateView};
+use crate::tensor_file::{TensorFileReader, TensorFileWriter};
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;

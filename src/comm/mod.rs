@@ -1,4 +1,4 @@
-//! The `Communicator` seam (DESIGN.md): collectives on flat f32 buffers and on bytes.
+//! The `Communicator` seam (docs/ARCHITECTURE.md): collectives on flat f32 buffers and on bytes.
 //!
 //! Contract: every rank issues the same collectives, with the same lengths, in the same order.
 //! With `comm.verify = true` each call first exchanges a small descriptor (operation, length)

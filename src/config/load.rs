@@ -1,24 +1,26 @@
 //! Reading a recipe, a DeepSpeed config, and applying `--set section.key=value` overrides.
 
 use super::deepspeed::{self, Translation};
-use super::Config;
+use super::{Config, ModelConfig};
 use crate::error::{KilnError, Result};
-use crate::model::ModelUnits;
 use std::path::Path;
 
 /// Reads `path` (if given), applies the overrides in order and checks keys and types.
 /// Errors name the key (`train.steps`) or the file.
 pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Config> {
-    load_layers(path, None, sets).map(|(config, _)| config)
+    load_layers(path, None, sets, &|_| Ok(0)).map(|(config, _)| config)
 }
 
 /// `load` with a DeepSpeed config between the recipe and the overrides (precedence: recipe,
 /// then DeepSpeed file, then `--set`). Also returns what the DeepSpeed file said about itself:
-/// the keys kiln ignores and how some keys were read.
+/// the keys kiln ignores and how some keys were read. `block_params` counts the parameters of
+/// one transformer block of the model `[model]` describes (DeepSpeed's "auto" sizes scale with
+/// it); the config layer knows no model, so the caller says (`plan::load_layers`).
 pub fn load_layers(
     path: Option<&Path>,
     deepspeed: Option<&Path>,
     sets: &[String],
+    block_params: &dyn Fn(&ModelConfig) -> Result<usize>,
 ) -> Result<(Config, Translation)> {
     let mut table = read_table(path)?;
     let sets = sets
@@ -34,9 +36,7 @@ pub fn load_layers(
                 for (key, value) in &sets {
                     insert(&mut t, key, value.clone())?;
                 }
-                let model = crate::plan::resolve_model(&deserialize(t)?.model)?;
-                let gpt = crate::model::Gpt::new(model);
-                Ok(gpt.unit_params(1).iter().map(|p| p.numel()).sum())
+                block_params(&deserialize(t)?.model)
             };
             deepspeed::translate(ds, &block_params)?
         }

@@ -1,6 +1,6 @@
 //! Training data. A source produces row `i` of step `t`'s global batch from (data seed, t, i)
 //! alone, so every rank can build its own contiguous slice of rows and the global batch is the
-//! same at every world size (DESIGN.md "Batch convention").
+//! same at every world size (docs/ARCHITECTURE.md, "Contracts").
 
 mod file;
 mod markov;

@@ -5,39 +5,12 @@
 
 use super::config::config_json;
 use super::names::hf_name;
-use crate::checkpoint::{read_unit_params, CheckpointReader, TensorFileWriter};
 use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
 use crate::model::GptConfig;
+use crate::tensor_file::TensorFileWriter;
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// `kiln export --format hf|kiln CHECKPOINT OUT`: the parameters of a checkpoint (a step
-/// directory, or a checkpoint.dir to take its latest) as a Hugging Face directory, or as one
-/// safetensors file with kiln's names (`kiln consolidate`).
-pub fn export_command(format: &str, checkpoint: &Path, out: &Path) -> Result<()> {
-    let dir = crate::checkpoint::locate(
-        &checkpoint.display().to_string(),
-        &crate::config::CheckpointConfig::default(),
-    )?;
-    match format {
-        "hf" => {
-            let manifest = crate::checkpoint::verify(&dir)?;
-            let reader = CheckpointReader::open(&dir, &manifest)?;
-            export_hf(out, &manifest.gpt(&dir)?, &manifest.layout, |u, buf| {
-                read_unit_params(&reader, u, buf)
-            })?;
-        }
-        "kiln" => crate::checkpoint::consolidate(&dir, out)?,
-        other => {
-            return Err(KilnError::config(format!(
-                "--format: `{other}` is not one of hf, kiln"
-            )))
-        }
-    }
-    eprintln!("kiln: wrote {} from {}", out.display(), dir.display());
-    Ok(())
-}
 
 /// Writes `out_dir/model.safetensors` and `out_dir/config.json` for `model` laid out as
 /// `layout`; `fill(u, buf)` provides unit u's unpadded buffer. A tied model writes only

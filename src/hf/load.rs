@@ -7,10 +7,10 @@
 
 use super::config::HfConfig;
 use super::names::{hf_name, Transform};
-use crate::checkpoint::TensorFileReader;
 use crate::error::{KilnError, Result};
 use crate::flat::UnitLayout;
 use crate::model::ParamSpec;
+use crate::tensor_file::TensorFileReader;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

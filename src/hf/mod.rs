@@ -9,7 +9,7 @@ mod load;
 mod names;
 
 pub use config::{config_json, HfConfig};
-pub use export::{export_command, export_hf};
+pub use export::export_hf;
 pub use load::HfCheckpoint;
 pub use names::{hf_name, Transform};
 

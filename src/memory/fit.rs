@@ -7,7 +7,7 @@
 //! is "how large a model, with my data and batch".
 
 use super::estimate::{bytes, estimate, Process};
-use super::report::{recompute_name, variant};
+use super::variant::{recompute_name, variant};
 use crate::error::Result;
 use crate::offload::Tier;
 use crate::plan::Plan;

@@ -18,6 +18,7 @@ pub mod model_states;
 pub mod phases;
 mod preflight;
 pub mod report;
+mod variant;
 
 pub use estimate::{estimate, Estimate, Process};
 pub use limit::{process_limit, MemoryLimit};

@@ -149,10 +149,22 @@ impl PhaseMeter {
 
 /// VmHWM of this process, bytes; 0 if unknown.
 pub fn high_water_mark() -> u64 {
-    crate::train::peak_rss_bytes()
+    peak_rss_bytes()
 }
 
 /// Resets VmHWM to the current resident set; false where the kernel does not allow it.
 fn reset_high_water_mark() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Peak resident set size of this process (VmHWM from /proc/self/status), bytes; 0 if unknown.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }

@@ -3,6 +3,7 @@
 //! [`estimate()`](super::estimate()) as the preflight check and the start-of-run log line.
 
 use super::estimate::{bytes, estimate, Estimate, Process};
+pub use super::variant::{recompute_name, variant};
 use crate::config::Recompute;
 use crate::error::Result;
 use crate::offload::Tier;
@@ -79,25 +80,6 @@ pub struct Report {
     pub configured: Row,
     /// Every stage 0–3 × offload none/cpu/nvme × recompute off/on.
     pub matrix: Vec<Row>,
-}
-
-/// `train.recompute` as a user types it.
-pub fn recompute_name(r: &Recompute) -> String {
-    match r {
-        Recompute::Off => "false".into(),
-        Recompute::All => "true".into(),
-        Recompute::Every(k) => format!("every:{k}"),
-        Recompute::Units(n) => n.join(","),
-    }
-}
-
-/// `plan` with another stage, tier and recompute setting.
-pub fn variant(plan: &Plan, stage: u8, tier: Tier, recompute: Recompute) -> Result<Plan> {
-    let mut config = plan.config.clone();
-    config.parallel.stage = stage;
-    config.offload.optimizer = tier.name().into();
-    config.train.recompute = recompute;
-    Plan::resolve(&config, plan.world)
 }
 
 /// The report for `plan` run by `process`.

@@ -1,4 +1,4 @@
-//! Models as an ordered list of units (DESIGN.md "UnitModel"): the granularity of bucketing,
+//! Models as an ordered list of units (docs/ARCHITECTURE.md, "Models"): the granularity of bucketing,
 //! sharding, gathering and recompute — what FSDP calls a wrapped module.
 
 pub mod fused;

@@ -101,7 +101,7 @@ impl GradBuckets {
         GradBuckets {
             comm,
             reduction,
-            pooled: crate::memory::model_states::pooled_buckets(reduction, grad_accum),
+            pooled: super::accounting::pooled_buckets(reduction, grad_accum),
             unit_names: layout.units.iter().map(|u| u.name.clone()).collect(),
             shard_lens: layout.units.iter().map(|u| u.padded_len / world).collect(),
             static_graph,
@@ -136,7 +136,7 @@ impl GradBuckets {
     /// shards when pooled.
     pub fn grad_bytes(&self) -> usize {
         self.plan.as_ref().map_or(0, |plan| {
-            crate::memory::model_states::grad_bytes(plan, self.pooled, &self.shard_lens)
+            super::accounting::grad_bytes(plan, self.pooled, &self.shard_lens)
         })
     }
 
@@ -145,7 +145,7 @@ impl GradBuckets {
         self.plan
             .as_ref()
             .filter(|_| self.pooled)
-            .map_or(0, crate::memory::model_states::pool_buffer_bytes)
+            .map_or(0, super::accounting::pool_buffer_bytes)
     }
 
     fn launch(&mut self, bucket: usize) {

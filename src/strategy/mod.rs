@@ -1,7 +1,8 @@
-//! The `Strategy` seam (DESIGN.md): what happens before a unit runs, after its gradients are
+//! The `Strategy` seam (docs/ARCHITECTURE.md): what happens before a unit runs, after its gradients are
 //! ready, and at the optimizer step. One object per stage, chosen once; the train loop calls the
 //! same hooks for every stage and never matches on the stage number.
 
+pub mod accounting;
 mod buckets;
 mod grads;
 mod norm;

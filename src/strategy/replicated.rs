@@ -68,7 +68,7 @@ impl Replicated {
             ReplicatedStage::Zero1 => (Reduction::AllReduce, rank..rank + 1, true),
             ReplicatedStage::Zero2 => (Reduction::ReduceScatter, rank..rank + 1, true),
         };
-        let init = InitSource::for_plan(plan)?;
+        let init = InitSource::new(&plan.config.model.init_from, plan.config.train.seed)?;
         let params: Vec<Vec<f32>> = (0..layout.units.len())
             .map(|u| init.unit(model, u, &layout.units[u]))
             .collect::<Result<_>>()?;
@@ -226,7 +226,7 @@ impl Strategy for Replicated {
 
     fn memory(&self) -> MemoryReport {
         MemoryReport {
-            params_full: crate::memory::model_states::unit_param_bytes(&self.layout, |_| true),
+            params_full: super::accounting::unit_param_bytes(&self.layout, |_| true),
             grads: self.grads.grad_bytes(),
             optimizer: self.store.resident_bytes(),
             optimizer_offloaded: self.store.offloaded_bytes(),

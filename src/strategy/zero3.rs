@@ -91,7 +91,7 @@ impl Zero3 {
         model: &dyn ModelUnits,
     ) -> Result<Self> {
         let (rank, world) = (comm.rank(), comm.world());
-        let init = InitSource::for_plan(plan)?;
+        let init = InitSource::new(&plan.config.model.init_from, plan.config.train.seed)?;
         let threshold = plan.config.parallel.persist_threshold;
         let mut shards = Vec::new();
         let mut gathered = Vec::new();
@@ -107,8 +107,8 @@ impl Zero3 {
                 Gathered::Released
             });
         }
-        let regathers = crate::memory::model_states::zero3_regather_units(plan, &persistent);
-        let released = crate::memory::model_states::zero3_released_units(plan, &persistent);
+        let regathers = super::accounting::zero3_regather_units(plan, &persistent);
+        let released = super::accounting::zero3_released_units(plan, &persistent);
         let lenders = (0..layout.units.len())
             .map(|u| model.borrowed_params(u).iter().map(|r| r.unit).collect())
             .collect();
@@ -339,7 +339,7 @@ impl Strategy for Zero3 {
     }
 
     fn memory(&self) -> MemoryReport {
-        use crate::memory::model_states::{shard_param_bytes, unit_param_bytes};
+        use super::accounting::{shard_param_bytes, unit_param_bytes};
         MemoryReport {
             params_full: unit_param_bytes(&self.layout, |u| self.persistent[u]),
             param_shards: shard_param_bytes(&self.layout),

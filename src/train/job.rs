@@ -14,7 +14,7 @@ use crate::strategy::Strategy;
 use burn::tensor::{Device, Tensor};
 use std::ops::Range;
 
-/// A deterministic source of micro-batches (DESIGN "Batch convention"): the rows of step `t`'s
+/// A deterministic source of micro-batches (docs/ARCHITECTURE.md, "Contracts"): the rows of step `t`'s
 /// global batch depend only on the data seed and `t`, and rank r of N takes its contiguous
 /// slice, so every world size sees the same global batch.
 pub trait BatchSource: Send + Sync {

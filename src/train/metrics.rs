@@ -143,15 +143,3 @@ pub fn write_summary(dir: &str, summary: &Summary) -> Result<()> {
     let text = serde_json::to_string_pretty(summary).expect("summary serialises");
     std::fs::write(&path, text + "\n").map_err(|e| KilnError::io(&path, e))
 }
-
-/// Peak resident set size of this process (VmHWM from /proc/self/status), bytes; 0 if unknown.
-pub fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}

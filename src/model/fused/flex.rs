@@ -186,7 +186,7 @@ impl Kernel for SoftmaxBackwardRows<'_> {
 
 /// `x` as a contiguous f32 tensor (a copy only if it is a strided view).
 fn contiguous_f32(x: FlexTensor) -> FlexTensor {
-    // kiln computes in f32 (DESIGN.md); other dtypes never reach the model.
+    // kiln computes in f32 (docs/ARCHITECTURE.md); other dtypes never reach the model.
     assert_eq!(x.dtype(), DType::F32, "kiln's fused kernels take f32");
     if x.layout().contiguous_offsets().is_some() {
         x

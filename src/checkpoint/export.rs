@@ -3,7 +3,7 @@
 //! one unit at a time to a temporary name and renamed, so a crash never leaves a half-written
 //! file under the final name.
 
-use crate::checkpoint::TensorFileWriter;
+use super::TensorFileWriter;
 use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
 use crate::model::FrozenParam;
@@ -99,4 +99,31 @@ fn write_tmp(
         writer.write(path, 0, values)?;
     }
     writer.finish()
+}
+
+/// `kiln export --format hf|kiln CHECKPOINT OUT`: the parameters of a checkpoint (a step
+/// directory, or a checkpoint.dir to take its latest) as a Hugging Face directory, or as one
+/// safetensors file with kiln's names (`kiln consolidate`).
+pub fn export_command(format: &str, checkpoint: &Path, out: &Path) -> Result<()> {
+    let dir = super::locate(
+        &checkpoint.display().to_string(),
+        &crate::config::CheckpointConfig::default(),
+    )?;
+    match format {
+        "hf" => {
+            let manifest = super::verify(&dir)?;
+            let reader = super::CheckpointReader::open(&dir, &manifest)?;
+            crate::hf::export_hf(out, &manifest.gpt(&dir)?, &manifest.layout, |u, buf| {
+                super::read_unit_params(&reader, u, buf)
+            })?;
+        }
+        "kiln" => super::consolidate(&dir, out)?,
+        other => {
+            return Err(KilnError::config(format!(
+                "--format: `{other}` is not one of hf, kiln"
+            )))
+        }
+    }
+    eprintln!("kiln: wrote {} from {}", out.display(), dir.display());
+    Ok(())
 }
