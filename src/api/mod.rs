@@ -35,6 +35,7 @@
 mod adapter;
 mod eval;
 mod frozen;
+mod memory;
 mod units;
 
 pub use crate::config::Config;
@@ -44,6 +45,7 @@ pub use crate::train::{BatchSource, RunOptions, RunOutcome};
 pub use units::Unit;
 
 use crate::comm::Communicator;
+use crate::model::UnitModel;
 use crate::plan::Plan;
 use crate::train::Job;
 use adapter::ModuleModel;
@@ -276,6 +278,17 @@ impl Trainer {
             &model.init_hash.to_string(),
         )?;
         plan.model_desc = model.desc.clone();
+        // Ranks sharing this machine's memory: threads of this process, or a launch's local
+        // processes.
+        let ranks_here = match comm.backend() {
+            "local" => world,
+            _ => crate::comm::placement(rank, world).local_ranks,
+        };
+        let layout = crate::flat::ModelLayout::new(&model, world);
+        let states = memory::model_states(&plan, &layout, model.frozen_bytes());
+        // Machines may differ: every rank checks its own, and they agree on the outcome.
+        let fits = memory::check(&plan, &states, ranks_here, rank == 0);
+        crate::comm::agree_on(comm.as_ref(), fits)?;
         let eval = eval
             .map(|source| eval::SourceEval::new(source, &plan))
             .transpose();

@@ -96,6 +96,29 @@ pub struct Estimate {
     pub peak: usize,
 }
 
+/// One rank's model states by kind, for a log line: `params …`, `grads …`, `optimizer …`, and
+/// the kinds that are not zero.
+pub fn states_breakdown(s: &MemoryReport) -> Vec<String> {
+    let mut parts = vec![
+        format!("params {}", bytes(s.params_full + s.param_shards)),
+        format!("grads {}", bytes(s.grads)),
+        format!("optimizer {}", bytes(s.optimizer)),
+    ];
+    if s.optimizer_offloaded > 0 {
+        parts.push(format!("(+{} on disk)", bytes(s.optimizer_offloaded)));
+    }
+    if s.frozen_params > 0 {
+        parts.push(format!("frozen params {}", bytes(s.frozen_params)));
+    }
+    if s.comm_buffers > 0 {
+        parts.push(format!("comm buffers {}", bytes(s.comm_buffers)));
+    }
+    if s.gathered > 0 {
+        parts.push(format!("gathered units {}", bytes(s.gathered)));
+    }
+    parts
+}
+
 impl Estimate {
     /// Bytes one rank adds to the process.
     pub fn per_rank(&self) -> usize {
@@ -104,21 +127,7 @@ impl Estimate {
 
     /// A one-line breakdown: `1 rank × (params …, grads …, …) + baseline …`.
     pub fn breakdown(&self) -> String {
-        let s = &self.rank_states;
-        let mut parts = vec![
-            format!("params {}", bytes(s.params_full + s.param_shards)),
-            format!("grads {}", bytes(s.grads)),
-            format!("optimizer {}", bytes(s.optimizer)),
-        ];
-        if s.optimizer_offloaded > 0 {
-            parts.push(format!("(+{} on disk)", bytes(s.optimizer_offloaded)));
-        }
-        if s.comm_buffers > 0 {
-            parts.push(format!("comm buffers {}", bytes(s.comm_buffers)));
-        }
-        if s.gathered > 0 {
-            parts.push(format!("gathered units {}", bytes(s.gathered)));
-        }
+        let mut parts = states_breakdown(&self.rank_states);
         parts.push(format!("activations {}", bytes(self.rank_activations)));
         parts.push(format!("workspace {}", bytes(self.rank_workspace)));
         format!(
