@@ -65,12 +65,7 @@ impl Plan {
         let model = resolve_model(&config.model)?;
 
         let d = &config.data;
-        if !["markov", "text", "tokens"].contains(&d.source.as_str()) {
-            return Err(bad(
-                "data.source",
-                format!("`{}` is not one of markov, text, tokens", d.source),
-            ));
-        }
+        crate::config::check_choice("data.source", &d.source, crate::config::DATA_SOURCES)?;
         if d.source == "markov" {
             if d.markov_symbols < 2 || d.markov_symbols > model.vocab {
                 return Err(bad(
@@ -172,15 +167,8 @@ impl Plan {
                 "must name a directory for the nvme tier",
             ));
         }
-        if !["auto", "local", "mpi", "nccl"].contains(&config.comm.backend.as_str()) {
-            return Err(bad(
-                "comm.backend",
-                format!(
-                    "`{}` is not one of auto, local, mpi, nccl",
-                    config.comm.backend
-                ),
-            ));
-        }
+        let backend = &config.comm.backend;
+        crate::config::check_choice("comm.backend", backend, crate::config::COMM_BACKENDS)?;
 
         Ok(Plan {
             config: config.clone(),

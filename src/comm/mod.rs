@@ -321,7 +321,10 @@ pub fn open(backend: &str, options: &CommOptions) -> Result<Arc<dyn Communicator
                 "key `comm.backend`: `nccl` needs a GPU build of kiln; this build has the local and mpi backends",
             ))
         }
-        other => return Err(KilnError::config(format!("key `comm.backend`: `{other}` is not one of auto, local, mpi, nccl"))),
+        other => {
+            crate::config::check_choice("comm.backend", other, crate::config::COMM_BACKENDS)?;
+            unreachable!("comm.backend `{other}` is listed but not opened here")
+        }
     };
     if use_mpi {
         #[cfg(feature = "mpi")]

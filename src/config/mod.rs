@@ -10,6 +10,24 @@ pub use deepspeed::Translation;
 pub use load::{load, load_layers, parse_set};
 pub use recompute::{Recompute, RECOMPUTE_FORMS};
 
+/// The values of `data.source`.
+pub const DATA_SOURCES: &[&str] = &["markov", "text", "tokens"];
+/// The values of `comm.backend`.
+pub const COMM_BACKENDS: &[&str] = &["auto", "local", "mpi", "nccl"];
+
+/// Errors unless `value` is one of `allowed`: one line naming `key` and the choices. The one
+/// check of such a key, whoever reads it first (the plan, or a library caller opening a data
+/// source or a communicator directly).
+pub fn check_choice(key: &str, value: &str, allowed: &[&str]) -> crate::error::Result<()> {
+    if allowed.contains(&value) {
+        return Ok(());
+    }
+    Err(crate::error::KilnError::config(format!(
+        "key `{key}`: `{value}` is not one of {}",
+        allowed.join(", ")
+    )))
+}
+
 use serde::{Deserialize, Serialize};
 
 /// The whole config file. Every section is optional; missing keys take their defaults.

@@ -46,9 +46,10 @@ pub fn open(cfg: &DataConfig, vocab: usize, seq_len: usize) -> Result<Box<dyn To
             vocab,
             seq_len,
         )?)),
-        other => Err(KilnError::config(format!(
-            "key `data.source`: `{other}` is not one of markov, text, tokens"
-        ))),
+        other => {
+            crate::config::check_choice("data.source", other, crate::config::DATA_SOURCES)?;
+            unreachable!("data.source `{other}` is listed but not opened here")
+        }
     }
 }
 
