@@ -1,5 +1,5 @@
-//! The unit-wise engine (docs/ARCHITECTURE.md, "Models"): forward unit by unit, backward unit by unit in
-//! reverse, with the strategy's hooks around each unit. Each unit's input is a detached leaf
+//! The unit-wise engine (docs/ARCHITECTURE.md, "Models"): forward unit by unit, backward unit
+//! by unit in reverse, with the strategy's hooks around each unit. Each unit's input is a detached leaf
 //! that requires grad, so a unit's backward — driven by its output's upstream gradient,
 //! `(y · dy).sum().backward()` — yields its parameter gradients and its input gradient, which is
 //! the next upstream gradient. burn has no per-parameter hooks; this is where kiln's come from.
@@ -230,17 +230,6 @@ impl<B: 'static, A: Activation> Engine<B, A> {
         (leaves, slots)
     }
 
-    /// `unit`'s forward.
-    pub(crate) fn forward(
-        &self,
-        unit: usize,
-        params: &[Param],
-        input: Option<A>,
-        batch: &B,
-    ) -> Result<A> {
-        self.model.forward_unit(unit, params, input, batch)
-    }
-
     /// The last unit's output as the loss: one element, or an error naming the unit.
     pub(crate) fn loss_value(&self, y: A) -> Result<f32> {
         let dims = y.dims_vec();
@@ -276,7 +265,9 @@ impl<B: 'static, A: Activation> Engine<B, A> {
                 // Detached: after a unit that kept its graph the input is tracked, and this
                 // unit's forward would build the graph recompute is meant to avoid.
                 let input = x.take().map(|t| t.detach());
-                let y = self.forward(unit, &params, input.clone(), batch)?;
+                let y = self
+                    .model
+                    .forward_unit(unit, &params, input.clone(), batch)?;
                 saved.push(Saved::Input(input));
                 x = Some(y);
             } else {
@@ -286,7 +277,9 @@ impl<B: 'static, A: Activation> Engine<B, A> {
                 };
                 let params = self.params(unit, strategy, mode);
                 let input = x.take().map(|t| t.detach().require_grad());
-                let output = self.forward(unit, &params, input.clone(), batch)?;
+                let output = self
+                    .model
+                    .forward_unit(unit, &params, input.clone(), batch)?;
                 x = Some(output.clone());
                 let (grad_leaves, slots) = Self::keep_for_backward(params);
                 saved.push(Saved::Graph {
@@ -317,7 +310,9 @@ impl<B: 'static, A: Activation> Engine<B, A> {
                 Saved::Input(input) => {
                     let params = self.params(unit, strategy, ParamMode::Tracked);
                     let input = input.map(|t| t.detach().require_grad());
-                    let output = self.forward(unit, &params, input.clone(), batch)?;
+                    let output = self
+                        .model
+                        .forward_unit(unit, &params, input.clone(), batch)?;
                     (Self::keep_for_backward(params).0, input, output)
                 }
             };

@@ -188,7 +188,7 @@ impl<M: TrainModule> ModuleModel<M> {
     fn filled(
         &self,
         tensors: &HashMap<String, Tensor<1>>,
-        watch: Option<&HashMap<String, Tensor<1>>>,
+        watch: Option<&BTreeMap<String, Tensor<1>>>,
     ) -> M {
         self.module.clone().map(&mut Filler {
             path: Vec::new(),
@@ -208,7 +208,8 @@ impl<M: TrainModule> ModuleModel<M> {
         input: Option<&M::Activation>,
         batch: &M::Batch,
     ) -> Result<()> {
-        let watch: HashMap<String, Tensor<1>> = self
+        // Sorted, so that the parameter an error names is the same on every rank and run.
+        let watch: BTreeMap<String, Tensor<1>> = self
             .shapes
             .keys()
             .filter(|p| !tensors.contains_key(*p))
@@ -367,7 +368,7 @@ struct Filler<'a> {
     path: Vec<String>,
     tensors: &'a HashMap<String, Tensor<1>>,
     shapes: &'a BTreeMap<String, Vec<usize>>,
-    watch: Option<&'a HashMap<String, Tensor<1>>>,
+    watch: Option<&'a BTreeMap<String, Tensor<1>>>,
 }
 
 impl ModuleMapper for Filler<'_> {

@@ -26,7 +26,7 @@ impl<B: 'static, A: Activation> Engine<B, A> {
         for unit in 0..self.model.num_units() {
             strategy.before_forward(unit)?;
             let params = self.params(unit, strategy, ParamMode::Untracked);
-            x = Some(self.forward(unit, &params, x.take(), batch)?);
+            x = Some(self.model.forward_unit(unit, &params, x.take(), batch)?);
             strategy.after_forward(unit)?;
         }
         Ok(x.expect("a model has at least one unit"))
@@ -40,7 +40,7 @@ impl<B: 'static, A: Activation> Engine<B, A> {
         for unit in 0..last {
             strategy.before_forward(unit)?;
             let params = self.params(unit, strategy, ParamMode::Untracked);
-            x = Some(self.forward(unit, &params, x.take(), batch)?);
+            x = Some(self.model.forward_unit(unit, &params, x.take(), batch)?);
             strategy.after_forward(unit)?;
         }
         strategy.before_forward(last)?;

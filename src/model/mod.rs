@@ -1,5 +1,5 @@
-//! Models as an ordered list of units (docs/ARCHITECTURE.md, "Models"): the granularity of bucketing,
-//! sharding, gathering and recompute — what FSDP calls a wrapped module.
+//! Models as an ordered list of units (docs/ARCHITECTURE.md, "Models"): the granularity of
+//! bucketing, sharding, gathering and recompute — what FSDP calls a wrapped module.
 
 pub mod fused;
 mod gpt;

@@ -1,5 +1,5 @@
-//! The `Strategy` seam (docs/ARCHITECTURE.md): what happens before a unit runs, after its gradients are
-//! ready, and at the optimizer step. One object per stage, chosen once; the train loop calls the
+//! The `Strategy` seam (docs/ARCHITECTURE.md): what happens before a unit runs, after its
+//! gradients are ready, and at the optimizer step. One object per stage, chosen once; the train loop calls the
 //! same hooks for every stage and never matches on the stage number.
 
 pub mod accounting;
@@ -7,6 +7,7 @@ mod buckets;
 mod grads;
 mod norm;
 mod replicated;
+mod sharded;
 mod zero3;
 
 pub use buckets::{Bucket, BucketPlan, BucketSlot, Packer};
@@ -17,8 +18,8 @@ pub use zero3::Zero3;
 
 use crate::comm::Communicator;
 use crate::error::Result;
-use crate::flat::{ModelLayout, ShardRange, UnitOffset};
-use crate::offload::{Access, StateLayout, StateStore};
+use crate::flat::ModelLayout;
+use crate::offload::{StateLayout, StateStore};
 use crate::plan::Plan;
 use serde::Serialize;
 use std::sync::Arc;
@@ -140,40 +141,6 @@ pub struct StateView<'a> {
     pub store: &'a mut dyn StateStore,
 }
 
-/// Ends a step's gradient reduction the same way in every stage, so that the stages agree to the
-/// last bit: waits for the buckets and averages, takes the global norm over this rank's shards,
-/// and derives the AdamW scalars with the clip factor.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn finish_step(
-    grads: &mut GradBuckets,
-    comm: &dyn Communicator,
-    layout: &ModelLayout,
-    divisor: f32,
-    adamw: &crate::optim::AdamWConfig,
-    clip_grad: f64,
-    step: u64,
-    lr: f64,
-) -> Result<(StepStats, crate::optim::StepScalars)> {
-    let comm_wait_ms = grads.finish(divisor)?;
-    let rank = comm.rank();
-    let grads = &*grads;
-    let grad_norm = global_grad_norm(comm, layout, |u| grads.shard(u, rank))?;
-    let scalars = crate::optim::StepScalars::new(
-        adamw,
-        step + 1,
-        lr,
-        crate::optim::clip_factor(grad_norm, clip_grad),
-    );
-    Ok((
-        StepStats {
-            grad_norm,
-            comm_wait_ms,
-            optimizer_ms: 0.0,
-        },
-        scalars,
-    ))
-}
-
 /// How a strategy holds the parameters that the optimizer state belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamsHeld {
@@ -181,57 +148,6 @@ pub enum ParamsHeld {
     FullUnits,
     /// `params[u]` is only this rank's shard of unit u.
     OwnShards,
-}
-
-/// The AdamW step over a rank's optimizer state: streams the store chunk by chunk (whatever its
-/// tier) and updates, for every element of state, the parameter element it belongs to. Chunk
-/// boundaries do not matter: the update is element-wise, so every tier gives the same bits.
-/// Returns the time it took, ms.
-pub(crate) fn adamw_over_store(
-    store: &mut dyn StateStore,
-    state: &StateLayout,
-    layout: &ModelLayout,
-    params: &mut [Vec<f32>],
-    held: ParamsHeld,
-    grads: &GradBuckets,
-    s: &crate::optim::StepScalars,
-) -> Result<f64> {
-    let started = std::time::Instant::now();
-    let world = layout.world;
-    store.stream(Access::ReadWrite, &mut |chunk, m, v| {
-        for (seg, sub) in state.split(chunk.clone()) {
-            let g = grads.shard(seg.unit, seg.shard);
-            if g.is_empty() {
-                continue;
-            }
-            let unit = &layout.units[seg.unit];
-            let shard = unit.shard(seg.shard, world);
-            let touched = ShardRange {
-                start: UnitOffset(shard.start.0 + sub.start),
-                end: UnitOffset(shard.start.0 + sub.end),
-            };
-            let params_base = match held {
-                ParamsHeld::FullUnits => shard.start.0,
-                ParamsHeld::OwnShards => 0,
-            };
-            for (piece, decay) in unit.pieces_in(touched) {
-                // Offsets of the piece inside the shard, the parameter buffer and the chunk.
-                let local = piece.start - shard.start.0..piece.end - shard.start.0;
-                let in_chunk =
-                    seg.start + local.start - chunk.start..seg.start + local.end - chunk.start;
-                crate::optim::adamw_step(
-                    &mut params[seg.unit][params_base + local.start..params_base + local.end],
-                    &g[local],
-                    &mut m[in_chunk.clone()],
-                    &mut v[in_chunk],
-                    s,
-                    decay,
-                );
-            }
-        }
-        Ok(())
-    })?;
-    Ok(started.elapsed().as_secs_f64() * 1e3)
 }
 
 /// Builds the strategy the plan asks for, with initial parameters from the seed.

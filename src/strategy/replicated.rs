@@ -11,17 +11,14 @@
 //! `comm`), the same division, the same clip factor (see `norm`), the same AdamW — so the stages
 //! are bitwise equal to each other at the same world size.
 
-use super::{
-    adamw_over_store, finish_step, GradBuckets, MemoryReport, MicroStep, ParamsHeld, Reduction,
-    StateView, StepStats, Strategy,
-};
+use super::sharded::ShardedOptimizer;
+use super::{MemoryReport, MicroStep, ParamsHeld, Reduction, StateView, StepStats, Strategy};
 use crate::comm::Communicator;
 use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
 use crate::init::InitSource;
 use crate::model::ModelUnits;
-use crate::offload::{self, StateLayout, StateStore};
-use crate::optim::AdamWConfig;
+
 use crate::plan::Plan;
 use std::sync::Arc;
 
@@ -41,15 +38,10 @@ pub struct Replicated {
     comm: Arc<dyn Communicator>,
     layout: ModelLayout,
     params: Vec<Vec<f32>>,
-    /// AdamW moments of the shards this rank updates: every one (DDP) or its own (ZeRO).
-    state: StateLayout,
-    store: Box<dyn StateStore>,
+    /// Gradients, and AdamW moments of the shards this rank updates: every one (DDP) or its
+    /// own (ZeRO).
+    optim: ShardedOptimizer,
     gather_after_step: bool,
-    adamw: AdamWConfig,
-    clip_grad: f64,
-    /// world × grad_accum: gradients are sums of per-micro-batch means over this many.
-    grad_divisor: f32,
-    grads: GradBuckets,
 }
 
 impl Replicated {
@@ -73,38 +65,24 @@ impl Replicated {
             .map(|u| init.unit(model, u, &layout.units[u]))
             .collect::<Result<_>>()?;
         check_same_on_all_ranks(comm.as_ref(), "initial parameters", params_hash(&params))?;
-        let state = StateLayout::new(layout, shards);
-        let store = offload::open(plan.offload, &plan.config.offload, rank, state.len)?;
-        let grads = GradBuckets::new(
-            comm.clone(),
-            layout,
-            reduction,
-            plan.grad_accum,
-            plan.config.parallel.static_graph,
-            plan.bucket_bytes,
-        );
+        let optim = ShardedOptimizer::new(plan, &comm, layout, reduction, shards)?;
         Ok(Replicated {
             comm,
             layout: layout.clone(),
             params,
-            state,
-            store,
+            optim,
             gather_after_step,
-            adamw: plan.adamw,
-            clip_grad: plan.clip_grad,
-            grad_divisor: (plan.world * plan.grad_accum) as f32,
-            grads,
         })
     }
 
     /// Number of times bucket buffers were allocated so far.
     pub fn buffer_allocations(&self) -> usize {
-        self.grads.allocations()
+        self.optim.grads.allocations()
     }
 
     /// The bucket plan in use, once built.
     pub fn bucket_plan(&self) -> Option<&super::BucketPlan> {
-        self.grads.plan()
+        self.optim.grads.plan()
     }
 
     fn gather_params(&mut self) -> Result<()> {
@@ -176,28 +154,17 @@ impl Strategy for Replicated {
     }
 
     fn on_grads_ready(&mut self, unit: usize, grads: &[f32], micro: MicroStep) -> Result<()> {
-        self.grads.on_grads(unit, grads, micro)
+        self.optim.grads.on_grads(unit, grads, micro)
     }
 
     fn step(&mut self, step: u64, lr: f64) -> Result<StepStats> {
-        let (mut stats, scalars) = finish_step(
-            &mut self.grads,
+        let stats = self.optim.step(
             self.comm.as_ref(),
-            &self.layout,
-            self.grad_divisor,
-            &self.adamw,
-            self.clip_grad,
-            step,
-            lr,
-        )?;
-        stats.optimizer_ms = adamw_over_store(
-            self.store.as_mut(),
-            &self.state,
             &self.layout,
             &mut self.params,
             ParamsHeld::FullUnits,
-            &self.grads,
-            &scalars,
+            step,
+            lr,
         )?;
         if self.gather_after_step {
             self.gather_params()?;
@@ -219,18 +186,18 @@ impl Strategy for Replicated {
             layout: &self.layout,
             params: &mut self.params,
             held: ParamsHeld::FullUnits,
-            state: &self.state,
-            store: self.store.as_mut(),
+            state: &self.optim.state,
+            store: self.optim.store.as_mut(),
         }
     }
 
     fn memory(&self) -> MemoryReport {
         MemoryReport {
             params_full: super::accounting::unit_param_bytes(&self.layout, |_| true),
-            grads: self.grads.grad_bytes(),
-            optimizer: self.store.resident_bytes(),
-            optimizer_offloaded: self.store.offloaded_bytes(),
-            comm_buffers: self.grads.buffer_bytes(),
+            grads: self.optim.grads.grad_bytes(),
+            optimizer: self.optim.store.resident_bytes(),
+            optimizer_offloaded: self.optim.store.offloaded_bytes(),
+            comm_buffers: self.optim.grads.buffer_bytes(),
             ..Default::default()
         }
     }

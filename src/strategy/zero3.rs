@@ -23,17 +23,14 @@
 //! recompute and released-weight matmuls, the same rank-ordered sums, norm and AdamW), so stage 3
 //! is bitwise equal to the other stages at the same world size.
 
-use super::{
-    adamw_over_store, finish_step, GradBuckets, MemoryReport, MicroStep, ParamsHeld, Reduction,
-    StateView, StepStats, Strategy,
-};
+use super::sharded::ShardedOptimizer;
+use super::{MemoryReport, MicroStep, ParamsHeld, Reduction, StateView, StepStats, Strategy};
 use crate::comm::{Communicator, Pending};
 use crate::error::Result;
 use crate::flat::ModelLayout;
 use crate::init::InitSource;
 use crate::model::ModelUnits;
-use crate::offload::{self, StateLayout, StateStore};
-use crate::optim::AdamWConfig;
+
 use crate::plan::Plan;
 use std::sync::Arc;
 
@@ -61,14 +58,9 @@ pub struct Zero3 {
     /// Released gather buffers kept for the next gathers (at most `prefetch + 1`), so that a
     /// step does not allocate and fault in a unit-sized buffer per unit per pass.
     spare: Vec<Vec<f32>>,
-    /// AdamW moments of this rank's shards.
-    state: StateLayout,
-    store: Box<dyn StateStore>,
+    /// Gradient shards and the AdamW moments of this rank's shards.
+    optim: ShardedOptimizer,
     prefetch: usize,
-    adamw: AdamWConfig,
-    clip_grad: f64,
-    grad_divisor: f32,
-    grads: GradBuckets,
     /// Largest number of bytes held in gathered units at once.
     peak_gathered: usize,
     /// Per unit: backward gathers it again (released after forward, or recomputed by
@@ -112,16 +104,13 @@ impl Zero3 {
         let lenders = (0..layout.units.len())
             .map(|u| model.borrowed_params(u).iter().map(|r| r.unit).collect())
             .collect();
-        let state = StateLayout::new(layout, rank..rank + 1);
-        let store = offload::open(plan.offload, &plan.config.offload, rank, state.len)?;
-        let grads = GradBuckets::new(
-            comm.clone(),
+        let optim = ShardedOptimizer::new(
+            plan,
+            &comm,
             layout,
             Reduction::ReduceScatter,
-            plan.grad_accum,
-            plan.config.parallel.static_graph,
-            plan.bucket_bytes,
-        );
+            rank..rank + 1,
+        )?;
         Ok(Zero3 {
             comm,
             layout: layout.clone(),
@@ -130,13 +119,8 @@ impl Zero3 {
             lenders,
             gathered,
             spare: Vec::new(),
-            state,
-            store,
+            optim,
             prefetch: plan.config.parallel.prefetch,
-            adamw: plan.adamw,
-            clip_grad: plan.clip_grad,
-            grad_divisor: (plan.world * plan.grad_accum) as f32,
-            grads,
             peak_gathered: 0,
             in_graph: vec![false; regathers.len()],
             regathers,
@@ -287,28 +271,17 @@ impl Strategy for Zero3 {
         self.in_graph[unit] = false;
         self.release(unit);
         self.release_lenders(unit);
-        self.grads.on_grads(unit, grads, micro)
+        self.optim.grads.on_grads(unit, grads, micro)
     }
 
     fn step(&mut self, step: u64, lr: f64) -> Result<StepStats> {
-        let (mut stats, scalars) = finish_step(
-            &mut self.grads,
+        let stats = self.optim.step(
             self.comm.as_ref(),
-            &self.layout,
-            self.grad_divisor,
-            &self.adamw,
-            self.clip_grad,
-            step,
-            lr,
-        )?;
-        stats.optimizer_ms = adamw_over_store(
-            self.store.as_mut(),
-            &self.state,
             &self.layout,
             &mut self.shards,
             ParamsHeld::OwnShards,
-            &self.grads,
-            &scalars,
+            step,
+            lr,
         )?;
         self.refresh_persistent()?;
         Ok(stats)
@@ -329,8 +302,8 @@ impl Strategy for Zero3 {
             layout: &self.layout,
             params: &mut self.shards,
             held: ParamsHeld::OwnShards,
-            state: &self.state,
-            store: self.store.as_mut(),
+            state: &self.optim.state,
+            store: self.optim.store.as_mut(),
         }
     }
 
@@ -343,10 +316,10 @@ impl Strategy for Zero3 {
         MemoryReport {
             params_full: unit_param_bytes(&self.layout, |u| self.persistent[u]),
             param_shards: shard_param_bytes(&self.layout),
-            grads: self.grads.grad_bytes(),
-            optimizer: self.store.resident_bytes(),
-            optimizer_offloaded: self.store.offloaded_bytes(),
-            comm_buffers: self.grads.buffer_bytes(),
+            grads: self.optim.grads.grad_bytes(),
+            optimizer: self.optim.store.resident_bytes(),
+            optimizer_offloaded: self.optim.store.offloaded_bytes(),
+            comm_buffers: self.optim.grads.buffer_bytes(),
             gathered: self.peak_gathered,
             frozen_params: 0,
         }

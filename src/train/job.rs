@@ -14,9 +14,9 @@ use crate::strategy::Strategy;
 use burn::tensor::{Device, Tensor};
 use std::ops::Range;
 
-/// A deterministic source of micro-batches (docs/ARCHITECTURE.md, "Contracts"): the rows of step `t`'s
-/// global batch depend only on the data seed and `t`, and rank r of N takes its contiguous
-/// slice, so every world size sees the same global batch.
+/// A deterministic source of micro-batches (docs/ARCHITECTURE.md, "Contracts"): the rows of
+/// step `t`'s global batch depend only on the data seed and `t`, and rank r of N takes its
+/// contiguous slice, so every world size sees the same global batch.
 pub trait BatchSource: Send + Sync {
     /// The micro-batch type the model's units read.
     type Batch;
