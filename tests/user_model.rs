@@ -149,6 +149,8 @@ impl TrainModule for Net {
 /// linear map of them, so the task is learnable.
 struct Rows {
     seed: u64,
+    /// Features per row: the model reads IN; a wrong source gives another number.
+    features: usize,
 }
 
 fn mix64(mut z: u64) -> u64 {
@@ -165,7 +167,7 @@ impl BatchSource for Rows {
         let n = (rows.end - rows.start) as usize;
         let (mut xs, mut ys) = (Vec::new(), Vec::new());
         for row in rows {
-            let x: Vec<f32> = (0..IN as u64)
+            let x: Vec<f32> = (0..self.features as u64)
                 .map(|j| {
                     let h = mix64(self.seed ^ mix64(step ^ mix64(row ^ mix64(j))));
                     (h >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
@@ -183,13 +185,17 @@ impl BatchSource for Rows {
             ys.push(label as i64);
         }
         Ok(Batch {
-            x: Tensor::from_data(TensorData::new(xs, [n, IN]), device),
+            x: Tensor::from_data(TensorData::new(xs, [n, self.features]), device),
             y: Tensor::from_data(TensorData::new(ys, [n]), device),
         })
     }
 
     fn describe(&self) -> String {
         format!("test rows (seed {})", self.seed)
+    }
+
+    fn shape(&self, batch: &Batch) -> Vec<usize> {
+        batch.x.dims().to_vec()
     }
 }
 
@@ -230,7 +236,15 @@ fn train_split(
     Trainer::from_sets(&sets(stage, world, accum, extra))?
         .simulate(world)
         .with_options(quiet(resume))
-        .fit(|_: RankInfo| Ok(Fit::new(Net::new(7, split), Rows { seed: 3 })))
+        .fit(|_: RankInfo| {
+            Ok(Fit::new(
+                Net::new(7, split),
+                Rows {
+                    seed: 3,
+                    features: IN,
+                },
+            ))
+        })
 }
 
 fn train(stage: u8, world: usize, accum: usize, extra: &[&str]) -> RunOutcome {
@@ -416,7 +430,10 @@ fn ranks_whose_models_differ_are_refused() {
         .fit(|r: RankInfo| {
             Ok(Fit::new(
                 Net::new(7 + r.rank as u64, Split::Good),
-                Rows { seed: 3 },
+                Rows {
+                    seed: 3,
+                    features: IN,
+                },
             ))
         })
         .expect_err("ranks with different initial values trained");
@@ -425,4 +442,26 @@ fn ranks_whose_models_differ_are_refused() {
             .contains("the initial parameters of rank(s) 1 differ"),
         "{err}"
     );
+}
+
+#[test]
+fn ranks_whose_data_sources_disagree_on_a_batch_shape_are_refused() {
+    let err = Trainer::from_sets(&sets(2, 2, 1, &[]))
+        .unwrap()
+        .simulate(2)
+        .with_options(quiet(None))
+        .fit(|r: RankInfo| {
+            let features = if r.rank == 1 { IN + 1 } else { IN };
+            Ok(Fit::new(
+                Net::new(7, Split::Good),
+                Rows { seed: 3, features },
+            ))
+        })
+        .expect_err("ranks with differently shaped batches trained");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("the micro-batches of rank(s) 1 differ in shape from rank 0's"),
+        "{msg}"
+    );
+    assert_eq!(err.exit_code(), 2, "{msg}");
 }

@@ -24,6 +24,11 @@ pub trait BatchSource: Send + Sync {
     fn batch(&self, step: u64, rows: Range<u64>, device: &Device) -> Result<Self::Batch>;
     /// One line describing the source for the logs and checkpoint manifests.
     fn describe(&self) -> String;
+    /// The shape of `batch` (e.g. `[rows, seq_len]`), for the check at the first step that
+    /// every rank's source gives micro-batches of one shape; empty (the default) skips it.
+    fn shape(&self, _batch: &Self::Batch) -> Vec<usize> {
+        Vec::new()
+    }
     /// Number of rows, for a finite set (an evaluation set must say); `None` for a stream.
     fn num_rows(&self) -> Option<u64> {
         None
@@ -127,6 +132,10 @@ impl BatchSource for TokenBatches {
 
     fn describe(&self) -> String {
         self.source.describe()
+    }
+
+    fn shape(&self, batch: &MicroBatch) -> Vec<usize> {
+        batch.inputs.dims().to_vec()
     }
 
     fn tokens_per_row(&self) -> usize {

@@ -50,6 +50,8 @@ pub(super) struct Session<'p, B: 'static, A: Activation> {
     val_log: ValLog,
     run_phase_peak: PhasePeaks,
     last_checkpoint: Option<PathBuf>,
+    /// Whether the ranks have compared their first micro-batch's shape.
+    shapes_agreed: bool,
 }
 
 /// What one step measured, for its metrics line and the log.
@@ -134,6 +136,7 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
             val_log: ValLog::default(),
             run_phase_peak: PhasePeaks::default(),
             last_checkpoint: None,
+            shapes_agreed: false,
             comm,
         };
         if lead {
@@ -213,6 +216,10 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
             let first_row = self.rank as u64 * rows_per_rank + (index * plan.micro_batch) as u64;
             let rows = first_row..first_row + plan.micro_batch as u64;
             let batch = self.source.batch(step, rows, self.engine.device())?;
+            if !self.shapes_agreed {
+                self.shapes_agreed = true;
+                self.agree_on_shape(&self.source.shape(&batch))?;
+            }
             let micro = MicroStep {
                 index,
                 count: plan.grad_accum,
@@ -222,6 +229,31 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
                 .micro_step(self.strategy.as_mut(), &batch, micro)?;
         }
         Ok(loss_sum)
+    }
+
+    /// Errors unless every rank's first micro-batch has rank 0's shape: sources that disagree
+    /// (a sequence length read from a rank-local file, say) would otherwise train on different
+    /// problems without a collective ever noticing. A source that reports no shape is not
+    /// compared.
+    fn agree_on_shape(&self, shape: &[usize]) -> Result<()> {
+        let text = format!("{shape:?}");
+        self.comm
+            .set_serves("the check that the micro-batch shapes agree");
+        let hash = crate::rng::hash_str(&text).to_le_bytes();
+        let all = self.comm.all_gather_bytes(&hash)?;
+        let differing: Vec<String> = (0..all.len())
+            .filter(|&r| all[r] != all[0])
+            .map(|r| r.to_string())
+            .collect();
+        if differing.is_empty() {
+            return Ok(());
+        }
+        Err(KilnError::config(format!(
+            "data: the micro-batches of rank(s) {} differ in shape from rank 0's (this rank's: \
+             {text}, from {}); every rank's source must give the same shape",
+            differing.join(", "),
+            self.source.describe()
+        )))
     }
 
     /// The step's loss over the global batch, and whether any rank was asked to stop: the stop
