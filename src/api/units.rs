@@ -56,10 +56,14 @@ impl Unit {
     }
 
     fn holds(&self, path: &str) -> bool {
-        self.prefixes.iter().any(|p| {
-            path == p || (path.starts_with(p.as_str()) && path[p.len()..].starts_with('.'))
-        })
+        self.prefixes.iter().any(|p| under(path, p))
     }
+}
+
+/// Whether the parameter at `path` is the module path `prefix` or inside it (`blocks.1` holds
+/// `blocks.1.norm.gamma`, not `blocks.10.norm.gamma`).
+fn under(path: &str, prefix: &str) -> bool {
+    path == prefix || (path.starts_with(prefix) && path[prefix.len()..].starts_with('.'))
 }
 
 /// A float parameter of the module.
@@ -175,10 +179,7 @@ pub(crate) fn split(units: &[Unit], params: &BTreeMap<String, Found>) -> Result<
     }
     for (u, unit) in units.iter().enumerate() {
         for prefix in &unit.prefixes {
-            if !params
-                .keys()
-                .any(|p| unit.holds(p) && (p == prefix || p.starts_with(prefix.as_str())))
-            {
+            if !params.keys().any(|p| under(p, prefix)) {
                 return Err(bad(format!(
                     "unit `{}`: no parameter is under the path `{prefix}`",
                     unit.name
