@@ -41,6 +41,8 @@ enum Split {
     BorrowLater,
     Undeclared,
     NotScalar,
+    /// The frozen `mix` as a unit of its own: a unit with no trainable parameter.
+    FrozenUnit,
 }
 
 impl Net {
@@ -117,11 +119,22 @@ impl TrainModule for Net {
         };
         match self.split {
             Split::BorrowLater => vec![embed.borrowing("out.weight"), body, head],
+            Split::FrozenUnit => vec![Unit::new("proj"), Unit::new("mix"), body, head],
             _ => vec![embed, body, head],
         }
     }
 
     fn forward_unit(&self, unit: usize, input: Option<Tensor<2>>, b: &Batch) -> Tensor<2> {
+        // The same function whether `mix` is part of the first unit or a unit of its own.
+        let (unit, input) = match (self.split, unit) {
+            (Split::FrozenUnit, 0) => return self.proj.forward(b.x.clone()).tanh(),
+            (Split::FrozenUnit, 1) => {
+                let h = input.unwrap();
+                return h.clone() + self.mix.forward(h) * 0.5;
+            }
+            (Split::FrozenUnit, u) => (u - 1, input),
+            (_, u) => (u, input),
+        };
         match unit {
             0 => {
                 let h = self.proj.forward(b.x.clone()).tanh();
@@ -464,4 +477,36 @@ fn ranks_whose_data_sources_disagree_on_a_batch_shape_are_refused() {
         "{msg}"
     );
     assert_eq!(err.exit_code(), 2, "{msg}");
+}
+
+/// A unit that holds only frozen parameters has an empty flat buffer: no gradient, no bucket
+/// slot, no optimizer state. It trains as the same model split the other way, and its stages
+/// stay bitwise equal to DDP.
+#[test]
+fn a_unit_of_frozen_parameters_only_trains_like_any_other() {
+    for world in [2, 3] {
+        let split =
+            |stage| train_split(stage, world, 2, &[], Split::FrozenUnit, None).expect("training");
+        let ddp = split(0);
+        assert_eq!(ddp.layout.units.len(), 4);
+        assert_eq!(
+            ddp.layout.units[1].numel, 0,
+            "the frozen unit has no trainable value"
+        );
+        // Same function, same values: the same losses as the usual split, to rounding.
+        let usual = train(0, world, 2, &[]);
+        for (a, b) in ddp.losses.iter().zip(&usual.losses) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "N={world}: loss {a} vs {b}"
+            );
+        }
+        for stage in [1, 2, 3] {
+            assert_bitwise(
+                &split(stage),
+                &ddp,
+                &format!("frozen unit, stage {stage} N={world}"),
+            );
+        }
+    }
 }
