@@ -155,19 +155,14 @@ static BUILD_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// `what` and the ranks that differ from rank 0.
 fn agree_everywhere(comm: &dyn Communicator, what: &str, value: &str) -> Result<()> {
     comm.set_serves(&format!("the check that the {what} agree"));
-    // Equal lengths on every rank: a hash of the value.
-    let all = comm.all_gather_bytes(&crate::rng::hash_str(value).to_le_bytes())?;
-    let differing: Vec<String> = (0..all.len())
-        .filter(|&r| all[r] != all[0])
-        .map(|r| r.to_string())
-        .collect();
+    let differing = crate::comm::ranks_differing_from_first(comm, value)?;
     if differing.is_empty() {
         return Ok(());
     }
     Err(KilnError::config(format!(
         "model: the {what} of rank(s) {} differ from rank 0's; build the same model on every \
          rank (seed burn's initialisers identically)",
-        differing.join(", ")
+        crate::comm::rank_list(&differing)
     )))
 }
 

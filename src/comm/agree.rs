@@ -37,3 +37,19 @@ pub fn agree_on<T>(comm: &dyn Communicator, mine: Result<T>) -> Result<T> {
     agree(comm, verdict)?;
     Ok(value.expect("every rank succeeded, this one included"))
 }
+
+/// The ranks whose `value` differs from rank 0's (a description, a shape, a hash): one small
+/// all-gather of a hash of it, the same length on every rank. Every rank learns the same list.
+pub fn ranks_differing_from_first(comm: &dyn Communicator, value: &str) -> Result<Vec<usize>> {
+    let all = comm.all_gather_bytes(&crate::rng::hash_str(value).to_le_bytes())?;
+    Ok((0..all.len()).filter(|&r| all[r] != all[0]).collect())
+}
+
+/// The ranks as a list for a message: `1, 3`.
+pub fn rank_list(ranks: &[usize]) -> String {
+    ranks
+        .iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -31,7 +31,7 @@ mod status_net;
 pub mod watchdog;
 mod worker;
 
-pub use agree::{agree, agree_on};
+pub use agree::{agree, agree_on, rank_list, ranks_differing_from_first};
 pub use local::{simulate_group, LocalGroup};
 #[cfg(feature = "mpi")]
 pub use mpi::mpi_communicator;

@@ -119,19 +119,13 @@ pub(crate) fn check_same_on_all_ranks(
     hash: u64,
 ) -> Result<()> {
     comm.set_serves(&format!("the check that {what} agree"));
-    let all = comm.all_gather_bytes(&hash.to_le_bytes())?;
-    let differing: Vec<String> = all
-        .iter()
-        .enumerate()
-        .filter(|(_, h)| **h != all[0])
-        .map(|(r, _)| r.to_string())
-        .collect();
+    let differing = crate::comm::ranks_differing_from_first(comm, &hash.to_string())?;
     if differing.is_empty() {
         Ok(())
     } else {
         Err(KilnError::Comm(format!(
             "{what} of rank(s) {} differ from rank 0's",
-            differing.join(", ")
+            crate::comm::rank_list(&differing)
         )))
     }
 }

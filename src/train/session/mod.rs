@@ -239,19 +239,14 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
         let text = format!("{shape:?}");
         self.comm
             .set_serves("the check that the micro-batch shapes agree");
-        let hash = crate::rng::hash_str(&text).to_le_bytes();
-        let all = self.comm.all_gather_bytes(&hash)?;
-        let differing: Vec<String> = (0..all.len())
-            .filter(|&r| all[r] != all[0])
-            .map(|r| r.to_string())
-            .collect();
+        let differing = crate::comm::ranks_differing_from_first(self.comm.as_ref(), &text)?;
         if differing.is_empty() {
             return Ok(());
         }
         Err(KilnError::config(format!(
             "data: the micro-batches of rank(s) {} differ in shape from rank 0's (this rank's: \
              {text}, from {}); every rank's source must give the same shape",
-            differing.join(", "),
+            crate::comm::rank_list(&differing),
             self.source.describe()
         )))
     }
