@@ -510,3 +510,33 @@ fn a_unit_of_frozen_parameters_only_trains_like_any_other() {
         }
     }
 }
+
+/// A checkpoint holds no frozen values (they never change); resuming checks them by checksum,
+/// so a model whose frozen part differs is refused rather than silently mixed.
+#[test]
+fn resuming_with_other_frozen_values_is_refused() {
+    let scratch = common::Scratch::new("user-model-frozen-resume");
+    let dir = format!("checkpoint.dir={}", scratch.0.display());
+    train(1, 2, 1, &[&dir, "checkpoint.every=6"]);
+    let at_6 = scratch.path("step_000006").display().to_string();
+    let err = Trainer::from_sets(&sets(1, 2, 1, &[]))
+        .unwrap()
+        .simulate(2)
+        .with_options(quiet(Some(at_6)))
+        .fit(|_: RankInfo| {
+            Ok(Fit::new(
+                Net::new(8, Split::Good),
+                Rows {
+                    seed: 3,
+                    features: IN,
+                },
+            ))
+        })
+        .expect_err("resumed with other frozen values");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("written for another model: model.frozen_crc32"),
+        "{msg}"
+    );
+    assert_eq!(err.exit_code(), 2, "{msg}");
+}
