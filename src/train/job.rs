@@ -37,6 +37,15 @@ pub trait BatchSource: Send + Sync {
     fn tokens_per_row(&self) -> usize {
         1
     }
+    /// What the throughput counts, for the log: `samples`, or `tokens` for a source that sets
+    /// `tokens_per_row`. (metrics.jsonl calls it `tokens_per_s` either way.)
+    fn throughput_unit(&self) -> &'static str {
+        if self.tokens_per_row() > 1 {
+            "tokens"
+        } else {
+            "samples"
+        }
+    }
     /// The loss floor in nats per token, when the source knows it (the markov source).
     fn entropy_rate(&self) -> Option<f64> {
         None

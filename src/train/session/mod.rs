@@ -324,12 +324,13 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
                     .map(|u| u.bytes_reserved as f64 / MIB),
             })?;
         }
+        let unit = self.source.throughput_unit();
         let log_every = plan.config.output.log_every;
         if self.lead && log_every > 0 && (step + 1) % log_every == 0 {
             let (loss, lr, ms, s) = (t.loss, t.lr, t.ms, &t.stats);
             self.bar.suspend(|| {
                 tracing::info!(
-                    "step {}/{}: loss {loss:.4}, lr {lr:.3e}, grad norm {:.3}, {ms:.0} ms (comm wait {:.1} ms, optimizer {:.1} ms), {tokens_per_s:.0} tokens/s",
+                    "step {}/{}: loss {loss:.4}, lr {lr:.3e}, grad norm {:.3}, {ms:.0} ms (comm wait {:.1} ms, optimizer {:.1} ms), {tokens_per_s:.0} {unit}/s",
                     step + 1,
                     plan.steps,
                     s.grad_norm,
@@ -339,12 +340,15 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
             });
         }
         self.bar.set_position(step + 1);
+        let bar_unit = if unit == "tokens" { "tok" } else { unit };
         let val = self
             .val_log
             .last()
             .map_or(String::new(), |v| format!("  val {v:.4}"));
-        self.bar
-            .set_message(format!("loss {:.4}{val}  {tokens_per_s:.0} tok/s", t.loss));
+        self.bar.set_message(format!(
+            "loss {:.4}{val}  {tokens_per_s:.0} {bar_unit}/s",
+            t.loss
+        ));
         Ok(())
     }
 

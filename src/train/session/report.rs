@@ -104,7 +104,7 @@ impl<B: 'static, A: Activation> Session<'_, B, A> {
         }
         let final_loss = summary.final_loss;
         tracing::info!(
-            "done: {} steps, final loss {:.4}{}{}, {:.0} tokens/s, peak RSS {:.0} MiB, {:.1} s",
+            "done: {} steps, final loss {:.4}{}{}, {:.0} {}/s, peak RSS {:.0} MiB, {:.1} s",
             plan.steps,
             final_loss,
             summary.loss_over_entropy.map_or(String::new(), |r| format!(
@@ -117,6 +117,7 @@ impl<B: 'static, A: Activation> Session<'_, B, A> {
                 summary.best_val_step.unwrap_or(0)
             )),
             summary.tokens_per_s,
+            self.source.throughput_unit(),
             summary.peak_rss_mb,
             summary.wall_s
         );
