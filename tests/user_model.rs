@@ -43,6 +43,8 @@ enum Split {
     NotScalar,
     /// The frozen `mix` as a unit of its own: a unit with no trainable parameter.
     FrozenUnit,
+    /// The whole model as one unit.
+    Whole,
 }
 
 impl Net {
@@ -120,11 +122,19 @@ impl TrainModule for Net {
         match self.split {
             Split::BorrowLater => vec![embed.borrowing("out.weight"), body, head],
             Split::FrozenUnit => vec![Unit::new("proj"), Unit::new("mix"), body, head],
+            Split::Whole => vec![Unit::whole_model("model")],
             _ => vec![embed, body, head],
         }
     }
 
     fn forward_unit(&self, unit: usize, input: Option<Tensor<2>>, b: &Batch) -> Tensor<2> {
+        if self.split == Split::Whole {
+            let mut split = self.clone();
+            split.split = Split::Good;
+            let h = split.forward_unit(0, None, b);
+            let h = split.forward_unit(1, Some(h), b);
+            return split.forward_unit(2, Some(h), b);
+        }
         // The same function whether `mix` is part of the first unit or a unit of its own.
         let (unit, input) = match (self.split, unit) {
             (Split::FrozenUnit, 0) => return self.proj.forward(b.x.clone()).tanh(),
@@ -539,4 +549,19 @@ fn resuming_with_other_frozen_values_is_refused() {
         "{msg}"
     );
     assert_eq!(err.exit_code(), 2, "{msg}");
+}
+
+/// The whole model as one unit (`Unit::whole_model`): the same training, at every stage.
+#[test]
+fn the_whole_model_as_one_unit_trains_the_same() {
+    let usual = train(0, 2, 1, &[]);
+    for stage in [0, 2, 3] {
+        let whole = train_split(stage, 2, 1, &[], Split::Whole, None).expect("training");
+        assert_eq!(whole.layout.units.len(), 1);
+        let diff = common::rel_l2(&whole.losses, &usual.losses);
+        assert!(
+            diff <= 1e-6,
+            "stage {stage}: losses {diff:e} from the three-unit split"
+        );
+    }
 }

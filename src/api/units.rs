@@ -43,6 +43,14 @@ impl Unit {
         }
     }
 
+    /// A unit named `name` holding every parameter of the model: the whole model as one unit
+    /// (FSDP2's `fully_shard` on the root alone). DDP and ZeRO-1/2 lose nothing by it; ZeRO-3
+    /// then gathers the whole model at once, and gradients are reduced only when the whole
+    /// backward is done.
+    pub fn whole_model(name: impl Into<String>) -> Self {
+        Unit::with_paths(name, [String::new()])
+    }
+
     /// Also reads the parameter at `path`, which an earlier unit holds (a tied weight: one
     /// value, whose gradient is the sum of both uses).
     pub fn borrowing(mut self, path: impl Into<String>) -> Self {
@@ -62,8 +70,11 @@ impl Unit {
 
 /// Whether the parameter at `path` is the module path `prefix` or inside it (`blocks.1` holds
 /// `blocks.1.norm.gamma`, not `blocks.10.norm.gamma`).
+/// The empty prefix holds every parameter ([`Unit::whole_model`]).
 fn under(path: &str, prefix: &str) -> bool {
-    path == prefix || (path.starts_with(prefix) && path[prefix.len()..].starts_with('.'))
+    prefix.is_empty()
+        || path == prefix
+        || (path.starts_with(prefix) && path[prefix.len()..].starts_with('.'))
 }
 
 /// A float parameter of the module.
