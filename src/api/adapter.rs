@@ -114,12 +114,13 @@ impl<M: TrainModule> ModuleModel<M> {
                 }
             }
         }
+        let frozen_crc = Frozen::checksum(&frozen_values);
         let init_hash = {
             let mut h = crc32fast::Hasher::new();
             for v in initial.iter().flatten().flatten() {
                 h.update(&v.to_le_bytes());
             }
-            (u64::from(h.finalize()) << 32) | u64::from(Frozen::checksum(&frozen_values))
+            (u64::from(h.finalize()) << 32) | u64::from(frozen_crc)
         };
         let desc = serde_json::json!({
             "kind": "burn module",
@@ -130,7 +131,7 @@ impl<M: TrainModule> ModuleModel<M> {
                 "shape": s,
                 "trainable": train_index.contains_key(p),
             })).collect::<Vec<_>>(),
-            "frozen_crc32": format!("{:08x}", Frozen::checksum(&frozen_values)),
+            "frozen_crc32": format!("{frozen_crc:08x}"),
         });
         let module = module.map(&mut Placeholders {
             device: device.clone(),

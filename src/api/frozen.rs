@@ -6,6 +6,7 @@
 
 use crate::comm::{padded_len, Communicator};
 use crate::error::Result;
+use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -66,12 +67,12 @@ impl Frozen {
         }
     }
 
-    /// Unit `unit`'s whole frozen buffer: a copy of what this rank holds, or gathered from
+    /// Unit `unit`'s whole frozen buffer: what this rank holds, or gathered from
     /// every rank's shard (a collective: every rank asks for the same units in the same order).
-    pub fn values(&self, unit: usize) -> Result<Vec<f32>> {
+    pub fn values(&self, unit: usize) -> Result<Cow<'_, [f32]>> {
         let u = &self.units[unit];
         if !self.sharded || u.padded == 0 {
-            return Ok(u.held.clone());
+            return Ok(Cow::Borrowed(&u.held));
         }
         let len = u.held.len();
         let rank = self.comm.rank();
@@ -79,7 +80,7 @@ impl Frozen {
         buf[rank * len..(rank + 1) * len].copy_from_slice(&u.held);
         self.comm
             .set_serves(&format!("the frozen parameters of unit {unit}"));
-        self.comm.all_gather(buf).wait()
+        self.comm.all_gather(buf).wait().map(Cow::Owned)
     }
 
     /// Bytes held on this rank.

@@ -15,38 +15,46 @@ impl<B: 'static, A: Activation> Engine<B, A> {
     /// loss is bitwise the one `micro_step` reports for the same batch and parameters, without
     /// keeping a graph.
     pub fn eval_loss(&mut self, strategy: &mut dyn Strategy, batch: &B) -> Result<f32> {
-        let y = self.eval_output(strategy, batch)?;
+        let last = self.model.num_units() - 1;
+        let x = self.eval_units(strategy, batch, last)?;
+        let y = self.eval_unit_with(strategy, last, |e, params| {
+            e.model.forward_unit(last, params, x, batch)
+        })?;
         self.loss_value(y)
-    }
-
-    /// The last unit's output for `batch`, forward only, each unit between the strategy's hooks
-    /// as in [`Engine::eval_loss`].
-    pub fn eval_output(&mut self, strategy: &mut dyn Strategy, batch: &B) -> Result<A> {
-        let mut x: Option<A> = None;
-        for unit in 0..self.model.num_units() {
-            strategy.before_forward(unit)?;
-            let params = self.params(unit, strategy, ParamMode::Untracked);
-            x = Some(self.model.forward_unit(unit, &params, x.take(), batch)?);
-            strategy.after_forward(unit)?;
-        }
-        Ok(x.expect("a model has at least one unit"))
     }
 
     /// The model's evaluation metrics for `batch` (`UnitModel::eval_unit` on the last unit),
     /// forward only, each unit between the strategy's hooks as in [`Engine::eval_loss`].
     pub fn eval_metrics(&mut self, strategy: &mut dyn Strategy, batch: &B) -> Result<Metrics> {
         let last = self.model.num_units() - 1;
+        let x = self.eval_units(strategy, batch, last)?;
+        self.eval_unit_with(strategy, last, |e, params| {
+            e.model.eval_unit(last, params, x, batch)
+        })
+    }
+
+    /// Units `0..end` forward only; the output of the last of them.
+    fn eval_units(&self, strategy: &mut dyn Strategy, batch: &B, end: usize) -> Result<Option<A>> {
         let mut x: Option<A> = None;
-        for unit in 0..last {
-            strategy.before_forward(unit)?;
-            let params = self.params(unit, strategy, ParamMode::Untracked);
-            x = Some(self.model.forward_unit(unit, &params, x.take(), batch)?);
-            strategy.after_forward(unit)?;
+        for unit in 0..end {
+            x = Some(self.eval_unit_with(strategy, unit, |e, params| {
+                e.model.forward_unit(unit, params, x.take(), batch)
+            })?);
         }
-        strategy.before_forward(last)?;
-        let params = self.params(last, strategy, ParamMode::Untracked);
-        let metrics = self.model.eval_unit(last, &params, x, batch)?;
-        strategy.after_forward(last)?;
-        Ok(metrics)
+        Ok(x)
+    }
+
+    /// `run` on `unit`'s untracked parameters, between the strategy's hooks.
+    fn eval_unit_with<T>(
+        &self,
+        strategy: &mut dyn Strategy,
+        unit: usize,
+        run: impl FnOnce(&Self, &[crate::model::Param]) -> Result<T>,
+    ) -> Result<T> {
+        strategy.before_forward(unit)?;
+        let params = self.params(unit, strategy, ParamMode::Untracked);
+        let out = run(self, &params)?;
+        strategy.after_forward(unit)?;
+        Ok(out)
     }
 }
