@@ -16,6 +16,15 @@ committed, so CI needs no torch (issue 12).
           the fixture itself), reloads it with GPT2LMHeadModel.from_pretrained, asserts no
           missing/unexpected/mismatched weights and no warnings, and compares its loss and
           tensors with the fixture's.
+  decoders: python scripts/make_hf_fixture.py --kiln target/release/kiln --arch llama
+          (or qwen2) makes tests/fixtures/hf-{llama,qwen2}-tiny/: a small random
+          LlamaForCausalLM (untied, grouped-query attention, Llama 3 rotary scaling with bands
+          inside the training length, attention biases) or Qwen2ForCausalLM (tied, q/k/v
+          biases, grouped-query attention) saved with save_pretrained; a uint16 token file;
+          and reference.json: the rows kiln trains on for 10 steps (`kiln dump-data`),
+          transformers' step-1 loss, and the losses of 10 steps of torch.optim.AdamW in
+          float64 on those rows with kiln's settings (DECODER_TRAIN) — the trajectory
+          tests/hf_llama.rs holds kiln to.
 
 torch and transformers are not dependencies of kiln: install them into a scratch virtualenv
 (python3 -m venv /tmp/venv-hf && /tmp/venv-hf/bin/pip install torch transformers safetensors).
@@ -160,9 +169,111 @@ def check_export(args):
     assert rel <= 1e-5
 
 
+# The decoder fixtures' training settings, as kiln keys (tests/hf_llama.rs uses the same).
+DECODER_TRAIN = {
+    "model.seq_len": SEQ, "data.source": "tokens", "data.seed": DATA_SEED,
+    "train.steps": 10, "train.global_batch": GLOBAL_BATCH, "train.micro_batch": MICRO_BATCH,
+    "train.lr": 1e-3, "train.schedule": "constant", "train.warmup_steps": 0,
+    "train.weight_decay": 0.01, "train.beta1": 0.9, "train.beta2": 0.999, "train.eps": 1e-8,
+    "train.clip_grad": 0.0,
+}
+
+
+def decoder_model(arch):
+    common = dict(vocab_size=VOCAB, hidden_size=D, intermediate_size=96, num_hidden_layers=LAYERS,
+                  num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=POSITIONS,
+                  rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        # Bands of the llama3 scaling inside the 32-token rows: wavelengths above 16 are
+        # divided by 4, below 4 kept, blended between.
+        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        cfg = LlamaConfig(**common, tie_word_embeddings=False, attention_bias=True,
+                          rope_parameters=rope)
+        return LlamaForCausalLM(cfg)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = Qwen2Config(**common, tie_word_embeddings=True,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    return Qwen2ForCausalLM(cfg)
+
+
+def kiln_rows(kiln, tokens, steps):
+    """kiln's rows for `steps` steps of DECODER_TRAIN on `tokens` (step-major): the data depend
+    on the data settings only, so a GPT of the same vocab and seq_len cuts them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rows_path = os.path.join(tmp, "rows.bin")
+        cmd = [kiln, "dump-data", "--out", rows_path, "--set", f"model.vocab={VOCAB}",
+               "--set", f"model.max_seq_len={POSITIONS}", "--set", f"data.path={tokens}"]
+        for k, v in DECODER_TRAIN.items():
+            if k.startswith(("data.", "model.seq_len", "train.steps", "train.global_batch", "train.micro_batch")):
+                cmd += ["--set", f"{k}={json.dumps(v)}"]
+        subprocess.run(cmd, check=True)
+        rows = np.fromfile(rows_path, dtype=np.uint16).reshape(steps, GLOBAL_BATCH, SEQ + 1)
+    return rows.astype(np.int64)
+
+
+def adamw_f64(model, rows):
+    """Losses of len(rows) steps of torch.optim.AdamW in float64 with DECODER_TRAIN's settings:
+    decay on matrices (embeddings too), not on biases and norm gains, as kiln does."""
+    model = model.to(torch.float64).train()
+    t = DECODER_TRAIN
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t["train.weight_decay"]},
+                             {"params": other, "weight_decay": 0.0}], lr=t["train.lr"],
+                            betas=(t["train.beta1"], t["train.beta2"]), eps=t["train.eps"])
+    out = []
+    for step_rows in rows:
+        ids = torch.tensor(step_rows)
+        logits = model(input_ids=ids[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+    return out
+
+
+def make_decoder(args):
+    fixture = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", f"hf-{args.arch}-tiny")
+    os.makedirs(fixture, exist_ok=True)
+    torch.manual_seed(13)
+    model = decoder_model(args.arch).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.1)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+            else:
+                # Weights far from transformers' N(0, 0.02), so that the loss is not ln(vocab)
+                # and every path (rotation, GQA sharing, biases) moves it.
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(fixture, safe_serialization=True)
+    tokens = os.path.join(fixture, "tokens.bin")
+    np.random.default_rng(8).integers(0, VOCAB, size=4096, dtype=np.uint16).tofile(tokens)
+    rows = kiln_rows(args.kiln, tokens, DECODER_TRAIN["train.steps"])
+    first = rows[0].tolist()
+    ref = {
+        "about": "made by scripts/make_hf_fixture.py --arch " + args.arch + " with transformers "
+                 + transformers.__version__ + ", torch " + torch.__version__,
+        "train": DECODER_TRAIN, "rows": first, "loss": losses(model, first),
+        "adamw_f64_losses": adamw_f64(model, rows),
+    }
+    with open(os.path.join(fixture, "reference.json"), "w") as f:
+        json.dump(ref, f, indent=1)
+        f.write("\n")
+    print(json.dumps(ref["loss"]), ref["adamw_f64_losses"])
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kiln", default="target/release/kiln")
     ap.add_argument("--check-export", action="store_true")
+    ap.add_argument("--arch", choices=["gpt2", "llama", "qwen2"], default="gpt2")
     a = ap.parse_args()
-    check_export(a) if a.check_export else make(a)
+    if a.arch != "gpt2":
+        make_decoder(a)
+    else:
+        check_export(a) if a.check_export else make(a)

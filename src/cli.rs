@@ -287,6 +287,8 @@ fn train(
         stop: crate::signals::install(),
     };
     let outcome = match simulate {
+        // A Llama-family checkpoint trains through the library API, as a user's model does.
+        _ if crate::llama::selected(&cfg.model) => crate::llama::train(cfg, simulate, opts)?,
         Some(n) => launch::simulate(cfg, n, &opts)?.swap_remove(0),
         None => launch::run_process(cfg, &opts)?,
     };

@@ -14,20 +14,36 @@ use std::path::Path;
 pub enum InitSource {
     /// Seeded random values (`crate::flat::init_unit`).
     Seed(u64),
-    /// A Hugging Face GPT-2 checkpoint, read unit by unit.
-    HuggingFace(HfCheckpoint),
+    /// A Hugging Face GPT-2 checkpoint, read unit by unit; opened at the first unit that
+    /// needs it (a model that brings its own values, such as a library user's, never does).
+    HuggingFace {
+        /// `model.init_from`.
+        path: String,
+        /// The opened checkpoint.
+        opened: std::sync::OnceLock<HfCheckpoint>,
+    },
 }
 
 impl InitSource {
     /// Seeded values (`train.seed`), or the Hugging Face checkpoint `init_from`
     /// (`model.init_from`) when it is not empty. Opening a checkpoint reads only its headers.
-    pub fn new(init_from: &str, seed: u64) -> Result<InitSource> {
+    pub fn new(init_from: &str, seed: u64) -> InitSource {
         if init_from.is_empty() {
-            Ok(InitSource::Seed(seed))
+            InitSource::Seed(seed)
         } else {
-            Ok(InitSource::HuggingFace(HfCheckpoint::open(Path::new(
-                init_from,
-            ))?))
+            InitSource::HuggingFace {
+                path: init_from.to_string(),
+                opened: std::sync::OnceLock::new(),
+            }
+        }
+    }
+
+    /// The checkpoint `ckpt`, already opened.
+    pub fn from_checkpoint(ckpt: HfCheckpoint) -> InitSource {
+        let path = ckpt.path().display().to_string();
+        InitSource::HuggingFace {
+            path,
+            opened: std::sync::OnceLock::from(ckpt),
         }
     }
 
@@ -47,7 +63,16 @@ impl InitSource {
         }
         match self {
             InitSource::Seed(seed) => Ok(init_unit(&specs, layout, *seed)),
-            InitSource::HuggingFace(ckpt) => ckpt.unit(&specs, layout),
+            InitSource::HuggingFace { path, opened } => {
+                let ckpt = match opened.get() {
+                    Some(c) => c,
+                    None => {
+                        let _ = opened.set(HfCheckpoint::open(Path::new(path))?);
+                        opened.get().expect("just set")
+                    }
+                };
+                ckpt.unit(&specs, layout)
+            }
         }
     }
 }

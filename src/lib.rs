@@ -24,6 +24,7 @@ pub mod flat;
 pub mod hf;
 pub mod init;
 pub mod launch;
+pub mod llama;
 pub mod memory;
 pub mod model;
 pub mod offload;

@@ -26,6 +26,13 @@ fn as_bytes_mut(data: &mut [f32]) -> &mut [u8] {
     }
 }
 
+fn as_bytes_mut_u16(data: &mut [u16]) -> &mut [u8] {
+    // SAFETY: as above; any byte pattern is a valid u16.
+    unsafe {
+        std::slice::from_raw_parts_mut(data.as_mut_ptr() as *mut u8, std::mem::size_of_val(data))
+    }
+}
+
 /// Where one tensor's data is.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -33,6 +40,7 @@ struct Entry {
     /// Byte offset of the first element in the file.
     start: u64,
     elems: usize,
+    dtype: StoredDtype,
 }
 
 /// A safetensors file being written.
@@ -92,6 +100,7 @@ impl TensorFileWriter {
                         shape,
                         start: data_start + off as u64,
                         elems,
+                        dtype: StoredDtype::F32,
                     },
                 )
             })
@@ -163,9 +172,14 @@ impl TensorFileReader {
             let offsets: [u64; 2] = serde_json::from_value(v["data_offsets"].clone())
                 .map_err(|_| bad(&format!("tensor {name}: malformed data_offsets")))?;
             let elems: usize = shape.iter().product();
-            if dtype != "F32" || offsets[1] - offsets[0] != elems as u64 * 4 {
+            let dtype = StoredDtype::parse(dtype).ok_or_else(|| {
+                bad(&format!(
+                    "tensor {name}: dtype {dtype} is not one kiln reads (F32, BF16, F16)"
+                ))
+            })?;
+            if offsets[1] < offsets[0] || offsets[1] - offsets[0] != (elems * dtype.size()) as u64 {
                 return Err(bad(&format!(
-                    "tensor {name}: expected F32 data of its shape"
+                    "tensor {name}: its data_offsets do not hold {elems} {dtype:?} values"
                 )));
             }
             data_len = data_len.max(offsets[1]);
@@ -175,6 +189,7 @@ impl TensorFileReader {
                     shape,
                     start: data_start + offsets[0],
                     elems,
+                    dtype,
                 },
             );
         }
@@ -222,9 +237,66 @@ impl TensorFileReader {
                 ),
             ));
         }
+        let start = e.start + (at * e.dtype.size()) as u64;
+        let io = |err| KilnError::io(&self.path, err);
+        if e.dtype == StoredDtype::F32 {
+            return self
+                .file
+                .read_exact_at(as_bytes_mut(out), start)
+                .map_err(io);
+        }
+        // Half-precision files (most checkpoints on the Hub) widen to f32 exactly.
+        let mut half = vec![0u16; out.len()];
         self.file
-            .read_exact_at(as_bytes_mut(out), e.start + (at * 4) as u64)
-            .map_err(|err| KilnError::io(&self.path, err))
+            .read_exact_at(as_bytes_mut_u16(&mut half), start)
+            .map_err(io)?;
+        let widen: fn(u16) -> f32 = match e.dtype {
+            StoredDtype::BF16 => |h| half::bf16::from_bits(h).to_f32(),
+            _ => |h| half::f16::from_bits(h).to_f32(),
+        };
+        for (o, &h) in out.iter_mut().zip(&half) {
+            *o = widen(h);
+        }
+        Ok(())
+    }
+
+    /// The dtype tensor `name` is stored in (`F32`, `BF16`, `F16`).
+    pub fn dtype(&self, name: &str) -> Option<&'static str> {
+        self.entries.get(name).map(|e| e.dtype.name())
+    }
+}
+
+/// The element types kiln reads from a safetensors file; every one widens to f32 exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StoredDtype {
+    F32,
+    BF16,
+    F16,
+}
+
+impl StoredDtype {
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "F32" => Some(StoredDtype::F32),
+            "BF16" => Some(StoredDtype::BF16),
+            "F16" => Some(StoredDtype::F16),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            StoredDtype::F32 => "F32",
+            StoredDtype::BF16 => "BF16",
+            StoredDtype::F16 => "F16",
+        }
+    }
+
+    fn size(self) -> usize {
+        match self {
+            StoredDtype::F32 => 4,
+            StoredDtype::BF16 | StoredDtype::F16 => 2,
+        }
     }
 }
 

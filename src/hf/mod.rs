@@ -7,11 +7,13 @@ mod config;
 mod export;
 mod load;
 mod names;
+mod weights;
 
 pub use config::{config_json, HfConfig};
 pub use export::export_hf;
 pub use load::HfCheckpoint;
 pub use names::{hf_name, Transform};
+pub use weights::HfWeights;
 
 use crate::config::{ModelConfig, QkvBias};
 use crate::error::{KilnError, Result};

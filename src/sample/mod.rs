@@ -83,7 +83,7 @@ impl Weights {
         })?;
         let model = Gpt::new(shape);
         let layout = ModelLayout::new(&model, 1);
-        let init = InitSource::HuggingFace(ckpt);
+        let init = InitSource::from_checkpoint(ckpt);
         let params = (0..layout.units.len())
             .map(|u| init.unit(&model, u, &layout.units[u]))
             .collect::<Result<_>>()?;

@@ -60,7 +60,7 @@ impl Replicated {
             ReplicatedStage::Zero1 => (Reduction::AllReduce, rank..rank + 1, true),
             ReplicatedStage::Zero2 => (Reduction::ReduceScatter, rank..rank + 1, true),
         };
-        let init = InitSource::new(&plan.config.model.init_from, plan.config.train.seed)?;
+        let init = InitSource::new(&plan.config.model.init_from, plan.config.train.seed);
         let params: Vec<Vec<f32>> = (0..layout.units.len())
             .map(|u| init.unit(model, u, &layout.units[u]))
             .collect::<Result<_>>()?;

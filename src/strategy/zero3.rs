@@ -83,7 +83,7 @@ impl Zero3 {
         model: &dyn ModelUnits,
     ) -> Result<Self> {
         let (rank, world) = (comm.rank(), comm.world());
-        let init = InitSource::new(&plan.config.model.init_from, plan.config.train.seed)?;
+        let init = InitSource::new(&plan.config.model.init_from, plan.config.train.seed);
         let threshold = plan.config.parallel.persist_threshold;
         let mut shards = Vec::new();
         let mut gathered = Vec::new();

@@ -99,16 +99,13 @@ pub fn gpt_job(plan: &Plan, comm: &dyn Communicator) -> Result<Job<MicroBatch, T
     comm.set_serves("the start-up checks");
     let source = agree_on(
         comm,
-        data::open(&plan.config.data, shape.vocab, shape.seq_len),
+        TokenBatches::open(&plan.config.data, shape.vocab, shape.seq_len),
     )?;
     let eval = agree_on(comm, validation::open(plan))?
         .map(|v| Box::new(v) as Box<dyn Evaluator<MicroBatch, Tensor<3>>>);
     Ok(Job {
         model: Box::new(Gpt::new(shape)),
-        source: Box::new(TokenBatches {
-            source,
-            seq_len: shape.seq_len,
-        }),
+        source: Box::new(source),
         eval,
         name: plan.config.model.preset.clone(),
         estimate: Some(crate::memory::estimate(
@@ -119,9 +116,19 @@ pub fn gpt_job(plan: &Plan, comm: &dyn Communicator) -> Result<Job<MicroBatch, T
 }
 
 /// A token source as micro-batches of `seq_len` tokens.
-struct TokenBatches {
+pub struct TokenBatches {
     source: Box<dyn TokenSource>,
     seq_len: usize,
+}
+
+impl TokenBatches {
+    /// The training rows `[data]` names, for a token model of `vocab` and `seq_len`.
+    pub fn open(data: &crate::config::DataConfig, vocab: usize, seq_len: usize) -> Result<Self> {
+        Ok(TokenBatches {
+            source: data::open(data, vocab, seq_len)?,
+            seq_len,
+        })
+    }
 }
 
 impl BatchSource for TokenBatches {

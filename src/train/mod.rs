@@ -9,8 +9,9 @@ mod validation;
 
 pub use crate::checkpoint::{export_safetensors, write_params};
 pub use crate::memory::phases::peak_rss_bytes;
-pub use job::{gpt_job, val_loss, BatchSource, Evaluator, Job, Metrics};
+pub use job::{gpt_job, val_loss, BatchSource, Evaluator, Job, Metrics, TokenBatches};
 pub use metrics::{MetricsWriter, StepRecord, Summary};
+pub use validation::ValRows;
 
 use crate::comm::Communicator;
 use crate::error::{KilnError, Result};

@@ -47,50 +47,111 @@ impl TokenSource for Windows {
 /// The validation set `plan` asks for: `None` when `train.eval_every` is 0. Errors name the
 /// key or the file.
 pub fn open(plan: &Plan) -> Result<Option<Validation>> {
-    let (train, data) = (&plan.config.train, &plan.config.data);
-    if train.eval_every == 0 {
+    let gpt = plan.gpt();
+    let Some(rows) = ValRows::open(&plan.config, plan.global_batch, gpt.vocab, gpt.seq_len)? else {
         return Ok(None);
-    }
-    if data.val_path.is_empty() {
-        return Err(KilnError::config(format!(
-            "key `train.eval_every` = {}: validation needs `data.val_path` (a uint16 token file, \
-             e.g. val.bin from `kiln prepare-data`)",
-            train.eval_every
-        )));
-    }
-    if train.eval_batches == 0 {
-        return Err(KilnError::config(
-            "key `train.eval_batches`: must be at least 1 when train.eval_every > 0",
-        ));
-    }
-    let seq_len = plan.gpt().seq_len;
-    // The file's own checks: readable, whole uint16 tokens, ids below the vocab.
-    let file = FileSource::tokens(&data.val_path, 0, plan.gpt().vocab, seq_len)?;
-    let rows = train.eval_batches * plan.global_batch;
-    let needed = rows * seq_len + 1;
-    if file.num_tokens() < needed {
-        let fit = match (file.num_tokens() - 1) / seq_len / plan.global_batch {
-            0 => "not one global batch of rows fits".to_string(),
-            n => format!("train.eval_batches ≤ {n} fits"),
-        };
-        return Err(KilnError::file(
-            &data.val_path,
-            format!(
-                "holds {} tokens; train.eval_batches = {} × global batch {} = {rows} rows of \
-                 seq_len {seq_len} need {needed} ({fit})",
-                file.num_tokens(),
-                train.eval_batches,
-                plan.global_batch
-            ),
-        ));
-    }
+    };
     Ok(Some(Validation {
-        windows: Windows { file, seq_len },
-        every: train.eval_every,
-        num_micro: rows / plan.micro_batch,
+        num_micro: rows.rows / plan.micro_batch,
+        every: plan.config.train.eval_every,
         micro_batch: plan.micro_batch,
-        seq_len,
+        seq_len: rows.seq_len,
+        windows: rows.windows,
     }))
+}
+
+/// The validation rows of `data.val_path` for a token model of `vocab` and `seq_len`, as a
+/// finite [`BatchSource`] (a library model's evaluation set: `crate::api::Fit::with_eval`).
+pub struct ValRows {
+    windows: Windows,
+    rows: usize,
+    seq_len: usize,
+}
+
+impl ValRows {
+    /// The rows `[train]` and `[data]` ask for (`train.eval_batches` global batches of
+    /// `global_batch` rows): `None` when `train.eval_every` is 0. Errors name the key or file.
+    pub fn open(
+        config: &crate::config::Config,
+        global_batch: usize,
+        vocab: usize,
+        seq_len: usize,
+    ) -> Result<Option<ValRows>> {
+        let (train, data) = (&config.train, &config.data);
+        if train.eval_every == 0 {
+            return Ok(None);
+        }
+        if data.val_path.is_empty() {
+            return Err(KilnError::config(format!(
+                "key `train.eval_every` = {}: validation needs `data.val_path` (a uint16 token \
+                 file, e.g. val.bin from `kiln prepare-data`)",
+                train.eval_every
+            )));
+        }
+        if train.eval_batches == 0 {
+            return Err(KilnError::config(
+                "key `train.eval_batches`: must be at least 1 when train.eval_every > 0",
+            ));
+        }
+        // The file's own checks: readable, whole uint16 tokens, ids below the vocab.
+        let file = FileSource::tokens(&data.val_path, 0, vocab, seq_len)?;
+        let rows = train.eval_batches * global_batch;
+        let needed = rows * seq_len + 1;
+        if file.num_tokens() < needed {
+            let fit = match (file.num_tokens() - 1) / seq_len / global_batch {
+                0 => "not one global batch of rows fits".to_string(),
+                n => format!("train.eval_batches ≤ {n} fits"),
+            };
+            return Err(KilnError::file(
+                &data.val_path,
+                format!(
+                    "holds {} tokens; train.eval_batches = {} × global batch {} = {rows} rows of \
+                     seq_len {seq_len} need {needed} ({fit})",
+                    file.num_tokens(),
+                    train.eval_batches,
+                    global_batch
+                ),
+            ));
+        }
+        Ok(Some(ValRows {
+            windows: Windows { file, seq_len },
+            rows,
+            seq_len,
+        }))
+    }
+}
+
+impl super::BatchSource for ValRows {
+    type Batch = crate::model::MicroBatch;
+
+    fn batch(
+        &self,
+        _step: u64,
+        rows: std::ops::Range<u64>,
+        device: &burn::tensor::Device,
+    ) -> Result<Self::Batch> {
+        let n = (rows.end - rows.start) as usize;
+        Ok(data::micro_batch(
+            &self.windows,
+            0,
+            rows.start,
+            n,
+            self.seq_len,
+            device,
+        ))
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (validation)", self.windows.describe())
+    }
+
+    fn num_rows(&self) -> Option<u64> {
+        Some(self.rows as u64)
+    }
+
+    fn tokens_per_row(&self) -> usize {
+        self.seq_len
+    }
 }
 
 impl Validation {

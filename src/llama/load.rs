@@ -1,0 +1,152 @@
+//! A Llama-family checkpoint from a Hugging Face directory into a [`Decoder`], and the names
+//! that tie the two: a kiln path is transformers' name with burn's `gamma` for a norm's
+//! `weight`, and linear weights transposed (`[d_in, d_out]` in burn, `[d_out, d_in]` in
+//! PyTorch's `nn.Linear`).
+
+use super::config::DecoderConfig;
+use super::model::Decoder;
+use crate::error::{KilnError, Result};
+use crate::hf::{HfWeights, Transform};
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{Device, Tensor, TensorData};
+use std::path::{Path, PathBuf};
+
+/// transformers' name for kiln's parameter `path` (of `shape`), and how the values relate.
+pub fn hf_name(path: &str, shape: &[usize]) -> (String, Transform) {
+    if let Some(stem) = path.strip_suffix(".gamma") {
+        return (format!("{stem}.weight"), Transform::Same);
+    }
+    let is_embedding = path == "model.embed_tokens.weight";
+    match shape.len() == 2 && !is_embedding {
+        true => (path.to_string(), Transform::Transpose),
+        false => (path.to_string(), Transform::Same),
+    }
+}
+
+/// The `config.json` of `init_from` (a directory, or the file beside a `.safetensors` file).
+pub fn config_path(init_from: &Path) -> PathBuf {
+    match init_from.is_dir() {
+        true => init_from.join("config.json"),
+        false => init_from.with_file_name("config.json"),
+    }
+}
+
+/// Reads the decoder saved at `init_from` (a `save_pretrained` directory, its weights in
+/// F32, BF16 or F16) onto `device`; errors name the file and the field or tensor.
+pub fn from_hf(init_from: &Path, device: &Device) -> Result<Decoder> {
+    let (cfg, raw) = DecoderConfig::read(&config_path(init_from))?;
+    let weights = HfWeights::open(init_from)?;
+    let mut loader = Loader {
+        path: Vec::new(),
+        weights: &weights,
+        error: None,
+    };
+    let model = Decoder::empty(cfg, raw, device).map(&mut loader);
+    match loader.error {
+        Some(e) => Err(e),
+        None => Ok(model),
+    }
+}
+
+/// Replaces every parameter with the checkpoint's tensor of the same name.
+struct Loader<'a> {
+    path: Vec<String>,
+    weights: &'a HfWeights,
+    error: Option<KilnError>,
+}
+
+impl Loader<'_> {
+    fn read(&self, path: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (name, transform) = hf_name(path, shape);
+        // A file saved from the bare decoder (`LlamaModel`) has no `model.` prefix.
+        let bare = name.strip_prefix("model.").unwrap_or(&name).to_string();
+        let hf = self.weights.read(
+            &[&name, &bare],
+            &transform.hf_shape(shape),
+            &format!("kiln's `{path}`"),
+        )?;
+        let mut out = vec![0.0f32; hf.len()];
+        transform.to_kiln(shape, &hf, &mut out);
+        Ok(out)
+    }
+}
+
+impl ModuleMapper for Loader<'_> {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if self.error.is_some() {
+            return param;
+        }
+        let path = self.path.join(".");
+        let shape: [usize; D] = param.shape().dims();
+        match self.read(&path, &shape) {
+            Ok(values) => {
+                param.map(|t| Tensor::from_data(TensorData::new(values, shape), &t.device()))
+            }
+            Err(e) => {
+                self.error = Some(e);
+                param
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_transformers() {
+        for (path, shape, name, transform) in [
+            (
+                "model.embed_tokens.weight",
+                vec![300, 64],
+                "model.embed_tokens.weight",
+                Transform::Same,
+            ),
+            (
+                "model.layers.1.self_attn.q_proj.weight",
+                vec![64, 64],
+                "model.layers.1.self_attn.q_proj.weight",
+                Transform::Transpose,
+            ),
+            (
+                "model.layers.1.self_attn.q_proj.bias",
+                vec![64],
+                "model.layers.1.self_attn.q_proj.bias",
+                Transform::Same,
+            ),
+            (
+                "model.layers.0.input_layernorm.gamma",
+                vec![64],
+                "model.layers.0.input_layernorm.weight",
+                Transform::Same,
+            ),
+            (
+                "model.norm.gamma",
+                vec![64],
+                "model.norm.weight",
+                Transform::Same,
+            ),
+            (
+                "lm_head.weight",
+                vec![64, 300],
+                "lm_head.weight",
+                Transform::Transpose,
+            ),
+        ] {
+            assert_eq!(
+                hf_name(path, &shape),
+                (name.to_string(), transform),
+                "{path}"
+            );
+        }
+    }
+}

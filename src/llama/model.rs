@@ -1,0 +1,243 @@
+//! The Llama-family decoder as ordinary burn modules, trained through kiln's public API
+//! ([`crate::api::TrainModule`]) like any user's model. Field names mirror transformers'
+//! module tree (`model.layers.0.self_attn.q_proj`), so a parameter's kiln path is its Hugging
+//! Face name up to burn's spelling (`gamma` for RMSNorm's `weight`, linear weights stored
+//! `[d_in, d_out]`: see `super::names`).
+
+use super::config::DecoderConfig;
+use super::rope;
+use crate::api::{TrainModule, Unit};
+use crate::model::fused::causal_attention;
+use crate::model::MicroBatch;
+use burn::module::Module;
+use burn::nn::{
+    Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig,
+};
+use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::{Device, Tensor};
+use std::sync::Arc;
+
+/// `LlamaForCausalLM` / `Qwen2ForCausalLM`: the decoder and, when untied, its LM head.
+#[derive(Module, Debug)]
+pub struct Decoder {
+    /// The decoder stack (transformers' `model`).
+    pub model: DecoderStack,
+    /// The LM head, `[hidden, vocab]`; `None` when tied to the token embedding.
+    pub lm_head: Option<Linear>,
+    #[module(skip)]
+    cfg: Arc<DecoderConfig>,
+    /// Rotary inverse frequencies (f32, as transformers keeps them).
+    #[module(skip)]
+    inv_freq: Arc<Vec<f32>>,
+    /// The `config.json` the model was read from, as written: its description in checkpoints
+    /// and the config an export writes back.
+    #[module(skip)]
+    hf_config: Arc<serde_json::Value>,
+}
+
+/// Embedding, layers and final norm.
+#[derive(Module, Debug)]
+pub struct DecoderStack {
+    /// Token embedding, `[vocab, hidden]`.
+    pub embed_tokens: Embedding,
+    /// The decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    /// The final RMSNorm.
+    pub norm: RmsNorm,
+}
+
+/// One pre-norm decoder layer: attention and a gated MLP, each with a residual.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    /// RMSNorm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Grouped-query self-attention.
+    pub self_attn: Attention,
+    /// RMSNorm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+    /// `down(silu(gate(x)) · up(x))`.
+    pub mlp: GatedMlp,
+}
+
+/// Causal self-attention with rotary positions and `kv_heads` key/value heads shared by
+/// groups of query heads.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// `[hidden, heads · head_dim]`.
+    pub q_proj: Linear,
+    /// `[hidden, kv_heads · head_dim]`.
+    pub k_proj: Linear,
+    /// `[hidden, kv_heads · head_dim]`.
+    pub v_proj: Linear,
+    /// `[heads · head_dim, hidden]`.
+    pub o_proj: Linear,
+}
+
+/// The SiLU-gated MLP.
+#[derive(Module, Debug)]
+pub struct GatedMlp {
+    /// `[hidden, intermediate]`.
+    pub gate_proj: Linear,
+    /// `[hidden, intermediate]`.
+    pub up_proj: Linear,
+    /// `[intermediate, hidden]`.
+    pub down_proj: Linear,
+}
+
+fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
+    // Zeros: the values come from the checkpoint (or the caller's initialiser), and a
+    // billion-parameter model should not draw random numbers first.
+    LinearConfig::new(d_in, d_out)
+        .with_bias(bias)
+        .with_initializer(Initializer::Zeros)
+        .init(device)
+}
+
+fn rms_norm(cfg: &DecoderConfig, device: &Device) -> RmsNorm {
+    RmsNormConfig::new(cfg.hidden)
+        .with_epsilon(cfg.rms_norm_eps)
+        .init(device)
+}
+
+impl Decoder {
+    /// A decoder of `cfg`'s shape (read from `hf_config`) with zero matrices and unit norm
+    /// gains, to be filled from a checkpoint (`super::load`).
+    pub fn empty(cfg: DecoderConfig, hf_config: serde_json::Value, device: &Device) -> Decoder {
+        let (d, hd) = (cfg.hidden, cfg.head_dim);
+        let layer = || DecoderLayer {
+            input_layernorm: rms_norm(&cfg, device),
+            self_attn: Attention {
+                q_proj: linear(d, cfg.heads * hd, cfg.qkv_bias, device),
+                k_proj: linear(d, cfg.kv_heads * hd, cfg.qkv_bias, device),
+                v_proj: linear(d, cfg.kv_heads * hd, cfg.qkv_bias, device),
+                o_proj: linear(cfg.heads * hd, d, cfg.o_bias, device),
+            },
+            post_attention_layernorm: rms_norm(&cfg, device),
+            mlp: GatedMlp {
+                gate_proj: linear(d, cfg.intermediate, cfg.mlp_bias, device),
+                up_proj: linear(d, cfg.intermediate, cfg.mlp_bias, device),
+                down_proj: linear(cfg.intermediate, d, cfg.mlp_bias, device),
+            },
+        };
+        let model = DecoderStack {
+            embed_tokens: EmbeddingConfig::new(cfg.vocab, d)
+                .with_initializer(Initializer::Zeros)
+                .init(device),
+            layers: (0..cfg.layers).map(|_| layer()).collect(),
+            norm: rms_norm(&cfg, device),
+        };
+        let lm_head = (!cfg.tie_word_embeddings).then(|| linear(d, cfg.vocab, false, device));
+        Decoder {
+            model,
+            lm_head,
+            inv_freq: Arc::new(rope::inv_freq(&cfg)),
+            cfg: Arc::new(cfg),
+            hf_config: Arc::new(hf_config),
+        }
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    /// The logits `[batch · seq, vocab]` of the final hidden states `x` (`[batch, seq, hidden]`):
+    /// the final norm, then the LM head (the embedding, transposed, when tied).
+    pub fn logits(&self, x: Tensor<3>) -> Tensor<2> {
+        let [b, t, d] = x.dims();
+        let x = self.model.norm.forward(x).reshape([b * t, d]);
+        match &self.lm_head {
+            Some(head) => x.matmul(head.weight.val()),
+            None => x.matmul(self.model.embed_tokens.weight.val().transpose()),
+        }
+    }
+
+    fn layer_forward(&self, layer: &DecoderLayer, x: Tensor<3>) -> Tensor<3> {
+        let h = layer.input_layernorm.forward(x.clone());
+        let x = x + self.attention(&layer.self_attn, h);
+        let h = layer.post_attention_layernorm.forward(x.clone());
+        let mlp = &layer.mlp;
+        let gated = silu(dense(h.clone(), &mlp.gate_proj)) * dense(h, &mlp.up_proj);
+        x + dense(gated, &mlp.down_proj)
+    }
+
+    fn attention(&self, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
+        let [b, t, _] = x.dims();
+        let cfg = &self.cfg;
+        let (h, kv, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
+        let heads = |y: Tensor<3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
+        let (cos, sin) = rope::tables(&self.inv_freq, t, &x.device());
+        let q = rope::apply(heads(dense(x.clone(), &attn.q_proj), h), &cos, &sin);
+        let k = rope::apply(heads(dense(x.clone(), &attn.k_proj), kv), &cos, &sin);
+        let v = heads(dense(x, &attn.v_proj), kv);
+        // Grouped-query attention: query head i reads key/value head i / (heads / kv_heads),
+        // as transformers' `repeat_kv` lays them out.
+        let share = |y: Tensor<4>| match h / kv {
+            1 => y,
+            group => y
+                .reshape([b, kv, 1, t, hd])
+                .expand([b, kv, group, t, hd])
+                .reshape([b, h, t, hd]),
+        };
+        let att = causal_attention(q, share(k), share(v));
+        dense(att.swap_dims(1, 2).reshape([b, t, h * hd]), &attn.o_proj)
+    }
+}
+
+/// `x W + b` on `[batch, seq, d_in]` as one 2-D matmul over batch × seq rows (burn flex runs
+/// the 2-D form faster than its batched linear).
+fn dense(x: Tensor<3>, layer: &Linear) -> Tensor<3> {
+    let [b, t, d_in] = x.dims();
+    let w = layer.weight.val();
+    let d_out = w.dims()[1];
+    let y = x.reshape([b * t, d_in]).matmul(w);
+    let y = match &layer.bias {
+        Some(bias) => y + bias.val().unsqueeze::<2>(),
+        None => y,
+    };
+    y.reshape([b, t, d_out])
+}
+
+impl TrainModule for Decoder {
+    type Batch = MicroBatch;
+    type Activation = Tensor<3>;
+
+    /// The embedding, one unit per layer (`blocks.i`, as the GPT names them, so that
+    /// `train.recompute = "every:K"` reads the same), then the final norm and head with the
+    /// loss. A tied head borrows the embedding.
+    fn units(&self) -> Vec<Unit> {
+        let mut units = vec![Unit::with_paths("embed", ["model.embed_tokens"])];
+        units.extend(
+            (0..self.cfg.layers)
+                .map(|i| Unit::with_paths(format!("blocks.{i}"), [format!("model.layers.{i}")])),
+        );
+        units.push(match self.cfg.tie_word_embeddings {
+            true => Unit::with_paths("head", ["model.norm"]).borrowing("model.embed_tokens.weight"),
+            false => Unit::with_paths("head", ["model.norm", "lm_head"]),
+        });
+        units
+    }
+
+    fn forward_unit(&self, unit: usize, x: Option<Tensor<3>>, batch: &MicroBatch) -> Tensor<3> {
+        let layers = self.cfg.layers;
+        match unit {
+            0 => self.model.embed_tokens.forward(batch.inputs.clone()),
+            u if u <= layers => self.layer_forward(
+                &self.model.layers[u - 1],
+                x.expect("a layer follows a unit"),
+            ),
+            _ => {
+                let x = x.expect("the head follows the layers");
+                let [b, t, _] = x.dims();
+                let logp = log_softmax(self.logits(x), 1);
+                let targets = batch.targets.clone().reshape([b * t, 1]);
+                logp.gather(1, targets).neg().mean().reshape([1, 1, 1])
+            }
+        }
+    }
+
+    /// The Hugging Face `config.json`, under `hf_config`.
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "hf_config": *self.hf_config })
+    }
+}
