@@ -113,9 +113,16 @@ pub fn export_command(format: &str, checkpoint: &Path, out: &Path) -> Result<()>
         "hf" => {
             let manifest = super::verify(&dir)?;
             let reader = super::CheckpointReader::open(&dir, &manifest)?;
-            crate::hf::export_hf(out, &manifest.gpt(&dir)?, &manifest.layout, |u, buf| {
-                super::read_unit_params(&reader, u, buf)
-            })?;
+            let fill = |u: usize, buf: &mut [f32]| super::read_unit_params(&reader, u, buf);
+            // A model read from a Hugging Face directory (a Llama-family decoder) carries its
+            // config.json in its description and names its parameters as transformers does.
+            match manifest.model["model"].get("hf_config") {
+                Some(config) => {
+                    let name = |p: &str, s: &[usize]| Ok(crate::hf::decoder_name(p, s));
+                    crate::hf::write_hf_dir(out, config, &manifest.layout, name, fill)?
+                }
+                None => crate::hf::export_hf(out, &manifest.gpt(&dir)?, &manifest.layout, fill)?,
+            }
         }
         "kiln" => super::consolidate(&dir, out)?,
         other => {

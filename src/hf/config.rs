@@ -70,6 +70,13 @@ impl HfConfig {
             .map_err(|e| KilnError::file(path, format!("cannot read the model config: {e}")))?;
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| KilnError::file(path, format!("is not JSON: {e}")))?;
+        // Another architecture's file says so before its fields are read as GPT-2's.
+        if let Some(t) = value["model_type"].as_str().filter(|&t| t != "gpt2") {
+            return Err(KilnError::file(
+                path,
+                format!("field `model_type`: \"{t}\" is not one kiln trains (gpt2, llama, qwen2)"),
+            ));
+        }
         let cfg: HfConfig = serde_path_to_error::deserialize(&value).map_err(|e| {
             KilnError::file(
                 path,

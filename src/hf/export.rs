@@ -1,14 +1,16 @@
-//! `kiln export --format hf`: a directory `GPT2LMHeadModel.from_pretrained` loads —
-//! `model.safetensors` (f32, transformers' names) and `config.json`. Written one unit at a time
+//! `kiln export --format hf`: a directory transformers' `from_pretrained` loads —
+//! `model.safetensors` (f32, transformers' names) and `config.json` — for the GPT and, through
+//! [`write_hf_dir`], any architecture that names its parameters. Written one unit at a time
 //! to temporary names and renamed, like `output.export`, so a failure leaves no half-written
 //! file under a final name.
 
 use super::config::config_json;
-use super::names::hf_name;
+use super::names::{hf_name, Transform};
 use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
 use crate::model::GptConfig;
 use crate::tensor_file::TensorFileWriter;
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -21,17 +23,33 @@ pub fn export_hf(
     out_dir: &Path,
     model: &GptConfig,
     layout: &ModelLayout,
+    fill: impl FnMut(usize, &mut [f32]) -> Result<()>,
+) -> Result<()> {
+    let name = |path: &str, _shape: &[usize]| {
+        hf_name(path).ok_or_else(|| {
+            KilnError::config(format!(
+                "parameter `{path}` has no GPT-2 counterpart; transformers cannot load this model"
+            ))
+        })
+    };
+    write_hf_dir(out_dir, &config_json(model), layout, name, fill)
+}
+
+/// Writes a Hugging Face directory for any architecture: `config`, and each parameter of
+/// `layout` under the name and in the layout `name(path, shape)` gives it.
+pub fn write_hf_dir(
+    out_dir: &Path,
+    config: &Value,
+    layout: &ModelLayout,
+    name: impl Fn(&str, &[usize]) -> Result<(String, Transform)>,
     mut fill: impl FnMut(usize, &mut [f32]) -> Result<()>,
 ) -> Result<()> {
     let mut tensors = Vec::new();
+    let mut names = Vec::new();
     for p in layout.units.iter().flat_map(|u| &u.params) {
-        let (name, transform) = hf_name(&p.path).ok_or_else(|| {
-            KilnError::config(format!(
-                "parameter `{}` has no GPT-2 counterpart; transformers cannot load this model",
-                p.path
-            ))
-        })?;
-        tensors.push((name, transform.hf_shape(&p.shape)));
+        let (hf, transform) = name(&p.path, &p.shape)?;
+        tensors.push((hf.clone(), transform.hf_shape(&p.shape)));
+        names.push((hf, transform));
     }
     if out_dir.is_file() {
         return Err(KilnError::file(
@@ -49,12 +67,13 @@ pub fn export_hf(
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let written = (|| {
         let writer = TensorFileWriter::create(&tmp, &tensors, &metadata)?;
+        let mut names = names.iter();
         for (u, unit) in layout.units.iter().enumerate() {
             let mut buf = vec![0.0f32; unit.numel];
             fill(u, &mut buf)?;
             for p in &unit.params {
-                let (name, transform) = hf_name(&p.path).expect("checked above");
-                writer.write(&name, 0, &transform.to_hf(&p.shape, &buf[p.range()]))?;
+                let (hf, transform) = names.next().expect("one name per parameter");
+                writer.write(hf, 0, &transform.to_hf(&p.shape, &buf[p.range()]))?;
             }
         }
         writer.finish()?;
@@ -64,13 +83,13 @@ pub fn export_hf(
         let _ = std::fs::remove_file(&tmp);
         return written;
     }
-    let config = out_dir.join("config.json");
-    let text = serde_json::to_string_pretty(&config_json(model)).expect("JSON serialises");
+    let config_path = out_dir.join("config.json");
+    let text = serde_json::to_string_pretty(config).expect("JSON serialises");
     let tmp = out_dir.join(".config.json.tmp");
     std::fs::write(&tmp, text + "\n")
-        .and_then(|()| std::fs::rename(&tmp, &config))
+        .and_then(|()| std::fs::rename(&tmp, &config_path))
         .map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
-            KilnError::io(&config, e)
+            KilnError::io(&config_path, e)
         })
 }

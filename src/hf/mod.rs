@@ -10,9 +10,9 @@ mod names;
 mod weights;
 
 pub use config::{config_json, HfConfig};
-pub use export::export_hf;
+pub use export::{export_hf, write_hf_dir};
 pub use load::HfCheckpoint;
-pub use names::{hf_name, Transform};
+pub use names::{decoder_name, hf_name, Transform};
 pub use weights::HfWeights;
 
 use crate::config::{ModelConfig, QkvBias};

@@ -99,6 +99,22 @@ pub fn hf_name(path: &str) -> Option<(String, Transform)> {
     Some((format!("transformer.h.{layer}.{hf}"), transform))
 }
 
+/// transformers' name for a Llama-family decoder's parameter at kiln path `path` (of `shape`),
+/// and how the values relate. The decoder's modules mirror transformers' tree
+/// (`model.layers.0.self_attn.q_proj`), so the names agree up to burn's spelling: `gamma` for
+/// an RMSNorm's `weight`, and linear weights stored `[d_in, d_out]` (PyTorch's `nn.Linear`
+/// keeps `[d_out, d_in]`: transposed). The token embedding is `[vocab, hidden]` in both.
+pub fn decoder_name(path: &str, shape: &[usize]) -> (String, Transform) {
+    if let Some(stem) = path.strip_suffix(".gamma") {
+        return (format!("{stem}.weight"), Transform::Same);
+    }
+    let is_embedding = path == "model.embed_tokens.weight";
+    match shape.len() == 2 && !is_embedding {
+        true => (path.to_string(), Transform::Transpose),
+        false => (path.to_string(), Transform::Same),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +156,53 @@ mod tests {
         assert_eq!(back, qv);
         assert_eq!(Transform::DropKey.hf_shape(&[4]), [6]);
         assert_eq!(Transform::Transpose.hf_shape(&[2, 3]), [3, 2]);
+    }
+
+    #[test]
+    fn decoder_names_follow_transformers() {
+        for (path, shape, name, transform) in [
+            (
+                "model.embed_tokens.weight",
+                vec![300, 64],
+                "model.embed_tokens.weight",
+                Transform::Same,
+            ),
+            (
+                "model.layers.1.self_attn.q_proj.weight",
+                vec![64, 64],
+                "model.layers.1.self_attn.q_proj.weight",
+                Transform::Transpose,
+            ),
+            (
+                "model.layers.1.self_attn.q_proj.bias",
+                vec![64],
+                "model.layers.1.self_attn.q_proj.bias",
+                Transform::Same,
+            ),
+            (
+                "model.layers.0.input_layernorm.gamma",
+                vec![64],
+                "model.layers.0.input_layernorm.weight",
+                Transform::Same,
+            ),
+            (
+                "model.norm.gamma",
+                vec![64],
+                "model.norm.weight",
+                Transform::Same,
+            ),
+            (
+                "lm_head.weight",
+                vec![64, 300],
+                "lm_head.weight",
+                Transform::Transpose,
+            ),
+        ] {
+            assert_eq!(
+                decoder_name(path, &shape),
+                (name.to_string(), transform),
+                "{path}"
+            );
+        }
     }
 }

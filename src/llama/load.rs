@@ -1,27 +1,13 @@
-//! A Llama-family checkpoint from a Hugging Face directory into a [`Decoder`], and the names
-//! that tie the two: a kiln path is transformers' name with burn's `gamma` for a norm's
-//! `weight`, and linear weights transposed (`[d_in, d_out]` in burn, `[d_out, d_in]` in
-//! PyTorch's `nn.Linear`).
+//! A Llama-family checkpoint from a Hugging Face directory into a [`Decoder`], parameter by
+//! parameter under the names `crate::hf::decoder_name` gives.
 
 use super::config::DecoderConfig;
 use super::model::Decoder;
 use crate::error::{KilnError, Result};
-use crate::hf::{HfWeights, Transform};
+use crate::hf::{decoder_name as hf_name, HfWeights};
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Device, Tensor, TensorData};
 use std::path::{Path, PathBuf};
-
-/// transformers' name for kiln's parameter `path` (of `shape`), and how the values relate.
-pub fn hf_name(path: &str, shape: &[usize]) -> (String, Transform) {
-    if let Some(stem) = path.strip_suffix(".gamma") {
-        return (format!("{stem}.weight"), Transform::Same);
-    }
-    let is_embedding = path == "model.embed_tokens.weight";
-    match shape.len() == 2 && !is_embedding {
-        true => (path.to_string(), Transform::Transpose),
-        false => (path.to_string(), Transform::Same),
-    }
-}
 
 /// The `config.json` of `init_from` (a directory, or the file beside a `.safetensors` file).
 pub fn config_path(init_from: &Path) -> PathBuf {
@@ -94,59 +80,6 @@ impl ModuleMapper for Loader<'_> {
                 self.error = Some(e);
                 param
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_follow_transformers() {
-        for (path, shape, name, transform) in [
-            (
-                "model.embed_tokens.weight",
-                vec![300, 64],
-                "model.embed_tokens.weight",
-                Transform::Same,
-            ),
-            (
-                "model.layers.1.self_attn.q_proj.weight",
-                vec![64, 64],
-                "model.layers.1.self_attn.q_proj.weight",
-                Transform::Transpose,
-            ),
-            (
-                "model.layers.1.self_attn.q_proj.bias",
-                vec![64],
-                "model.layers.1.self_attn.q_proj.bias",
-                Transform::Same,
-            ),
-            (
-                "model.layers.0.input_layernorm.gamma",
-                vec![64],
-                "model.layers.0.input_layernorm.weight",
-                Transform::Same,
-            ),
-            (
-                "model.norm.gamma",
-                vec![64],
-                "model.norm.weight",
-                Transform::Same,
-            ),
-            (
-                "lm_head.weight",
-                vec![64, 300],
-                "lm_head.weight",
-                Transform::Transpose,
-            ),
-        ] {
-            assert_eq!(
-                hf_name(path, &shape),
-                (name.to_string(), transform),
-                "{path}"
-            );
         }
     }
 }

@@ -13,7 +13,7 @@ mod model;
 mod rope;
 
 pub use config::{DecoderConfig, Family, Llama3Scaling};
-pub use load::{config_path, from_hf, hf_name};
+pub use load::{config_path, from_hf};
 pub use model::{Attention, Decoder, DecoderLayer, DecoderStack, GatedMlp};
 
 use crate::api::{Fit, RankInfo, TrainModule, Trainer};
