@@ -267,6 +267,37 @@ def make_decoder(args):
     print(json.dumps(ref["loss"]), ref["adamw_f64_losses"])
 
 
+def check_decoder_export(args):
+    """Ten steps from the fixture with a checkpoint, `kiln export --format hf`, reloaded by
+    transformers: its loss on the validation rows equals kiln's validation loss after the
+    tenth step (1e-5), and from_pretrained reports nothing missing or unexpected."""
+    fixture = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", f"hf-{args.arch}-tiny")
+    tokens = os.path.join(fixture, "tokens.bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        ck, out, run = (os.path.join(tmp, n) for n in ("ck", "hf", "run"))
+        cmd = [args.kiln, "train", "--quiet", "--set", f"model.init_from={fixture}",
+               "--set", f"data.path={tokens}", "--set", f"data.val_path={tokens}",
+               "--set", "train.eval_every=10", "--set", "train.eval_batches=1",
+               "--set", f"checkpoint.dir={ck}", "--set", f"output.dir={run}"]
+        for k, v in DECODER_TRAIN.items():
+            cmd += ["--set", f"{k}={json.dumps(v)}"]
+        subprocess.run(cmd, check=True)
+        subprocess.run([args.kiln, "export", "--format", "hf", ck, out], check=True)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        bad = {k: v for k, v in info.items() if v}
+        assert not bad, f"loading info: {bad}"
+        summary = json.load(open(os.path.join(run, "summary.json")))
+        kiln_val = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))
+                    if "val_loss" in json.loads(l)][-1]["val_loss"]
+    ids = np.fromfile(tokens, dtype=np.uint16).astype(np.int64)
+    rows = [ids[i * SEQ: i * SEQ + SEQ + 1].tolist() for i in range(GLOBAL_BATCH)]
+    got = losses(model.eval(), rows)
+    r = abs(got["nll_f64"] - kiln_val) / kiln_val
+    print(json.dumps({"kiln_val_loss_after_10_steps": kiln_val, "reloaded_export": got,
+                      "relative_difference": r, "kiln_final_loss": summary.get("final_loss")}, indent=1))
+    assert r <= 1e-5
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kiln", default="target/release/kiln")
@@ -274,6 +305,6 @@ if __name__ == "__main__":
     ap.add_argument("--arch", choices=["gpt2", "llama", "qwen2"], default="gpt2")
     a = ap.parse_args()
     if a.arch != "gpt2":
-        make_decoder(a)
+        check_decoder_export(a) if a.check_export else make_decoder(a)
     else:
         check_export(a) if a.check_export else make(a)

@@ -287,7 +287,7 @@ pub fn resolve_model(m: &ModelConfig) -> Result<GptConfig> {
         model.seq_len = v;
     }
     model.key_bias = m.qkv_bias == crate::config::QkvBias::Qkv;
-    model.tie_embeddings = m.tie_embeddings;
+    model.tie_embeddings = m.tie_embeddings.unwrap_or(false);
     if model.d_model % model.n_heads != 0 {
         return Err(bad(
             "model.n_heads",

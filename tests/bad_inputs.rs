@@ -541,9 +541,19 @@ fn every_bad_input_is_one_line_exit_2_and_writes_nothing() {
         from(&fixture_str, &["model.d_model=32"]),
         &["model.d_model", "32", "n_embd = 64"],
     );
+    let untied = hf(
+        "untied",
+        &|c| {
+            c.replace(
+                "\"tie_word_embeddings\": true",
+                "\"tie_word_embeddings\": false",
+            )
+        },
+        &all_tensors,
+    );
     case(
-        train(&[&format!("model.init_from={fixture_str}")]),
-        &["model.tie_embeddings", "tie_word_embeddings = true"],
+        from(&untied, &[]),
+        &["model.tie_embeddings", "LM head of its own", &untied],
     );
     case(
         from(&s("no-such-model"), &[]),

@@ -92,6 +92,15 @@ pub trait TrainModule: Module + Sync + 'static {
         shape.len() >= 2
     }
 
+    /// What the log and `summary.json` call the model; by default its type's name.
+    fn name(&self) -> String {
+        std::any::type_name::<Self>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("model")
+            .to_string()
+    }
+
     /// The model's own description (its config), stored in checkpoints and compared on resume.
     fn describe(&self) -> serde_json::Value {
         serde_json::Value::Null
@@ -255,14 +264,15 @@ impl Trainer {
                 let plan = Plan::resolve_training(&self.config, world, &names)?;
                 let device = crate::device::for_rank(plan.device, rank, world)?.burn_device();
                 let Fit { model, train, eval } = fit;
+                let name = model.name();
                 let model =
                     ModuleModel::new(model, comm.clone(), plan.stage == 3, device.autodiff())?;
-                Ok((model, train, eval, plan))
+                Ok((model, train, eval, plan, name))
             })
         };
         // Every rank must agree that this worked, or none starts.
         comm.set_serves("the start-up checks");
-        let (model, train, eval, mut plan) = crate::comm::agree_on(comm.as_ref(), prepared)?;
+        let (model, train, eval, mut plan, name) = crate::comm::agree_on(comm.as_ref(), prepared)?;
         // Every rank must have built the same model: the same parameters (paths, shapes,
         // frozen or not) and the same initial values.
         let layout = serde_json::json!([model.desc["units"], model.desc["params"]]);
@@ -288,11 +298,6 @@ impl Trainer {
             .map(|source| eval::SourceEval::new(source, &plan))
             .transpose();
         let eval = crate::comm::agree_on(comm.as_ref(), eval)?;
-        let name = std::any::type_name::<M>()
-            .rsplit("::")
-            .next()
-            .unwrap_or("model")
-            .to_string();
         let job = Job {
             model: Box::new(model),
             source: train,

@@ -74,8 +74,9 @@ pub struct ModelConfig {
     /// the block's comment in src/model/gpt.rs) or `"qkv"` (GPT-2's, needed for its weights).
     pub qkv_bias: QkvBias,
     /// The LM head reads the token embedding `wte` (transposed) instead of a matrix of its own,
-    /// as GPT-2 does (Press & Wolf 2017). Default false.
-    pub tie_embeddings: bool,
+    /// as GPT-2 does (Press & Wolf 2017). Default: false for a preset; with `init_from`, the
+    /// file's `tie_word_embeddings` (`false` unties a tied GPT-2: its head starts as `wte`).
+    pub tie_embeddings: Option<bool>,
     /// Start from a Hugging Face GPT-2 checkpoint: a `save_pretrained` directory
     /// (`config.json` + `model.safetensors`, possibly sharded) or a `.safetensors` file. Its
     /// `config.json` gives the shape (the preset is ignored; other shape keys may only repeat
@@ -106,7 +107,7 @@ impl Default for ModelConfig {
             vocab: None,
             seq_len: None,
             qkv_bias: QkvBias::Qv,
-            tie_embeddings: false,
+            tie_embeddings: None,
             init_from: String::new(),
         }
     }

@@ -27,8 +27,9 @@ use std::path::Path;
 /// file's value — a different one could not load the weights, so it is an error naming both
 /// rather than a silent winner; `seq_len` may shorten training below `n_positions`.
 /// `model.qkv_bias` is free: `"qv"` drops the key bias, which computes the same function.
-/// `model.tie_embeddings` must match `tie_word_embeddings`: a tied file has no head of its own
-/// to untie into, and silently untying would change what is trained.
+/// Tying follows `tie_word_embeddings` unless `model.tie_embeddings` says otherwise: `false`
+/// unties a tied file (the head starts as the embedding); `true` on an untied file is refused
+/// (its head would be dropped).
 pub fn model_from_file(m: &ModelConfig) -> Result<GptConfig> {
     let path = Path::new(&m.init_from);
     let hf = HfCheckpoint::open(path)?.config(m.n_heads)?;
@@ -69,15 +70,18 @@ pub fn model_from_file(m: &ModelConfig) -> Result<GptConfig> {
         }
         model.seq_len = v;
     }
-    if m.tie_embeddings != hf.tie_word_embeddings {
-        return Err(KilnError::config(format!(
-            "key `model.tie_embeddings` = {} disagrees with model.init_from {} (tie_word_embeddings = {}); set model.tie_embeddings = {}",
-            m.tie_embeddings,
-            file(),
-            hf.tie_word_embeddings,
-            hf.tie_word_embeddings
-        )));
-    }
+    // Tying comes from the file. Untying a tied file is a choice (the head starts as the
+    // embedding); tying an untied one would drop its head, which is refused.
+    model.tie_embeddings = match m.tie_embeddings {
+        Some(true) if !hf.tie_word_embeddings => {
+            return Err(KilnError::config(format!(
+                "key `model.tie_embeddings` = true: model.init_from {} has an LM head of its own (tie_word_embeddings = false); leave the key out",
+                file()
+            )))
+        }
+        Some(tie) => tie,
+        None => hf.tie_word_embeddings,
+    };
     model.key_bias = m.qkv_bias == QkvBias::Qkv;
     Ok(model)
 }

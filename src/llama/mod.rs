@@ -63,6 +63,17 @@ fn fit(config: &Config, rank: RankInfo) -> Result<Fit<Decoder>> {
     let model = from_hf(Path::new(&config.model.init_from), &Device::flex())?;
     let cfg = model.config();
     let seq_len = seq_len(&config.model, cfg)?;
+    if let Some(tie) = config
+        .model
+        .tie_embeddings
+        .filter(|&t| t != cfg.tie_word_embeddings)
+    {
+        return Err(KilnError::config(format!(
+            "key `model.tie_embeddings` = {tie}: model.init_from {} has tie_word_embeddings = {}; \
+             leave the key out",
+            config.model.init_from, cfg.tie_word_embeddings
+        )));
+    }
     check_markov(config, cfg.vocab)?;
     let train = TokenBatches::open(&config.data, cfg.vocab, seq_len)?;
     let names: Vec<String> = model.units().iter().map(|u| u.name().to_string()).collect();

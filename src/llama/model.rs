@@ -236,6 +236,11 @@ impl TrainModule for Decoder {
         }
     }
 
+    /// `llama` or `qwen2` (transformers' `model_type`).
+    fn name(&self) -> String {
+        self.cfg.family.model_type().to_string()
+    }
+
     /// The Hugging Face `config.json`, under `hf_config`.
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({ "hf_config": *self.hf_config })

@@ -74,11 +74,9 @@ impl Weights {
     /// key bias and tying as the file has them).
     pub fn from_hf(path: &Path) -> Result<Weights> {
         let ckpt = HfCheckpoint::open(path)?;
-        let hf = ckpt.config(None)?;
         let shape: GptConfig = crate::hf::model_from_file(&ModelConfig {
             init_from: path.display().to_string(),
             qkv_bias: crate::config::QkvBias::Qkv,
-            tie_embeddings: hf.tie_word_embeddings,
             ..ModelConfig::default()
         })?;
         let model = Gpt::new(shape);
