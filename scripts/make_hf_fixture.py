@@ -17,14 +17,17 @@ committed, so CI needs no torch (issue 12).
           missing/unexpected/mismatched weights and no warnings, and compares its loss and
           tensors with the fixture's.
   decoders: python scripts/make_hf_fixture.py --kiln target/release/kiln --arch llama
-          (or qwen2) makes tests/fixtures/hf-{llama,qwen2}-tiny/: a small random
+          (or qwen2, phi3) makes tests/fixtures/hf-{llama,qwen2,phi3}-tiny/: a small random
           LlamaForCausalLM (untied, grouped-query attention, Llama 3 rotary scaling with bands
-          inside the training length, attention biases) or Qwen2ForCausalLM (tied, q/k/v
-          biases, grouped-query attention) saved with save_pretrained; a uint16 token file;
+          inside the training length, attention biases), Qwen2ForCausalLM (tied, q/k/v
+          biases, grouped-query attention) or Phi3ForCausalLM (tied, fused projections,
+          partial rotary, LongRoPE) saved with save_pretrained; a uint16 token file;
           and reference.json: the rows kiln trains on for 10 steps (`kiln dump-data`),
           transformers' step-1 loss, and the losses of 10 steps of torch.optim.AdamW in
           float64 on those rows with kiln's settings (DECODER_TRAIN) — the trajectory
           tests/hf_llama.rs holds kiln to.
+          --check-export with --arch: ten steps through kiln with a checkpoint, exported with
+          `kiln export --format hf`, reloaded by transformers: its loss equals kiln's.
 
 torch and transformers are not dependencies of kiln: install them into a scratch virtualenv
 (python3 -m venv /tmp/venv-hf && /tmp/venv-hf/bin/pip install torch transformers safetensors).
@@ -192,6 +195,19 @@ def decoder_model(arch):
         cfg = LlamaConfig(**common, tie_word_embeddings=False, attention_bias=True,
                           rope_parameters=rope)
         return LlamaForCausalLM(cfg)
+    if arch == "phi3":
+        from transformers import Phi3Config, Phi3ForCausalLM
+        # LongRoPE's short factors (rows of 32 < the original 64 positions) and its attention
+        # factor sqrt(1 + ln 2 / ln 64); a quarter of each head passes through unrotated.
+        pairs = 6
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                "short_factor": [1.0 + 0.3 * i for i in range(pairs)],
+                "long_factor": [2.0 + 0.5 * i for i in range(pairs)],
+                "original_max_position_embeddings": 64}
+        cfg = Phi3Config(**{**common, "max_position_embeddings": 2 * POSITIONS},
+                         original_max_position_embeddings=64, tie_word_embeddings=True,
+                         rope_parameters=rope)
+        return Phi3ForCausalLM(cfg)
     from transformers import Qwen2Config, Qwen2ForCausalLM
     cfg = Qwen2Config(**common, tie_word_embeddings=True,
                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
@@ -302,7 +318,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kiln", default="target/release/kiln")
     ap.add_argument("--check-export", action="store_true")
-    ap.add_argument("--arch", choices=["gpt2", "llama", "qwen2"], default="gpt2")
+    ap.add_argument("--arch", choices=["gpt2", "llama", "qwen2", "phi3"], default="gpt2")
     a = ap.parse_args()
     if a.arch != "gpt2":
         check_decoder_export(a) if a.check_export else make_decoder(a)

@@ -1,7 +1,8 @@
 //! Llama-family checkpoints from Hugging Face (issue 27), held to transformers: the fixtures
 //! that `scripts/make_hf_fixture.py --arch llama|qwen2` made — a random untied
 //! `LlamaForCausalLM` (grouped-query attention, Llama 3 rotary scaling, attention biases) and
-//! a tied `Qwen2ForCausalLM` (q/k/v biases) — with transformers' step-1 loss and the losses of
+//! a tied `Qwen2ForCausalLM` (q/k/v biases) and a tied `Phi3ForCausalLM` (fused projections,
+//! partial rotary, LongRoPE) — with transformers' step-1 loss and the losses of
 //! ten steps of `torch.optim.AdamW` in float64 on kiln's own rows.
 
 mod common;
@@ -13,7 +14,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const ARCHS: [&str; 2] = ["llama", "qwen2"];
+const ARCHS: [&str; 3] = ["llama", "qwen2", "phi3"];
 
 fn fixture(arch: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/hf-{arch}-tiny"))

@@ -74,7 +74,9 @@ impl HfConfig {
         if let Some(t) = value["model_type"].as_str().filter(|&t| t != "gpt2") {
             return Err(KilnError::file(
                 path,
-                format!("field `model_type`: \"{t}\" is not one kiln trains (gpt2, llama, qwen2)"),
+                format!(
+                    "field `model_type`: \"{t}\" is not one kiln trains (gpt2, llama, qwen2, phi3)"
+                ),
             ));
         }
         let cfg: HfConfig = serde_path_to_error::deserialize(&value).map_err(|e| {

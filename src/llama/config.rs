@@ -1,4 +1,5 @@
-//! A Llama-family `config.json` (`LlamaForCausalLM`, `Qwen2ForCausalLM`): read, checked field
+//! A Llama-family `config.json` (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `Phi3ForCausalLM`):
+//! read, checked field
 //! by field, and kept as written. Every field either decides the function kiln computes (and is
 //! implemented), or provably does not (ids, generation and bookkeeping settings); anything else
 //! is refused with one line naming it — a config kiln half-understands would train a different
@@ -19,6 +20,9 @@ pub enum Family {
     Llama,
     /// `Qwen2ForCausalLM`: biases on the query, key and value projections.
     Qwen2,
+    /// `Phi3ForCausalLM` (Phi-3, Phi-3.5-mini, Phi-4-mini): fused `qkv_proj` and
+    /// `gate_up_proj`, partial rotary, LongRoPE.
+    Phi3,
 }
 
 impl Family {
@@ -27,6 +31,7 @@ impl Family {
         match self {
             Family::Llama => "llama",
             Family::Qwen2 => "qwen2",
+            Family::Phi3 => "phi3",
         }
     }
 
@@ -35,6 +40,7 @@ impl Family {
         match self {
             Family::Llama => "LlamaForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Phi3 => "Phi3ForCausalLM",
         }
     }
 }
@@ -50,6 +56,32 @@ pub struct Llama3Scaling {
     pub high_freq_factor: f64,
     /// The context length the model was pretrained with.
     pub original_max_position_embeddings: f64,
+}
+
+/// Phi-3's LongRoPE (`rope_type = "longrope"`): per-frequency divisors, the short ones for
+/// sequences up to the original context, the long ones beyond; cos and sin scaled by
+/// `attention_factor`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LongRope {
+    /// Divisors of the inverse frequencies up to `original_max_position_embeddings`.
+    pub short_factor: Vec<f64>,
+    /// Divisors beyond it.
+    pub long_factor: Vec<f64>,
+    /// The context length the model was pretrained with.
+    pub original_max_position_embeddings: usize,
+    /// The scale of cos and sin.
+    pub attention_factor: f64,
+}
+
+/// How rotary frequencies are scaled.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum RopeScaling {
+    /// `θ^(-2i/d)` as is.
+    None,
+    /// Llama 3's bands.
+    Llama3(Llama3Scaling),
+    /// Phi-3's LongRoPE.
+    LongRope(LongRope),
 }
 
 /// The shape and function of a Llama-family decoder.
@@ -75,8 +107,13 @@ pub struct DecoderConfig {
     pub rms_norm_eps: f64,
     /// The rotary base.
     pub rope_theta: f64,
-    /// Llama 3 rotary scaling, if any.
-    pub llama3: Option<Llama3Scaling>,
+    /// How the rotary frequencies are scaled.
+    pub rope_scaling: RopeScaling,
+    /// Leading dimensions of each head that rotate (`head_dim × partial_rotary_factor`); the
+    /// rest pass through.
+    pub rotary_dim: usize,
+    /// One `qkv_proj` and one `gate_up_proj` matrix (Phi-3) instead of three and two.
+    pub fused_projections: bool,
     /// Biases on the query, key and value projections.
     pub qkv_bias: bool,
     /// A bias on the output projection.
@@ -87,6 +124,9 @@ pub struct DecoderConfig {
     pub tie_word_embeddings: bool,
     /// The longest sequence the model was trained for.
     pub max_position_embeddings: usize,
+    /// Phi-3's sliding attention window: a training length beyond it is refused
+    /// (`crate::llama`), below it the window changes nothing.
+    pub sliding_window: Option<usize>,
 }
 
 /// Fields any transformers config may carry that do not change what a causal LM computes:
@@ -173,6 +213,14 @@ const LLAMA_FIELDS: &[&str] = &[
     "tie_encoder_decoder",
     "cross_attention_hidden_size",
 ];
+const PHI3_FIELDS: &[&str] = &[
+    "resid_pdrop",
+    "embd_pdrop",
+    "original_max_position_embeddings",
+    "partial_rotary_factor",
+    // Checked against the training length in `crate::llama`.
+    "sliding_window",
+];
 const QWEN2_FIELDS: &[&str] = &[
     "use_sliding_window",
     "sliding_window",
@@ -199,18 +247,20 @@ impl DecoderConfig {
         let family = match map.get("model_type").and_then(Value::as_str) {
             Some("llama") => Family::Llama,
             Some("qwen2") => Family::Qwen2,
+            Some("phi3") => Family::Phi3,
             Some(other) => {
                 return Err(format!(
-                    "field `model_type`: \"{other}\" is not one kiln trains (gpt2, llama, qwen2)"
-                ))
+                "field `model_type`: \"{other}\" is not one kiln trains (gpt2, llama, qwen2, phi3)"
+            ))
             }
-            None => return Err("has no `model_type` (expected gpt2, llama or qwen2)".into()),
+            None => return Err("has no `model_type` (expected gpt2, llama, qwen2 or phi3)".into()),
         };
         let fields = Fields { map };
         for key in map.keys() {
             let known = BOOKKEEPING.contains(&key.as_str())
                 || LLAMA_FIELDS.contains(&key.as_str())
-                || (family == Family::Qwen2 && QWEN2_FIELDS.contains(&key.as_str()));
+                || (family == Family::Qwen2 && QWEN2_FIELDS.contains(&key.as_str()))
+                || (family == Family::Phi3 && PHI3_FIELDS.contains(&key.as_str()));
             if !known {
                 return Err(format!(
                     "field `{key}` is not one kiln implements for model_type \"{}\"; \
@@ -227,12 +277,14 @@ impl DecoderConfig {
                 "field `hidden_act`: \"{act}\" is not implemented (the gated MLP uses \"silu\")"
             ));
         }
-        let dropout = fields.number("attention_dropout", 0.0)?;
-        if dropout != 0.0 {
-            return Err(format!(
-                "field `attention_dropout`: {dropout}; kiln trains without dropout (every rank \
-                 must compute the same function), set it to 0.0"
-            ));
+        for key in ["attention_dropout", "resid_pdrop", "embd_pdrop"] {
+            let dropout = fields.number(key, 0.0)?;
+            if dropout != 0.0 {
+                return Err(format!(
+                    "field `{key}`: {dropout}; kiln trains without dropout (every rank must \
+                     compute the same function), set it to 0.0"
+                ));
+            }
         }
         if family == Family::Qwen2 {
             check_qwen2_attention(&fields)?;
@@ -259,7 +311,8 @@ impl DecoderConfig {
                 "field `head_dim`: {head_dim} must be even (rotary embeddings rotate pairs)"
             ));
         }
-        let (rope_theta, llama3) = rope(&fields)?;
+        let max_position_embeddings = fields.count_or("max_position_embeddings", 2048)?;
+        let rope = rope(&fields, family, head_dim, max_position_embeddings)?;
         let attention_bias = fields.flag("attention_bias", false)?;
         Ok(DecoderConfig {
             family,
@@ -271,13 +324,22 @@ impl DecoderConfig {
             kv_heads,
             head_dim,
             rms_norm_eps: fields.number("rms_norm_eps", 1e-6)?,
-            rope_theta,
-            llama3,
+            rope_theta: rope.theta,
+            rope_scaling: rope.scaling,
+            rotary_dim: rope.rotary_dim,
+            fused_projections: family == Family::Phi3,
             qkv_bias: family == Family::Qwen2 || attention_bias,
             o_bias: family == Family::Llama && attention_bias,
             mlp_bias: family == Family::Llama && fields.flag("mlp_bias", false)?,
             tie_word_embeddings: fields.flag("tie_word_embeddings", false)?,
-            max_position_embeddings: fields.count_or("max_position_embeddings", 2048)?,
+            max_position_embeddings,
+            sliding_window: match family {
+                Family::Phi3 => fields
+                    .get("sliding_window")
+                    .map(|_| fields.count("sliding_window"))
+                    .transpose()?,
+                _ => None,
+            },
         })
     }
 
@@ -290,6 +352,7 @@ impl DecoderConfig {
         let attn =
             d * q + 2 * d * kv + q * d + bias(self.qkv_bias, q + 2 * kv) + bias(self.o_bias, d);
         let mlp = 3 * d * f + bias(self.mlp_bias, 2 * f + d);
+        // (Phi-3's fused matrices hold the same numbers.)
         let layer = attn + mlp + 2 * d;
         let head = if self.tie_word_embeddings {
             0
@@ -319,8 +382,21 @@ fn check_qwen2_attention(fields: &Fields) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// `(rope_theta, llama3 scaling)` from either spelling of the rotary settings.
-fn rope(fields: &Fields) -> std::result::Result<(f64, Option<Llama3Scaling>), String> {
+/// The rotary settings: base, scaling and how many dimensions rotate.
+struct Rope {
+    theta: f64,
+    scaling: RopeScaling,
+    rotary_dim: usize,
+}
+
+/// The rotary settings from either spelling (`rope_parameters`, or `rope_theta` +
+/// `rope_scaling`), checked key by key for the scaling type.
+fn rope(
+    fields: &Fields,
+    family: Family,
+    head_dim: usize,
+    max_positions: usize,
+) -> std::result::Result<Rope, String> {
     let (key, params) = match fields.map.get("rope_parameters") {
         Some(Value::Object(p)) => ("rope_parameters", Some(p)),
         Some(Value::Null) | None => match fields.map.get("rope_scaling") {
@@ -330,69 +406,160 @@ fn rope(fields: &Fields) -> std::result::Result<(f64, Option<Llama3Scaling>), St
         },
         Some(_) => return Err("field `rope_parameters`: expected an object".into()),
     };
-    let theta_in_params = params.and_then(|p| p.get("rope_theta"));
-    let theta = match theta_in_params {
+    let in_params = |name: &str| params.and_then(|p| p.get(name)).filter(|v| !v.is_null());
+    let number = |name: &str, default: f64| match in_params(name) {
         Some(v) => v
             .as_f64()
-            .ok_or_else(|| format!("field `{key}.rope_theta`: expected a number"))?,
-        None => fields.number("rope_theta", 10000.0)?,
+            .filter(|x| x.is_finite() && *x > 0.0)
+            .ok_or_else(|| format!("field `{key}.{name}`: expected a positive number")),
+        None => fields.number(name, default),
     };
-    if !(theta.is_finite() && theta > 1.0) {
+    let theta = number("rope_theta", 10000.0)?;
+    if theta <= 1.0 {
         return Err(format!(
             "field `rope_theta`: {theta} must be a number above 1"
         ));
     }
-    let Some(p) = params else {
-        return Ok((theta, None));
-    };
-    let kind = p
-        .get("rope_type")
-        .or_else(|| p.get("type"))
+    let partial = number("partial_rotary_factor", 1.0)?;
+    if family != Family::Phi3 && partial != 1.0 {
+        return Err(format!(
+            "field `partial_rotary_factor`: {partial} is not implemented for model_type \"{}\"",
+            family.model_type()
+        ));
+    }
+    // transformers: `int(head_dim * partial_rotary_factor)`.
+    let rotary_dim = (head_dim as f64 * partial) as usize;
+    if rotary_dim == 0 || rotary_dim % 2 != 0 || partial > 1.0 {
+        return Err(format!(
+            "field `partial_rotary_factor`: {partial} × head_dim {head_dim} must give an even \
+             number of rotated dimensions, at most head_dim"
+        ));
+    }
+    let kind = in_params("rope_type")
+        .or_else(|| in_params("type"))
         .and_then(Value::as_str)
         .unwrap_or("default");
-    let allowed: &[&str] = match kind {
-        "default" => &["rope_type", "type", "rope_theta"],
+    let common = ["rope_type", "type", "rope_theta", "partial_rotary_factor"];
+    let extra: &[&str] = match kind {
+        "default" => &[],
         "llama3" => &[
-            "rope_type",
-            "type",
-            "rope_theta",
             "factor",
             "low_freq_factor",
             "high_freq_factor",
             "original_max_position_embeddings",
         ],
+        "longrope" => &[
+            "factor",
+            "attention_factor",
+            "short_factor",
+            "long_factor",
+            "original_max_position_embeddings",
+        ],
         other => {
             return Err(format!(
-                "field `{key}.rope_type`: \"{other}\" is not implemented (default, llama3)"
-            ))
+            "field `{key}.rope_type`: \"{other}\" is not implemented (default, llama3, longrope)"
+        ))
         }
     };
-    if let Some(extra) = p.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(format!(
-            "field `{key}.{extra}` is not implemented for rope_type \"{kind}\""
-        ));
+    if let Some(p) = params {
+        if let Some(k) = p
+            .keys()
+            .find(|k| !common.contains(&k.as_str()) && !extra.contains(&k.as_str()))
+        {
+            return Err(format!(
+                "field `{key}.{k}` is not implemented for rope_type \"{kind}\""
+            ));
+        }
     }
-    if kind == "default" {
-        return Ok((theta, None));
-    }
-    let num = |name: &str| {
-        p.get(name)
+    let required = |name: &str| {
+        in_params(name)
             .and_then(Value::as_f64)
             .filter(|v| v.is_finite() && *v > 0.0)
             .ok_or_else(|| format!("field `{key}.{name}`: expected a positive number"))
     };
-    let scaling = Llama3Scaling {
-        factor: num("factor")?,
-        low_freq_factor: num("low_freq_factor")?,
-        high_freq_factor: num("high_freq_factor")?,
-        original_max_position_embeddings: num("original_max_position_embeddings")?,
+    let scaling = match kind {
+        "llama3" => {
+            let s = Llama3Scaling {
+                factor: required("factor")?,
+                low_freq_factor: required("low_freq_factor")?,
+                high_freq_factor: required("high_freq_factor")?,
+                original_max_position_embeddings: required("original_max_position_embeddings")?,
+            };
+            if s.high_freq_factor <= s.low_freq_factor {
+                return Err(format!(
+                    "field `{key}.high_freq_factor`: must exceed low_freq_factor"
+                ));
+            }
+            RopeScaling::Llama3(s)
+        }
+        "longrope" => {
+            RopeScaling::LongRope(long_rope(fields, key, params, rotary_dim, max_positions)?)
+        }
+        _ => RopeScaling::None,
     };
-    if scaling.high_freq_factor <= scaling.low_freq_factor {
-        return Err(format!(
-            "field `{key}.high_freq_factor`: must exceed low_freq_factor"
-        ));
-    }
-    Ok((theta, Some(scaling)))
+    Ok(Rope {
+        theta,
+        scaling,
+        rotary_dim,
+    })
+}
+
+/// transformers' `_compute_longrope_parameters`: the original context from the rotary
+/// settings or the top level; `factor` defaults to max / original positions, and the
+/// attention factor to `sqrt(1 + ln(factor) / ln(original))` (1 when factor ≤ 1).
+fn long_rope(
+    fields: &Fields,
+    key: &str,
+    params: Option<&Map<String, Value>>,
+    rotary_dim: usize,
+    max_positions: usize,
+) -> std::result::Result<LongRope, String> {
+    let get = |name: &str| params.and_then(|p| p.get(name)).filter(|v| !v.is_null());
+    let factors = |name: &str| -> std::result::Result<Vec<f64>, String> {
+        let list: Vec<f64> = get(name)
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_f64).collect())
+            .ok_or_else(|| format!("field `{key}.{name}`: expected a list of numbers"))?;
+        if list.len() != rotary_dim / 2 || list.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+            return Err(format!(
+                "field `{key}.{name}`: expected {} positive numbers (one per rotated pair), found {}",
+                rotary_dim / 2,
+                list.len()
+            ));
+        }
+        Ok(list)
+    };
+    let original = match get("original_max_position_embeddings") {
+        Some(v) => v
+            .as_u64()
+            .filter(|&n| n > 0)
+            .map(|n| n as usize)
+            .ok_or_else(|| {
+                format!(
+                    "field `{key}.original_max_position_embeddings`: expected a positive integer"
+                )
+            })?,
+        None => fields.count("original_max_position_embeddings")?,
+    };
+    let factor = match get("factor") {
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| format!("field `{key}.factor`: expected a number"))?,
+        None => max_positions as f64 / original as f64,
+    };
+    let attention_factor = match get("attention_factor") {
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| format!("field `{key}.attention_factor`: expected a number"))?,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+    };
+    Ok(LongRope {
+        short_factor: factors("short_factor")?,
+        long_factor: factors("long_factor")?,
+        original_max_position_embeddings: original,
+        attention_factor,
+    })
 }
 
 /// Typed reads of a config's fields; messages name the field.
@@ -490,7 +657,7 @@ mod tests {
         assert_eq!(DecoderConfig::from_json(&old).unwrap(), new);
         assert_eq!(new.rope_theta, 500000.0);
         assert_eq!(new.head_dim, 16);
-        assert_eq!(new.llama3.unwrap().factor, 8.0);
+        assert!(matches!(new.rope_scaling, RopeScaling::Llama3(s) if s.factor == 8.0));
     }
 
     #[test]

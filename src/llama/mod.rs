@@ -1,18 +1,19 @@
 //! Llama-family decoders from Hugging Face checkpoints (`LlamaForCausalLM`,
-//! `Qwen2ForCausalLM`): RMSNorm, rotary positions (Llama 3 scaling too), a SiLU-gated MLP,
-//! grouped-query attention, tied or untied embeddings.
+//! `Qwen2ForCausalLM`, `Phi3ForCausalLM`): RMSNorm, rotary positions (Llama 3 scaling,
+//! LongRoPE, partial rotation), a SiLU-gated MLP, grouped-query attention, fused or separate
+//! projections, tied or untied embeddings.
 //!
 //! The model is ordinary burn modules trained through the public API ([`crate::api`]), as a
 //! user's model is: kiln's engine, strategies and checkpoints know nothing of it.
 //! `kiln train` takes this path when `model.init_from` names a directory whose `config.json`
-//! says `model_type` `llama` or `qwen2`.
+//! says `model_type` `llama`, `qwen2` or `phi3`.
 
 mod config;
 mod load;
 mod model;
 mod rope;
 
-pub use config::{DecoderConfig, Family, Llama3Scaling};
+pub use config::{DecoderConfig, Family, Llama3Scaling, LongRope, RopeScaling};
 pub use load::{config_path, from_hf};
 pub use model::{Attention, Decoder, DecoderLayer, DecoderStack, GatedMlp};
 
@@ -25,7 +26,7 @@ use burn::tensor::Device;
 use std::path::Path;
 
 /// The model types this module trains.
-pub const MODEL_TYPES: &[&str] = &["llama", "qwen2"];
+pub const MODEL_TYPES: &[&str] = &["llama", "qwen2", "phi3"];
 
 /// Whether `[model]` asks for a Llama-family checkpoint: `model.init_from` holds a
 /// `config.json` whose `model_type` is one of [`MODEL_TYPES`]. (Anything else, unreadable
@@ -63,6 +64,13 @@ fn fit(config: &Config, rank: RankInfo) -> Result<Fit<Decoder>> {
     let model = from_hf(Path::new(&config.model.init_from), &Device::flex())?;
     let cfg = model.config();
     let seq_len = seq_len(&config.model, cfg)?;
+    if let Some(window) = cfg.sliding_window.filter(|&w| w < seq_len) {
+        return Err(KilnError::config(format!(
+            "key `model.seq_len` = {seq_len}: longer than the sliding_window ({window}) of \
+             model.init_from {}; kiln's attention is full causal, so train at most {window} tokens",
+            config.model.init_from
+        )));
+    }
     if let Some(tie) = config
         .model
         .tie_embeddings

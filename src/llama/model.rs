@@ -17,7 +17,8 @@ use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::{Device, Tensor};
 use std::sync::Arc;
 
-/// `LlamaForCausalLM` / `Qwen2ForCausalLM`: the decoder and, when untied, its LM head.
+/// `LlamaForCausalLM` / `Qwen2ForCausalLM` / `Phi3ForCausalLM`: the decoder and, when untied,
+/// its LM head.
 #[derive(Module, Debug)]
 pub struct Decoder {
     /// The decoder stack (transformers' `model`).
@@ -26,9 +27,6 @@ pub struct Decoder {
     pub lm_head: Option<Linear>,
     #[module(skip)]
     cfg: Arc<DecoderConfig>,
-    /// Rotary inverse frequencies (f32, as transformers keeps them).
-    #[module(skip)]
-    inv_freq: Arc<Vec<f32>>,
     /// The `config.json` the model was read from, as written: its description in checkpoints
     /// and the config an export writes back.
     #[module(skip)]
@@ -60,26 +58,32 @@ pub struct DecoderLayer {
 }
 
 /// Causal self-attention with rotary positions and `kv_heads` key/value heads shared by
-/// groups of query heads.
+/// groups of query heads. The projections are three matrices, or one fused `qkv_proj`
+/// (Phi-3), as the checkpoint has them.
 #[derive(Module, Debug)]
 pub struct Attention {
     /// `[hidden, heads · head_dim]`.
-    pub q_proj: Linear,
+    pub q_proj: Option<Linear>,
     /// `[hidden, kv_heads · head_dim]`.
-    pub k_proj: Linear,
+    pub k_proj: Option<Linear>,
     /// `[hidden, kv_heads · head_dim]`.
-    pub v_proj: Linear,
+    pub v_proj: Option<Linear>,
+    /// `[hidden, (heads + 2 · kv_heads) · head_dim]`: queries, keys, values side by side.
+    pub qkv_proj: Option<Linear>,
     /// `[heads · head_dim, hidden]`.
     pub o_proj: Linear,
 }
 
-/// The SiLU-gated MLP.
+/// The SiLU-gated MLP, `down(silu(gate(x)) · up(x))`; gate and up are two matrices, or one
+/// fused `gate_up_proj` (Phi-3, gate first).
 #[derive(Module, Debug)]
 pub struct GatedMlp {
     /// `[hidden, intermediate]`.
-    pub gate_proj: Linear,
+    pub gate_proj: Option<Linear>,
     /// `[hidden, intermediate]`.
-    pub up_proj: Linear,
+    pub up_proj: Option<Linear>,
+    /// `[hidden, 2 · intermediate]`.
+    pub gate_up_proj: Option<Linear>,
     /// `[intermediate, hidden]`.
     pub down_proj: Linear,
 }
@@ -103,20 +107,24 @@ impl Decoder {
     /// A decoder of `cfg`'s shape (read from `hf_config`) with zero matrices and unit norm
     /// gains, to be filled from a checkpoint (`super::load`).
     pub fn empty(cfg: DecoderConfig, hf_config: serde_json::Value, device: &Device) -> Decoder {
-        let (d, hd) = (cfg.hidden, cfg.head_dim);
+        let (d, hd, f) = (cfg.hidden, cfg.head_dim, cfg.intermediate);
+        let (fused, split) = (cfg.fused_projections, !cfg.fused_projections);
+        let proj = |on: bool, d_out: usize, bias: bool| on.then(|| linear(d, d_out, bias, device));
         let layer = || DecoderLayer {
             input_layernorm: rms_norm(&cfg, device),
             self_attn: Attention {
-                q_proj: linear(d, cfg.heads * hd, cfg.qkv_bias, device),
-                k_proj: linear(d, cfg.kv_heads * hd, cfg.qkv_bias, device),
-                v_proj: linear(d, cfg.kv_heads * hd, cfg.qkv_bias, device),
+                q_proj: proj(split, cfg.heads * hd, cfg.qkv_bias),
+                k_proj: proj(split, cfg.kv_heads * hd, cfg.qkv_bias),
+                v_proj: proj(split, cfg.kv_heads * hd, cfg.qkv_bias),
+                qkv_proj: proj(fused, (cfg.heads + 2 * cfg.kv_heads) * hd, cfg.qkv_bias),
                 o_proj: linear(cfg.heads * hd, d, cfg.o_bias, device),
             },
             post_attention_layernorm: rms_norm(&cfg, device),
             mlp: GatedMlp {
-                gate_proj: linear(d, cfg.intermediate, cfg.mlp_bias, device),
-                up_proj: linear(d, cfg.intermediate, cfg.mlp_bias, device),
-                down_proj: linear(cfg.intermediate, d, cfg.mlp_bias, device),
+                gate_proj: proj(split, f, cfg.mlp_bias),
+                up_proj: proj(split, f, cfg.mlp_bias),
+                gate_up_proj: proj(fused, 2 * f, cfg.mlp_bias),
+                down_proj: linear(f, d, cfg.mlp_bias, device),
             },
         };
         let model = DecoderStack {
@@ -130,7 +138,6 @@ impl Decoder {
         Decoder {
             model,
             lm_head,
-            inv_freq: Arc::new(rope::inv_freq(&cfg)),
             cfg: Arc::new(cfg),
             hf_config: Arc::new(hf_config),
         }
@@ -156,9 +163,42 @@ impl Decoder {
         let h = layer.input_layernorm.forward(x.clone());
         let x = x + self.attention(&layer.self_attn, h);
         let h = layer.post_attention_layernorm.forward(x.clone());
-        let mlp = &layer.mlp;
-        let gated = silu(dense(h.clone(), &mlp.gate_proj)) * dense(h, &mlp.up_proj);
-        x + dense(gated, &mlp.down_proj)
+        x + self.mlp(&layer.mlp, h)
+    }
+
+    fn mlp(&self, mlp: &GatedMlp, h: Tensor<3>) -> Tensor<3> {
+        let f = self.cfg.intermediate;
+        let (gate, up) = match (&mlp.gate_up_proj, &mlp.gate_proj, &mlp.up_proj) {
+            (Some(gate_up), _, _) => {
+                let both = dense(h, gate_up);
+                (both.clone().narrow(2, 0, f), both.narrow(2, f, f))
+            }
+            (None, Some(gate), Some(up)) => (dense(h.clone(), gate), dense(h, up)),
+            _ => unreachable!("Decoder::empty builds gate and up, or gate_up"),
+        };
+        dense(silu(gate) * up, &mlp.down_proj)
+    }
+
+    /// Queries, keys and values `[batch, t, n · head_dim]` from one fused matrix or three.
+    fn qkv(&self, attn: &Attention, x: Tensor<3>) -> [Tensor<3>; 3] {
+        let (q, kv) = (
+            self.cfg.heads * self.cfg.head_dim,
+            self.cfg.kv_heads * self.cfg.head_dim,
+        );
+        match (&attn.qkv_proj, &attn.q_proj, &attn.k_proj, &attn.v_proj) {
+            (Some(fused), ..) => {
+                let all = dense(x, fused);
+                [
+                    all.clone().narrow(2, 0, q),
+                    all.clone().narrow(2, q, kv),
+                    all.narrow(2, q + kv, kv),
+                ]
+            }
+            (None, Some(wq), Some(wk), Some(wv)) => {
+                [dense(x.clone(), wq), dense(x.clone(), wk), dense(x, wv)]
+            }
+            _ => unreachable!("Decoder::empty builds q, k and v, or qkv"),
+        }
     }
 
     fn attention(&self, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
@@ -166,10 +206,12 @@ impl Decoder {
         let cfg = &self.cfg;
         let (h, kv, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
         let heads = |y: Tensor<3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
-        let (cos, sin) = rope::tables(&self.inv_freq, t, &x.device());
-        let q = rope::apply(heads(dense(x.clone(), &attn.q_proj), h), &cos, &sin);
-        let k = rope::apply(heads(dense(x.clone(), &attn.k_proj), kv), &cos, &sin);
-        let v = heads(dense(x, &attn.v_proj), kv);
+        let (inv_freq, scale) = rope::inv_freq(cfg, t);
+        let (cos, sin) = rope::tables(&inv_freq, scale, t, &x.device());
+        let [q, k, v] = self.qkv(attn, x);
+        let q = rope::apply(heads(q, h), &cos, &sin);
+        let k = rope::apply(heads(k, kv), &cos, &sin);
+        let v = heads(v, kv);
         // Grouped-query attention: query head i reads key/value head i / (heads / kv_heads),
         // as transformers' `repeat_kv` lays them out.
         let share = |y: Tensor<4>| match h / kv {
@@ -236,7 +278,7 @@ impl TrainModule for Decoder {
         }
     }
 
-    /// `llama` or `qwen2` (transformers' `model_type`).
+    /// `llama`, `qwen2` or `phi3` (transformers' `model_type`).
     fn name(&self) -> String {
         self.cfg.family.model_type().to_string()
     }

@@ -1,20 +1,34 @@
 //! Rotary position embeddings as transformers computes them for Llama-family models: the
 //! "rotate half" layout (dimension i pairs with i + d/2, not with its neighbour), inverse
-//! frequencies `θ^(-2i/d)` rounded to f32, and Llama 3's frequency-dependent scaling.
+//! frequencies `θ^(-2i/d)` rounded to f32, Llama 3's frequency-dependent scaling, Phi-3's
+//! LongRoPE and partial rotation (only the first `rotary_dim` dimensions of a head turn).
 
-use super::config::{DecoderConfig, Llama3Scaling};
+use super::config::{DecoderConfig, Llama3Scaling, RopeScaling};
 use burn::tensor::{Device, Tensor, TensorData};
 
-/// The inverse frequencies, one per rotated pair (`head_dim / 2` of them), in f32 as
-/// transformers keeps them.
-pub fn inv_freq(cfg: &DecoderConfig) -> Vec<f32> {
-    let dim = cfg.head_dim;
-    let base: Vec<f32> = (0..dim / 2)
-        .map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / dim as f64)) as f32)
-        .collect();
-    match &cfg.llama3 {
-        Some(s) => base.into_iter().map(|f| llama3(f, s)).collect(),
-        None => base,
+/// The inverse frequencies for rows of `seq_len` positions, one per rotated pair
+/// (`rotary_dim / 2` of them) in f32 as transformers keeps them, and the scale of cos and sin.
+pub fn inv_freq(cfg: &DecoderConfig, seq_len: usize) -> (Vec<f32>, f32) {
+    let dim = cfg.rotary_dim;
+    let power = |i: usize| cfg.rope_theta.powf((2 * i) as f64 / dim as f64);
+    match &cfg.rope_scaling {
+        RopeScaling::None => ((0..dim / 2).map(|i| (1.0 / power(i)) as f32).collect(), 1.0),
+        RopeScaling::Llama3(s) => (
+            (0..dim / 2)
+                .map(|i| llama3((1.0 / power(i)) as f32, s))
+                .collect(),
+            1.0,
+        ),
+        RopeScaling::LongRope(l) => {
+            // transformers switches to the long factors once a sequence outgrows the
+            // original context.
+            let ext = match seq_len > l.original_max_position_embeddings {
+                true => &l.long_factor,
+                false => &l.short_factor,
+            };
+            let freqs = (0..dim / 2).map(|i| (1.0 / (ext[i] * power(i))) as f32);
+            (freqs.collect(), l.attention_factor as f32)
+        }
     }
 }
 
@@ -38,10 +52,10 @@ fn llama3(freq: f32, s: &Llama3Scaling) -> f32 {
     scaled as f32
 }
 
-/// `(cos, sin)`, each `[1, 1, seq, head_dim]`, for positions `0..seq`: the angle of pair i at
-/// position p is `p · inv_freq[i]` (an f32 product, as transformers forms it), repeated over
-/// both halves of the head.
-pub fn tables(inv_freq: &[f32], seq: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+/// `(cos, sin)`, each `[1, 1, seq, rotary_dim]`, for positions `0..seq`, times `scale`: the
+/// angle of pair i at position p is `p · inv_freq[i]` (an f32 product, as transformers forms
+/// it), repeated over both halves of the rotated dimensions.
+pub fn tables(inv_freq: &[f32], scale: f32, seq: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
     let half = inv_freq.len();
     let dim = 2 * half;
     let mut cos = vec![0.0f32; seq * dim];
@@ -51,8 +65,8 @@ pub fn tables(inv_freq: &[f32], seq: usize, device: &Device) -> (Tensor<4>, Tens
             let angle = (p as f32 * f) as f64;
             let (s, c) = angle.sin_cos();
             for j in [i, i + half] {
-                cos[p * dim + j] = c as f32;
-                sin[p * dim + j] = s as f32;
+                cos[p * dim + j] = c as f32 * scale;
+                sin[p * dim + j] = s as f32 * scale;
             }
         }
     }
@@ -63,15 +77,28 @@ pub fn tables(inv_freq: &[f32], seq: usize, device: &Device) -> (Tensor<4>, Tens
     )
 }
 
-/// `x · cos + rotate_half(x) · sin` on `[batch, heads, seq, head_dim]`, where
-/// `rotate_half([x1, x2]) = [-x2, x1]`.
+/// `x · cos + rotate_half(x) · sin` on the first `rotary_dim` (cos's last dimension) of
+/// `[batch, heads, seq, head_dim]`, where `rotate_half([x1, x2]) = [-x2, x1]`; the other
+/// dimensions pass through.
 pub fn apply(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
-    let dim = x.dims()[3];
+    let head_dim = x.dims()[3];
+    let dim = cos.dims()[3];
+    let (rot, pass) = match dim == head_dim {
+        true => (x, None),
+        false => (
+            x.clone().narrow(3, 0, dim),
+            Some(x.narrow(3, dim, head_dim - dim)),
+        ),
+    };
     let half = dim / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
+    let x1 = rot.clone().narrow(3, 0, half);
+    let x2 = rot.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
+    let turned = rot * cos.clone() + rotated * sin.clone();
+    match pass {
+        None => turned,
+        Some(pass) => Tensor::cat(vec![turned, pass], 3),
+    }
 }
 
 #[cfg(test)]
