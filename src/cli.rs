@@ -392,22 +392,27 @@ fn dump_data(cfg: &config::Config, out: &std::path::Path) -> Result<(), KilnErro
         .map_err(|e| KilnError::file(out, format!("cannot create: {e}")))?;
     let mut w = std::io::BufWriter::new(file);
     let mut row = vec![0u32; plan.gpt().seq_len + 1];
+    let width = crate::data::TokenWidth::for_vocab(plan.gpt().vocab);
     for step in 0..plan.steps {
         for r in 0..plan.global_batch as u64 {
             source.fill_row(step, r, &mut row);
             for &t in &row {
-                w.write_all(&(t as u16).to_le_bytes())
-                    .map_err(|e| KilnError::io(out, e))?;
+                let written = match width {
+                    crate::data::TokenWidth::U16 => w.write_all(&(t as u16).to_le_bytes()),
+                    crate::data::TokenWidth::U32 => w.write_all(&t.to_le_bytes()),
+                };
+                written.map_err(|e| KilnError::io(out, e))?;
             }
         }
     }
     w.flush().map_err(|e| KilnError::io(out, e))?;
     eprintln!(
-        "{}: {} steps × {} rows × {} tokens; {}",
+        "{}: {} steps × {} rows × {} {} tokens; {}",
         out.display(),
         plan.steps,
         plan.global_batch,
         plan.gpt().seq_len + 1,
+        width.dtype(),
         source.describe()
     );
     Ok(())

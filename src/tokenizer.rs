@@ -1,4 +1,6 @@
-//! Text to token ids and back (issue 12): GPT-2's byte-level BPE, or one token per byte.
+//! Text to token ids and back (issue 12): GPT-2's byte-level BPE, one token per byte, or a
+//! Hugging Face `tokenizer.json` (issue 27: Llama, Qwen, Phi tokenizers) through Hugging Face's
+//! own `tokenizers` crate.
 //!
 //! `gpt2` is tiktoken's `r50k_base`, GPT-2's exact vocabulary and merges compiled into the
 //! `tiktoken-rs` crate, so nothing is downloaded at run time. It is checked against Hugging
@@ -6,41 +8,66 @@
 //! whitespace runs, `<|endoftext|>` inside text).
 
 use crate::error::{KilnError, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tiktoken_rs::CoreBPE;
 
 /// GPT-2's end-of-text token, `<|endoftext|>`: its last id.
 pub const GPT2_EOT: u32 = 50256;
 
 /// A tokenizer kiln can prepare data with and sample through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Tokenizer {
     /// GPT-2's byte-level BPE (`r50k_base`): 50257 ids, `<|endoftext|>` = 50256.
     Gpt2,
     /// One token per UTF-8 byte: 256 ids, no end-of-text token.
     Bytes,
+    /// A Hugging Face `tokenizer.json`.
+    HuggingFace(Arc<HfTokenizer>),
+}
+
+impl PartialEq for Tokenizer {
+    fn eq(&self, other: &Self) -> bool {
+        self.name() == other.name()
+    }
+}
+
+/// A Hugging Face tokenizer: `tokenizer.json`, and the end-of-sequence token that
+/// `tokenizer_config.json` beside it names.
+#[derive(Debug)]
+pub struct HfTokenizer {
+    inner: tokenizers::Tokenizer,
+    /// The tokenizer.json file.
+    path: PathBuf,
+    eos: Option<u32>,
 }
 
 /// The names [`Tokenizer::from_name`] accepts, for messages.
-pub const TOKENIZER_NAMES: &str = "gpt2, bytes";
+pub const TOKENIZER_NAMES: &str =
+    "gpt2, bytes, or a Hugging Face tokenizer.json (or the directory holding it)";
 
 impl Tokenizer {
-    /// The tokenizer called `name` (`gpt2` or `bytes`); the error names the value and the
-    /// choices.
+    /// The tokenizer called `name`: `gpt2`, `bytes`, or the path of a Hugging Face
+    /// `tokenizer.json` or of the directory holding it. Errors name the value or the file.
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "gpt2" => Ok(Tokenizer::Gpt2),
             "bytes" => Ok(Tokenizer::Bytes),
+            path if Path::new(path).exists() => Ok(Tokenizer::HuggingFace(Arc::new(
+                HfTokenizer::open(Path::new(path))?,
+            ))),
             other => Err(KilnError::config(format!(
                 "tokenizer `{other}` is not one of {TOKENIZER_NAMES}"
             ))),
         }
     }
 
-    /// The name `from_name` takes.
-    pub fn name(&self) -> &'static str {
+    /// The name `from_name` takes (for a Hugging Face tokenizer, its tokenizer.json's path).
+    pub fn name(&self) -> String {
         match self {
-            Tokenizer::Gpt2 => "gpt2",
-            Tokenizer::Bytes => "bytes",
+            Tokenizer::Gpt2 => "gpt2".into(),
+            Tokenizer::Bytes => "bytes".into(),
+            Tokenizer::HuggingFace(t) => t.path.display().to_string(),
         }
     }
 
@@ -49,24 +76,38 @@ impl Tokenizer {
         match self {
             Tokenizer::Gpt2 => GPT2_EOT as usize + 1,
             Tokenizer::Bytes => 256,
+            // Added tokens included, as `len(tokenizer)` counts them in transformers.
+            Tokenizer::HuggingFace(t) => t.inner.get_vocab_size(true),
         }
     }
 
-    /// The end-of-text id that separates documents, if the tokenizer has one.
+    /// The end-of-text id that separates documents, if the tokenizer has one (a Hugging Face
+    /// tokenizer's `eos_token`).
     pub fn eot(&self) -> Option<u32> {
         match self {
             Tokenizer::Gpt2 => Some(GPT2_EOT),
             Tokenizer::Bytes => None,
+            Tokenizer::HuggingFace(t) => t.eos,
         }
+    }
+
+    /// Whether a long text may be cut into pieces encoded independently (at
+    /// [`split_points`]) with the ids of the whole: not for a Hugging Face tokenizer, whose
+    /// post-processor adds a beginning-of-text token to every piece it encodes.
+    pub fn splits(&self) -> bool {
+        !matches!(self, Tokenizer::HuggingFace(_))
     }
 
     /// Token ids of `text`. For `gpt2`, `<|endoftext|>` written in the text becomes 50256, as
     /// Hugging Face's `GPT2TokenizerFast` does (it holds it as an added special token and splits
     /// it out before the byte-level BPE).
-    pub fn encode(&self, text: &str) -> Vec<u32> {
+    /// A Hugging Face tokenizer encodes as `tokenizer(text)` does in transformers: special
+    /// tokens included (its post-processor's beginning-of-text token).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match self {
-            Tokenizer::Gpt2 => gpt2().encode_with_special_tokens(text),
-            Tokenizer::Bytes => text.bytes().map(u32::from).collect(),
+            Tokenizer::Gpt2 => Ok(gpt2().encode_with_special_tokens(text)),
+            Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
+            Tokenizer::HuggingFace(t) => t.encode(text),
         }
     }
 
@@ -99,6 +140,59 @@ impl Tokenizer {
                     Err(_) => REPLACEMENT.to_vec(),
                 })
                 .collect(),
+            // The tokenizer's decoder joins pieces (byte fallback, ▁ for spaces), so the text
+            // of all ids at once, special tokens skipped as transformers' `decode(...,
+            // skip_special_tokens=True)` does.
+            Tokenizer::HuggingFace(t) => t.inner.decode(ids, true).unwrap_or_default().into_bytes(),
+        }
+    }
+}
+
+impl HfTokenizer {
+    /// Reads `path` (a tokenizer.json, or a directory holding one) and the `eos_token` of the
+    /// `tokenizer_config.json` beside it, if any. Errors name the file.
+    pub fn open(path: &Path) -> Result<HfTokenizer> {
+        let file = match path.is_dir() {
+            true => path.join("tokenizer.json"),
+            false => path.to_path_buf(),
+        };
+        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| {
+            KilnError::file(&file, format!("is not a Hugging Face tokenizer.json: {e}"))
+        })?;
+        let config = file.with_file_name("tokenizer_config.json");
+        let eos = match std::fs::read_to_string(&config) {
+            Err(_) => None,
+            Ok(text) => {
+                let value: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| KilnError::file(&config, format!("is not JSON: {e}")))?;
+                // `eos_token` is a string, or an AddedToken object with `content`.
+                let eos = &value["eos_token"];
+                match eos.as_str().or_else(|| eos["content"].as_str()) {
+                    None => None,
+                    Some(token) => Some(inner.token_to_id(token).ok_or_else(|| {
+                        KilnError::file(
+                            &config,
+                            format!("key `eos_token`: `{token}` is not in {}", file.display()),
+                        )
+                    })?),
+                }
+            }
+        };
+        Ok(HfTokenizer {
+            inner,
+            path: file,
+            eos,
+        })
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self.inner.encode(text, true) {
+            Ok(encoding) => Ok(encoding.get_ids().to_vec()),
+            // (A truncation or padding setting in the file that cannot apply, for one.)
+            Err(e) => Err(KilnError::file(
+                &self.path,
+                format!("cannot encode a text: {e}"),
+            )),
         }
     }
 }

@@ -40,7 +40,11 @@ fn options(tokenizer: Tokenizer, inputs: Vec<PathBuf>, out: PathBuf, val: f64) -
 fn stream(tokenizer: Tokenizer, files: &[PathBuf]) -> Vec<u32> {
     let mut ids = Vec::new();
     for f in files {
-        ids.extend(tokenizer.encode(&std::fs::read_to_string(f).unwrap()));
+        ids.extend(
+            tokenizer
+                .encode(&std::fs::read_to_string(f).unwrap())
+                .unwrap(),
+        );
         ids.extend(tokenizer.eot());
     }
     ids
@@ -64,7 +68,7 @@ fn gpt2_documents_end_with_eot_and_val_is_the_tail() {
     assert_eq!(*val.last().unwrap(), GPT2_EOT);
     assert_eq!(train.iter().filter(|&&t| t == GPT2_EOT).count(), 1);
     // Hamlet's first line, as GPT-2 writes it: "Scene I. Elsinore." …
-    assert_eq!(train[..3], Tokenizer::Gpt2.encode("Scene I.")[..]);
+    assert_eq!(train[..3], Tokenizer::Gpt2.encode("Scene I.").unwrap()[..]);
 
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
@@ -72,7 +76,9 @@ fn gpt2_documents_end_with_eot_and_val_is_the_tail() {
     assert_eq!(json["vocab_size"], 50257);
     assert_eq!(json["train_tokens"], train.len() as u64);
     assert_eq!(json["val_tokens"], val.len() as u64);
-    let hamlet_tokens = Tokenizer::Gpt2.encode(&std::fs::read_to_string(&files[0]).unwrap());
+    let hamlet_tokens = Tokenizer::Gpt2
+        .encode(&std::fs::read_to_string(&files[0]).unwrap())
+        .unwrap();
     assert_eq!(json["sources"][0]["tokens"], hamlet_tokens.len() as u64 + 1);
     assert_eq!(json["sources"][1]["bytes"], 1636);
     assert_eq!(meta.train_tokens + meta.val_tokens, reference.len() as u64);
@@ -203,4 +209,102 @@ fn the_command_reports_tokens_per_second_and_the_files() {
         "{stderr}"
     );
     assert_eq!(read_u16(&out.join("val.bin")).len(), val);
+}
+
+/// A Hugging Face tokenizer.json (the byte-level fixture, scripts/make_hf_tokenizer_fixture.py):
+/// each document as transformers' `tokenizer(text)` encodes it, then the eos_token of its
+/// tokenizer_config.json; uint16 files, as its 1,200 ids fit.
+#[test]
+fn a_hugging_face_tokenizer_prepares_documents_as_transformers_encodes_them() {
+    let scratch = Scratch::new("prepare-hf");
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/hf-tokenizers/bytelevel"
+    );
+    let tokenizer = Tokenizer::from_name(dir).unwrap();
+    let files = vec![play("hamlet.txt"), play("macbeth.txt")];
+    let out = scratch.path("out");
+    let (meta, _) = prepare(&options(tokenizer.clone(), files.clone(), out.clone(), 0.0)).unwrap();
+    let reference = stream(tokenizer.clone(), &files);
+    assert_eq!(read_u16(&out.join("train.bin")), reference);
+    // Each document starts with the post-processor's <|begin_of_text|> and ends with eos.
+    let (bos, eos) = (reference[0], tokenizer.eot().unwrap());
+    assert_eq!(reference.iter().filter(|&&t| t == bos).count(), 2);
+    assert_eq!(*reference.last().unwrap(), eos);
+    assert_eq!(meta.dtype, "uint16 little-endian");
+    assert_eq!(meta.vocab_size, 1200);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
+    assert!(json["tokenizer"]
+        .as_str()
+        .unwrap()
+        .ends_with("bytelevel/tokenizer.json"));
+}
+
+/// A word-level tokenizer.json of 70,000 words, written here: beyond 16 bits, so the files are
+/// uint32 (meta.json says so), the ids above 65,535 survive, and `data.path` reads them back:
+/// a GPT of vocab 70,000 trains on them.
+#[test]
+fn a_vocabulary_beyond_16_bits_writes_uint32_files_that_training_reads() {
+    let scratch = Scratch::new("prepare-u32");
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..70_000).map(|i| (format!("w{i}"), i.into())).collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"},
+    });
+    let tok_dir = scratch.path("tok");
+    std::fs::create_dir_all(&tok_dir).unwrap();
+    std::fs::write(tok_dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let words: Vec<String> = (0..400u32)
+        .map(|i| format!("w{}", 69_999 - (i * 7919) % 70_000))
+        .collect();
+    let text = scratch.path("words.txt");
+    std::fs::write(&text, words.join(" ")).unwrap();
+    let out = scratch.path("out");
+    let t = Tokenizer::from_name(tok_dir.to_str().unwrap()).unwrap();
+    let (meta, _) = prepare(&options(t, vec![text], out.clone(), 0.0)).unwrap();
+    assert_eq!(meta.dtype, "uint32 little-endian");
+    let bytes = std::fs::read(out.join("train.bin")).unwrap();
+    let ids: Vec<u32> = bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let want: Vec<u32> = words.iter().map(|w| w[1..].parse().unwrap()).collect();
+    assert_eq!(ids, want);
+    assert!(ids.iter().any(|&i| i > 65_535));
+
+    common::train_process([
+        "model.vocab=70000".to_string(),
+        "model.d_model=8".into(),
+        "model.n_heads=2".into(),
+        "model.n_layers=1".into(),
+        "model.max_seq_len=16".into(),
+        "data.source=tokens".into(),
+        format!("data.path={}", out.join("train.bin").display()),
+        "train.steps=2".into(),
+        "train.global_batch=2".into(),
+        "train.micro_batch=2".into(),
+        format!("output.dir={}", scratch.path("run").display()),
+    ]);
+    // A vocab below the file's ids is refused by the file's own check, naming the file.
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "train",
+            "--quiet",
+            "--set",
+            "model.vocab=65536",
+            "--set",
+            "data.source=\"tokens\"",
+        ])
+        .args([
+            "--set",
+            &format!("data.path={}", out.join("train.bin").display()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is not below the model's vocab"));
 }

@@ -87,3 +87,60 @@ pub fn micro_batch(
         targets: tensor(targets),
     }
 }
+
+/// How wide the ids of a token file are: little-endian uint16, or uint32 for a vocabulary
+/// beyond 65,536 ids (Llama 3's 128,256, Phi-4's 200,064). `kiln prepare-data` records it in
+/// the `meta.json` beside the files, where `data.path` and `data.val_path` find it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenWidth {
+    /// Two bytes per id (nanoGPT's and llm.c's files, and the default without a meta.json).
+    U16,
+    /// Four bytes per id.
+    U32,
+}
+
+impl TokenWidth {
+    /// The narrowest width that holds every id of a `vocab`-id tokenizer.
+    pub fn for_vocab(vocab: usize) -> TokenWidth {
+        match vocab <= 1 << 16 {
+            true => TokenWidth::U16,
+            false => TokenWidth::U32,
+        }
+    }
+
+    /// Bytes per id.
+    pub fn bytes(self) -> usize {
+        match self {
+            TokenWidth::U16 => 2,
+            TokenWidth::U32 => 4,
+        }
+    }
+
+    /// `meta.json`'s `dtype`.
+    pub fn dtype(self) -> &'static str {
+        match self {
+            TokenWidth::U16 => "uint16 little-endian",
+            TokenWidth::U32 => "uint32 little-endian",
+        }
+    }
+
+    /// The width of the token file at `path`: `meta.json`'s `dtype` beside it, uint16 without
+    /// one. Errors name the meta.json.
+    pub fn of_file(path: &str) -> Result<TokenWidth> {
+        let meta = std::path::Path::new(path).with_file_name("meta.json");
+        let Ok(text) = std::fs::read_to_string(&meta) else {
+            return Ok(TokenWidth::U16);
+        };
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| crate::error::KilnError::file(&meta, format!("is not JSON: {e}")))?;
+        match value["dtype"].as_str() {
+            None => Ok(TokenWidth::U16),
+            Some(d) if d.starts_with("uint16") => Ok(TokenWidth::U16),
+            Some(d) if d.starts_with("uint32") => Ok(TokenWidth::U32),
+            Some(d) => Err(crate::error::KilnError::file(
+                &meta,
+                format!("key `dtype`: `{d}` is not uint16 or uint32 little-endian"),
+            )),
+        }
+    }
+}

@@ -11,6 +11,7 @@
 //! (exists, not empty, UTF-8) before that, so a user error leaves the output directory as it
 //! was.
 
+use super::TokenWidth;
 use crate::error::{KilnError, Result};
 use crate::tokenizer::{split_points, Tokenizer, TOKENIZER_NAMES};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -23,8 +24,11 @@ use std::time::Instant;
 /// `kiln prepare-data`'s command line.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PrepareArgs {
-    /// `gpt2` (GPT-2's byte-level BPE, 50257 ids; documents end with <|endoftext|> = 50256) or
-    /// `bytes` (one token per UTF-8 byte, 256 ids, documents simply concatenated).
+    /// `gpt2` (GPT-2's byte-level BPE, 50257 ids; documents end with <|endoftext|> = 50256),
+    /// `bytes` (one token per UTF-8 byte, 256 ids, documents simply concatenated), or a Hugging
+    /// Face tokenizer.json or the model directory holding it (each document encoded as
+    /// transformers' `tokenizer(text)` does, then its `eos_token` from tokenizer_config.json;
+    /// uint32 files when the vocabulary exceeds 65,536 ids).
     #[arg(long, default_value = "gpt2", value_parser = parse_tokenizer)]
     pub tokenizer: Tokenizer,
     /// UTF-8 text files, one document each; a directory stands for its files, sorted by name.
@@ -46,7 +50,10 @@ pub struct PrepareArgs {
 }
 
 fn parse_tokenizer(name: &str) -> std::result::Result<Tokenizer, String> {
-    Tokenizer::from_name(name).map_err(|_| format!("expected one of {TOKENIZER_NAMES}"))
+    Tokenizer::from_name(name).map_err(|e| match Path::new(name).exists() {
+        true => e.to_string(),
+        false => format!("expected one of {TOKENIZER_NAMES}"),
+    })
 }
 
 fn parse_fraction(s: &str) -> std::result::Result<f64, String> {
@@ -60,7 +67,7 @@ fn parse_fraction(s: &str) -> std::result::Result<f64, String> {
 pub fn run(args: &PrepareArgs) -> Result<()> {
     use std::io::IsTerminal;
     let opts = PrepareOptions {
-        tokenizer: args.tokenizer,
+        tokenizer: args.tokenizer.clone(),
         inputs: args.inputs.clone(),
         out: args.out.clone(),
         val_fraction: args.val_fraction,
@@ -222,12 +229,9 @@ fn partial(out: &Path, name: &str) -> PathBuf {
 }
 
 fn write_outputs(opts: &PrepareOptions, files: &[(PathBuf, u64)]) -> Result<PrepareMeta> {
-    let tokenizer = opts.tokenizer;
-    // uint16 files: every id of the tokenizer must fit (GPT-2's 50257 do).
-    assert!(
-        tokenizer.vocab_size() <= 1 << 16,
-        "tokenizer ids fit in u16"
-    );
+    let tokenizer = &opts.tokenizer;
+    // uint16 files where every id fits (GPT-2's 50257 do), uint32 beyond (Llama 3's 128256).
+    let width = TokenWidth::for_vocab(tokenizer.vocab_size());
     let all_path = partial(&opts.out, "train.bin");
     let mut all = std::fs::OpenOptions::new()
         .create(true)
@@ -250,9 +254,9 @@ fn write_outputs(opts: &PrepareOptions, files: &[(PathBuf, u64)]) -> Result<Prep
             let encoded: Vec<Vec<u32>> = group
                 .par_iter()
                 .map(|&(a, b)| tokenizer.encode(&text[a..b]))
-                .collect();
+                .collect::<Result<_>>()?;
             for (ids, &(a, b)) in encoded.iter().zip(group) {
-                write_ids(&mut all, &all_path, ids)?;
+                write_ids(&mut all, &all_path, ids, width)?;
                 doc_tokens += ids.len() as u64;
                 bar.inc((b - a) as u64);
             }
@@ -263,7 +267,7 @@ fn write_outputs(opts: &PrepareOptions, files: &[(PathBuf, u64)]) -> Result<Prep
             ));
         }
         if let Some(eot) = tokenizer.eot() {
-            write_ids(&mut all, &all_path, &[eot])?;
+            write_ids(&mut all, &all_path, &[eot], width)?;
             doc_tokens += 1;
         }
         num_tokens += doc_tokens;
@@ -286,21 +290,22 @@ fn write_outputs(opts: &PrepareOptions, files: &[(PathBuf, u64)]) -> Result<Prep
     // The tail goes to val.bin; train.bin is the stream file cut short.
     let val_path = partial(&opts.out, "val.bin");
     let mut val = std::fs::File::create(&val_path).map_err(|e| KilnError::io(&val_path, e))?;
-    all.seek(SeekFrom::Start(train_tokens * 2))
+    let bytes = width.bytes() as u64;
+    all.seek(SeekFrom::Start(train_tokens * bytes))
         .map_err(|e| KilnError::io(&all_path, e))?;
-    std::io::copy(&mut (&mut all).take(val_tokens * 2), &mut val)
+    std::io::copy(&mut (&mut all).take(val_tokens * bytes), &mut val)
         .map_err(|e| KilnError::io(&val_path, e))?;
-    all.set_len(train_tokens * 2)
+    all.set_len(train_tokens * bytes)
         .map_err(|e| KilnError::io(&all_path, e))?;
     for (f, p) in [(&all, &all_path), (&val, &val_path)] {
         f.sync_all().map_err(|e| KilnError::io(p, e))?;
     }
 
     let meta = PrepareMeta {
-        tokenizer: tokenizer.name().into(),
+        tokenizer: tokenizer.name(),
         vocab_size: tokenizer.vocab_size(),
         eot: tokenizer.eot(),
-        dtype: "uint16 little-endian".into(),
+        dtype: width.dtype().into(),
         train_tokens,
         val_tokens,
         val_fraction: opts.val_fraction,
@@ -334,9 +339,12 @@ fn read_text(path: &Path) -> Result<String> {
 
 /// Byte ranges of `text` to encode independently: for GPT-2, cut only where the ids cannot
 /// change (see [`split_points`]); bytes can be cut anywhere.
-fn chunk_bounds(tokenizer: Tokenizer, text: &str) -> Vec<(usize, usize)> {
+fn chunk_bounds(tokenizer: &Tokenizer, text: &str) -> Vec<(usize, usize)> {
     let cuts: Vec<usize> = match tokenizer {
         Tokenizer::Gpt2 => split_points(text, CHUNK_BYTES),
+        // A Hugging Face tokenizer's post-processor adds its beginning-of-text token to every
+        // piece: a document is encoded whole (documents still encode in parallel).
+        Tokenizer::HuggingFace(_) => Vec::new(),
         // Any cut gives the same bytes; `&str` slicing only needs a character boundary.
         Tokenizer::Bytes => {
             let mut cuts: Vec<usize> = (1..text.len().div_ceil(CHUNK_BYTES))
@@ -357,8 +365,11 @@ fn chunk_bounds(tokenizer: Tokenizer, text: &str) -> Vec<(usize, usize)> {
     bounds
 }
 
-fn write_ids(file: &mut std::fs::File, path: &Path, ids: &[u32]) -> Result<()> {
-    let bytes: Vec<u8> = ids.iter().flat_map(|&t| (t as u16).to_le_bytes()).collect();
+fn write_ids(file: &mut std::fs::File, path: &Path, ids: &[u32], width: TokenWidth) -> Result<()> {
+    let bytes: Vec<u8> = match width {
+        TokenWidth::U16 => ids.iter().flat_map(|&t| (t as u16).to_le_bytes()).collect(),
+        TokenWidth::U32 => ids.iter().flat_map(|&t| t.to_le_bytes()).collect(),
+    };
     file.write_all(&bytes).map_err(|e| KilnError::io(path, e))
 }
 

@@ -69,12 +69,14 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         Some(name) => name.clone(),
         None => weights.config.as_ref().map_or("gpt2".into(), run_tokenizer),
     };
-    let tokenizer = Tokenizer::from_name(&name).map_err(|_| {
-        KilnError::config(format!(
+    let tokenizer = match Tokenizer::from_name(&name) {
+        // A tokenizer.json that does not parse says so itself.
+        Err(_) if !std::path::Path::new(&name).exists() => Err(KilnError::config(format!(
             "--tokenizer: `{name}` is not one of {}",
             crate::tokenizer::TOKENIZER_NAMES
-        ))
-    })?;
+        ))),
+        found => found,
+    }?;
     let device_setting = match &args.device {
         Some(d) => d.clone(),
         None => weights
@@ -90,7 +92,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         top_k: args.top_k,
         seed: args.seed,
     };
-    let prompt = tokenizer.encode(&args.prompt);
+    let prompt = tokenizer.encode(&args.prompt)?;
     let out = weights.generate(&prompt, &opts, &device)?;
     if args.ids {
         let ids: Vec<String> = out.iter().map(u32::to_string).collect();
