@@ -120,12 +120,30 @@ def timed_steps(model, opt, idx, steps, before, after):
     return statistics.median(times)
 
 
+class HfLm(torch.nn.Module):
+    """A transformers causal LM (`--init-from DIR`) with this script's (idx, targets) -> loss."""
+    def __init__(self, path):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+        self.lm = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa",
+                                                       dtype=torch.float32)
+
+    def forward(self, idx, targets):
+        logits = self.lm(input_ids=idx).logits
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
 def bench(args):
     torch.set_num_threads(args.threads)
     device = set_device(args)
-    vocab, d, n_layers, h, seq = PRESETS[args.preset]
     torch.manual_seed(0)
-    model = Gpt(vocab, d, n_layers, h, seq).to(device)
+    if args.init_from:
+        model = HfLm(args.init_from).to(device)
+        vocab, seq = model.lm.config.vocab_size, args.seq_len
+        args.preset = args.init_from
+    else:
+        vocab, d, n_layers, h, seq = PRESETS[args.preset]
+        model = Gpt(vocab, d, n_layers, h, seq).to(device)
     # The strongest AdamW PyTorch has on each device: fused on CUDA, the default on the CPU.
     opt = optimizer(model, 1e-3, fused=True if device.type == "cuda" else None)
     idx = torch.randint(0, vocab, (args.micro_batch, seq + 1)).to(device)
@@ -220,6 +238,8 @@ def main():
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench")
     b.add_argument("--preset", default="tiny")
+    b.add_argument("--init-from", default="", help="a transformers checkpoint directory instead of a preset")
+    b.add_argument("--seq-len", type=int, default=256, help="with --init-from: the training length")
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--micro-batch", type=int, default=8)
     b.add_argument("--steps", type=int, default=20)

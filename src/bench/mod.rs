@@ -112,6 +112,21 @@ impl ShapeArgs {
     }
 }
 
+/// How scripts/torch_gpt.py builds the configured model: kiln's preset, or the Hugging Face
+/// checkpoint `model.init_from` names (loaded by transformers) at `model.seq_len`.
+fn torch_model_args(config: &crate::config::Config) -> Vec<String> {
+    let m = &config.model;
+    match m.init_from.is_empty() {
+        true => vec!["--preset".into(), m.preset.clone()],
+        false => vec![
+            "--init-from".into(),
+            m.init_from.clone(),
+            "--seq-len".into(),
+            m.seq_len.unwrap_or(256).to_string(),
+        ],
+    }
+}
+
 /// Runs a benchmark.
 pub fn run(what: BenchCommand) -> Result<()> {
     match what {
@@ -165,9 +180,8 @@ pub fn run(what: BenchCommand) -> Result<()> {
         } => {
             let shape = shape.shape();
             let config = crate::config::load(Some(&shape.config), &shape.sets)?;
-            let torch = torch_python
-                .as_deref()
-                .map(|py| (py, config.model.preset.as_str()));
+            let model = torch_model_args(&config);
+            let torch = torch_python.as_deref().map(|py| (py, model.as_slice()));
             let results = train::step(&shape, torch)?;
             let kiln = results[0].median_ms();
             println!(
@@ -257,9 +271,16 @@ pub fn run(what: BenchCommand) -> Result<()> {
                 (_, true) => "fsdp2",
                 (_, false) => "fsdp2-keep",
             };
+            if torch_python.is_some() && !config.model.init_from.is_empty() {
+                return Err(KilnError::config(
+                    "--torch-python: bench ddp compares kiln's presets with PyTorch; \
+                     model.init_from is compared by bench step",
+                ));
+            }
+            let model = torch_model_args(&config);
             let torch = torch_python
                 .as_deref()
-                .map(|py| (py, config.model.preset.as_str(), mode));
+                .map(|py| (py, model.as_slice(), mode));
             let results = train::ddp(&shape, world, torch)?;
             let (s, m, i) = (
                 results[0].median_ms(),

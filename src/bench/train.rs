@@ -226,12 +226,12 @@ pub(super) fn scratch_dir() -> Result<PathBuf> {
 /// side by side, which shows what sharing the machine's memory system costs without any
 /// communication (the floor under the N-rank step time).
 ///
-/// With `torch` = (python, preset, mode), PyTorch's `world`-rank counterpart (scripts/torch_gpt.py
+/// With `torch` = (python, model arguments, mode), PyTorch's `world`-rank counterpart (scripts/torch_gpt.py
 /// `dist --mode`) runs in the same alternation and comes fourth.
 pub fn ddp(
     shape: &BenchShape,
     world: usize,
-    torch: Option<(&str, &str, &str)>,
+    torch: Option<(&str, &[String], &str)>,
 ) -> Result<Vec<Contender>> {
     let dir = scratch_dir()?;
     let mut reference = torch.map(|(_, _, mode)| Contender::new(format!("PyTorch {mode}")));
@@ -252,8 +252,8 @@ pub fn ddp(
                 c.name
             );
         }
-        if let (Some((py, preset, mode)), Some(c)) = (torch, reference.as_mut()) {
-            let ms = torch_step_ms(py, shape, world, preset, mode)?;
+        if let (Some((py, model, mode)), Some(c)) = (torch, reference.as_mut()) {
+            let ms = torch_step_ms(py, shape, world, model, mode)?;
             c.step_ms.push(ms);
             eprintln!("  run {}: {:<28} {ms:8.1} ms/step", r + 1, c.name);
         }
@@ -299,7 +299,7 @@ fn torch_step_ms(
     python: &str,
     shape: &BenchShape,
     world: usize,
-    preset: &str,
+    model: &[String],
     mode: &str,
 ) -> Result<f64> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_gpt.py");
@@ -317,7 +317,8 @@ fn torch_step_ms(
         .arg(&script)
         .args(["dist", "--mode", mode]);
     }
-    cmd.args(["--preset", preset, "--threads", "1", "--micro-batch"])
+    cmd.args(model)
+        .args(["--threads", "1", "--micro-batch"])
         .arg(shape.micro_batch.to_string())
         .arg("--steps")
         .arg(shape.steps.to_string());
@@ -333,9 +334,9 @@ fn torch_step_ms(
         })
 }
 
-/// kiln vs PyTorch (scripts/torch_gpt.py run by `python`, with the same `preset`), one process,
-/// one thread, alternating.
-pub fn step(shape: &BenchShape, torch: Option<(&str, &str)>) -> Result<Vec<Contender>> {
+/// kiln vs PyTorch (scripts/torch_gpt.py run by `python` with the same `model` arguments: a
+/// preset, or a Hugging Face checkpoint), one process, one thread, alternating.
+pub fn step(shape: &BenchShape, torch: Option<(&str, &[String])>) -> Result<Vec<Contender>> {
     let dir = scratch_dir()?;
     let mut kiln = Contender::new("kiln (burn flex)");
     let mut reference = Contender::new("PyTorch");
@@ -345,8 +346,8 @@ pub fn step(shape: &BenchShape, torch: Option<(&str, &str)>) -> Result<Vec<Conte
         let ms = read_run(&out, 2)?.step;
         kiln.step_ms.push(ms);
         eprintln!("  run {}: kiln    {ms:8.1} ms/step", r + 1);
-        if let Some((py, preset)) = torch {
-            let ms = torch_step_ms(py, shape, 1, preset, "")?;
+        if let Some((py, model)) = torch {
+            let ms = torch_step_ms(py, shape, 1, model, "")?;
             reference.step_ms.push(ms);
             eprintln!("  run {}: PyTorch {ms:8.1} ms/step", r + 1);
         }
