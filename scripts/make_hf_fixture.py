@@ -182,6 +182,9 @@ DECODER_TRAIN = {
 }
 
 
+DECODER_PROMPT = [5, 17, 42, 300, 7]
+
+
 def decoder_model(arch):
     common = dict(vocab_size=VOCAB, hidden_size=D, intermediate_size=96, num_hidden_layers=LAYERS,
                   num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=POSITIONS,
@@ -275,8 +278,18 @@ def make_decoder(args):
         "about": "made by scripts/make_hf_fixture.py --arch " + args.arch + " with transformers "
                  + transformers.__version__ + ", torch " + torch.__version__,
         "train": DECODER_TRAIN, "rows": first, "loss": losses(model, first),
-        "adamw_f64_losses": adamw_f64(model, rows),
+        "prompt_ids": DECODER_PROMPT,
     }
+    # generate(do_sample=False) with transformers' own cache, and the margin between the best
+    # and second-best logit at each step (recomputed without a cache) far above f32 rounding.
+    with torch.no_grad():
+        out = model.generate(torch.tensor([DECODER_PROMPT]), do_sample=False,
+                             max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS)
+    ref["greedy_ids"] = out[0, len(DECODER_PROMPT):].tolist()
+    ids, ref["greedy_margins"] = greedy(model, DECODER_PROMPT, GREEDY_TOKENS)
+    assert ids == ref["greedy_ids"], (ids, ref["greedy_ids"])
+    assert min(ref["greedy_margins"]) > 1e-3, "an argmax too close to call in f32"
+    ref["adamw_f64_losses"] = adamw_f64(model, rows)
     with open(os.path.join(fixture, "reference.json"), "w") as f:
         json.dump(ref, f, indent=1)
         f.write("\n")

@@ -307,3 +307,40 @@ fn unimplemented_config_fields_are_one_line_and_exit_two() {
     assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("model.d_model"));
 }
+
+fn greedy_ids(sampler: &kiln::sample::Sampler, prompt: &[u32], n: usize, cache: bool) -> Vec<u32> {
+    let opts = kiln::sample::SampleOptions {
+        max_tokens: n,
+        temperature: 0.0,
+        top_k: 0,
+        seed: 0,
+    };
+    sampler
+        .generate(prompt, &opts, &burn::tensor::Device::flex(), cache)
+        .unwrap()
+}
+
+/// Greedy decoding equals transformers' `generate(do_sample=False)` (every step's margin
+/// between the two best logits is far above f32 rounding), with the key/value cache and
+/// without it, from the Hugging Face directory and from a kiln checkpoint of it.
+#[test]
+fn greedy_sampling_equals_transformers_generate_with_and_without_the_kv_cache() {
+    for arch in ARCHS {
+        let r = reference(arch);
+        let prompt: Vec<u32> = serde_json::from_value(r["prompt_ids"].clone()).unwrap();
+        let want: Vec<u32> = serde_json::from_value(r["greedy_ids"].clone()).unwrap();
+        let device = burn::tensor::Device::flex();
+        let hf = kiln::sample::Sampler::from_hf(&fixture(arch), &device).unwrap();
+        assert_eq!(greedy_ids(&hf, &prompt, want.len(), true), want, "{arch}: cached");
+        assert_eq!(greedy_ids(&hf, &prompt, want.len(), false), want, "{arch}: uncached");
+
+        let scratch = Scratch::new(&format!("{arch}-sample"));
+        let ck = scratch.path("ck");
+        let ck_dir = format!("checkpoint.dir={}", ck.display());
+        let run_dir = format!("output.dir={}", scratch.path("run").display());
+        common::train_process(sets(arch, &["train.steps=1", "train.lr=1e-30", &ck_dir, &run_dir]));
+        let dir = kiln::checkpoint::locate(ck.to_str().unwrap(), &Default::default()).unwrap();
+        let (trained, _) = kiln::sample::Sampler::from_checkpoint(&dir, &device).unwrap();
+        assert_eq!(greedy_ids(&trained, &prompt, want.len(), true), want, "{arch}: checkpoint");
+    }
+}

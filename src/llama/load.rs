@@ -22,31 +22,11 @@ pub fn config_path(init_from: &Path) -> PathBuf {
 pub fn from_hf(init_from: &Path, device: &Device) -> Result<Decoder> {
     let (cfg, raw) = DecoderConfig::read(&config_path(init_from))?;
     let weights = HfWeights::open(init_from)?;
-    let mut loader = Loader {
-        path: Vec::new(),
-        weights: &weights,
-        error: None,
-    };
-    let model = Decoder::empty(cfg, raw, device).map(&mut loader);
-    match loader.error {
-        Some(e) => Err(e),
-        None => Ok(model),
-    }
-}
-
-/// Replaces every parameter with the checkpoint's tensor of the same name.
-struct Loader<'a> {
-    path: Vec<String>,
-    weights: &'a HfWeights,
-    error: Option<KilnError>,
-}
-
-impl Loader<'_> {
-    fn read(&self, path: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    let read = |path: &str, shape: &[usize]| {
         let (name, transform) = hf_name(path, shape);
         // A file saved from the bare decoder (`LlamaModel`) has no `model.` prefix.
         let bare = name.strip_prefix("model.").unwrap_or(&name).to_string();
-        let hf = self.weights.read(
+        let hf = weights.read(
             &[&name, &bare],
             &transform.hf_shape(shape),
             &format!("kiln's `{path}`"),
@@ -54,10 +34,45 @@ impl Loader<'_> {
         let mut out = vec![0.0f32; hf.len()];
         transform.to_kiln(shape, &hf, &mut out);
         Ok(out)
+    };
+    filled(Decoder::empty(cfg, raw, device), read)
+}
+
+/// The decoder a `config.json` (as a checkpoint's description holds it) describes, with each
+/// parameter's values from `read(kiln path, shape)` (a kiln checkpoint's, for `kiln sample`).
+pub fn from_values(
+    hf_config: &serde_json::Value,
+    device: &Device,
+    read: impl FnMut(&str, &[usize]) -> Result<Vec<f32>>,
+) -> Result<Decoder> {
+    let cfg = DecoderConfig::from_json(hf_config).map_err(KilnError::config)?;
+    filled(Decoder::empty(cfg, hf_config.clone(), device), read)
+}
+
+fn filled(
+    model: Decoder,
+    read: impl FnMut(&str, &[usize]) -> Result<Vec<f32>>,
+) -> Result<Decoder> {
+    let mut loader = Loader {
+        path: Vec::new(),
+        read,
+        error: None,
+    };
+    let model = model.map(&mut loader);
+    match loader.error {
+        Some(e) => Err(e),
+        None => Ok(model),
     }
 }
 
-impl ModuleMapper for Loader<'_> {
+/// Replaces every parameter with `read(path, shape)`.
+struct Loader<R> {
+    path: Vec<String>,
+    read: R,
+    error: Option<KilnError>,
+}
+
+impl<R: FnMut(&str, &[usize]) -> Result<Vec<f32>>> ModuleMapper for Loader<R> {
     fn enter_module(&mut self, name: &str, _container: &str) {
         self.path.push(name.to_string());
     }
@@ -72,7 +87,7 @@ impl ModuleMapper for Loader<'_> {
         }
         let path = self.path.join(".");
         let shape: [usize; D] = param.shape().dims();
-        match self.read(&path, &shape) {
+        match (self.read)(&path, &shape) {
             Ok(values) => {
                 param.map(|t| Tensor::from_data(TensorData::new(values, shape), &t.device()))
             }

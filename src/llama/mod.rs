@@ -9,12 +9,14 @@
 //! says `model_type` `llama`, `qwen2` or `phi3`.
 
 mod config;
+mod generate;
 mod load;
 mod model;
 mod rope;
 
 pub use config::{DecoderConfig, Family, Llama3Scaling, LongRope, RopeScaling};
-pub use load::{config_path, from_hf};
+pub use generate::KvCache;
+pub use load::{config_path, from_hf, from_values};
 pub use model::{Attention, Decoder, DecoderLayer, DecoderStack, GatedMlp};
 
 use crate::api::{Fit, RankInfo, TrainModule, Trainer};

@@ -166,7 +166,7 @@ impl Decoder {
         x + self.mlp(&layer.mlp, h)
     }
 
-    fn mlp(&self, mlp: &GatedMlp, h: Tensor<3>) -> Tensor<3> {
+    pub(super) fn mlp(&self, mlp: &GatedMlp, h: Tensor<3>) -> Tensor<3> {
         let f = self.cfg.intermediate;
         let (gate, up) = match (&mlp.gate_up_proj, &mlp.gate_proj, &mlp.up_proj) {
             (Some(gate_up), _, _) => {
@@ -180,7 +180,7 @@ impl Decoder {
     }
 
     /// Queries, keys and values `[batch, t, n · head_dim]` from one fused matrix or three.
-    fn qkv(&self, attn: &Attention, x: Tensor<3>) -> [Tensor<3>; 3] {
+    pub(super) fn qkv(&self, attn: &Attention, x: Tensor<3>) -> [Tensor<3>; 3] {
         let (q, kv) = (
             self.cfg.heads * self.cfg.head_dim,
             self.cfg.kv_heads * self.cfg.head_dim,
@@ -222,7 +222,12 @@ impl Decoder {
                 .reshape([b, h, t, hd]),
         };
         let att = causal_attention(q, share(k), share(v));
-        dense(att.swap_dims(1, 2).reshape([b, t, h * hd]), &attn.o_proj)
+        self.o_proj(attn, att.swap_dims(1, 2).reshape([b, t, h * hd]))
+    }
+
+    /// The attention's output projection of the heads' outputs `[batch, t, heads · head_dim]`.
+    pub(super) fn o_proj(&self, attn: &Attention, heads: Tensor<3>) -> Tensor<3> {
+        dense(heads, &attn.o_proj)
     }
 }
 

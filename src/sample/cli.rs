@@ -1,6 +1,6 @@
 //! The `kiln sample` command: where the weights, the tokenizer and the device come from.
 
-use super::{SampleOptions, Weights};
+use super::{SampleOptions, Sampler};
 use crate::config::Config;
 use crate::error::{KilnError, Result};
 use crate::tokenizer::Tokenizer;
@@ -16,7 +16,8 @@ pub struct SampleArgs {
         conflicts_with = "init_from"
     )]
     pub checkpoint: Option<PathBuf>,
-    /// A Hugging Face GPT-2 checkpoint (save_pretrained directory or .safetensors file).
+    /// A Hugging Face checkpoint: GPT-2 (save_pretrained directory or .safetensors file), or a
+    /// Llama, Qwen2 or Phi-3 directory (its tokenizer.json is the default tokenizer).
     #[arg(long, value_name = "PATH")]
     pub init_from: Option<PathBuf>,
     /// The text to continue.
@@ -34,8 +35,9 @@ pub struct SampleArgs {
     /// Seed of the sampling stream (the same seed gives the same text).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// `gpt2` or `bytes`; default: the run's `data.tokenizer` (or its prepared data's
-    /// meta.json), `bytes` for a `data.source = "text"` run, else `gpt2`.
+    /// `gpt2`, `bytes` or a tokenizer.json; default: the run's `data.tokenizer` (or its
+    /// prepared data's meta.json), `bytes` for a `data.source = "text"` run, the
+    /// tokenizer.json of an --init-from directory, else `gpt2`.
     #[arg(long)]
     pub tokenizer: Option<String>,
     /// `auto`, `cpu` or `cuda`; default: the run's `train.device` (`auto` for --init-from).
@@ -44,6 +46,10 @@ pub struct SampleArgs {
     /// Print the generated token ids (space-separated) instead of the text.
     #[arg(long)]
     pub ids: bool,
+    /// A Llama-family decoder reruns the whole context for each token instead of keeping its
+    /// keys and values (the same tokens, slower: for comparison).
+    #[arg(long)]
+    pub no_kv_cache: bool,
 }
 
 /// Runs `kiln sample`: prints the continuation on stdout.
@@ -54,20 +60,39 @@ pub fn run(args: &SampleArgs) -> Result<()> {
             args.temperature
         )));
     }
-    let weights = match (&args.checkpoint, &args.init_from) {
-        (Some(ck), _) => {
-            let dir = crate::checkpoint::locate(
-                &ck.display().to_string(),
-                &crate::config::CheckpointConfig::default(),
-            )?;
-            Weights::from_checkpoint(&dir)?
-        }
-        (None, Some(path)) => Weights::from_hf(path)?,
+    // The run's config (a checkpoint's) gives the default tokenizer and device.
+    let checkpoint = match &args.checkpoint {
+        Some(ck) => Some(crate::checkpoint::locate(
+            &ck.display().to_string(),
+            &crate::config::CheckpointConfig::default(),
+        )?),
+        None => None,
+    };
+    let run_config = match &checkpoint {
+        Some(dir) => Some(crate::checkpoint::verify(dir)?.config),
+        None => None,
+    };
+    let device_setting = match &args.device {
+        Some(d) => d.clone(),
+        None => run_config
+            .as_ref()
+            .map_or("auto".into(), |c| c.train.device.clone()),
+    };
+    let setting = crate::device::DeviceSetting::parse(&device_setting)?;
+    let device = crate::device::for_rank(setting, 0, 1)?.burn_device();
+    let sampler = match (&checkpoint, &args.init_from) {
+        (Some(dir), _) => Sampler::from_checkpoint(dir, &device)?.0,
+        (None, Some(path)) => Sampler::from_hf(path, &device)?,
         (None, None) => unreachable!("clap requires one of --checkpoint, --init-from"),
     };
-    let name = match &args.tokenizer {
-        Some(name) => name.clone(),
-        None => weights.config.as_ref().map_or("gpt2".into(), run_tokenizer),
+    let name = match (&args.tokenizer, &run_config, &args.init_from) {
+        (Some(name), _, _) => name.clone(),
+        (None, Some(config), _) => run_tokenizer(config),
+        // A Hugging Face directory's own tokenizer.json, when it has one.
+        (None, None, Some(path)) if path.join("tokenizer.json").is_file() => {
+            path.join("tokenizer.json").display().to_string()
+        }
+        (None, None, _) => "gpt2".into(),
     };
     let tokenizer = match Tokenizer::from_name(&name) {
         // A tokenizer.json that does not parse says so itself.
@@ -77,15 +102,6 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         ))),
         found => found,
     }?;
-    let device_setting = match &args.device {
-        Some(d) => d.clone(),
-        None => weights
-            .config
-            .as_ref()
-            .map_or("auto".into(), |c| c.train.device.clone()),
-    };
-    let setting = crate::device::DeviceSetting::parse(&device_setting)?;
-    let device = crate::device::for_rank(setting, 0, 1)?.burn_device();
     let opts = SampleOptions {
         max_tokens: args.max_tokens,
         temperature: args.temperature,
@@ -93,7 +109,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         seed: args.seed,
     };
     let prompt = tokenizer.encode(&args.prompt)?;
-    let out = weights.generate(&prompt, &opts, &device)?;
+    let out = sampler.generate(&prompt, &opts, &device, !args.no_kv_cache)?;
     if args.ids {
         let ids: Vec<String> = out.iter().map(u32::to_string).collect();
         println!("{}", ids.join(" "));

@@ -1,10 +1,10 @@
 //! `kiln sample`: continues a prompt with a trained model (a kiln checkpoint) or a Hugging Face
-//! GPT-2 (`--init-from`), one process, full parameters, on the training device
-//! (`train.device`). Greedy at temperature 0; otherwise softmax sampling over the `top_k` most
-//! likely tokens with a random stream keyed by (seed, position), so a seed gives the same
-//! text every time. There is no KV cache: each new token runs the model over the whole window
-//! (the last `max_seq_len` tokens), which costs O(n²) but is exact and simple; sampling is not
-//! a training-throughput path.
+//! checkpoint (`--init-from`: GPT-2, or a Llama-family decoder), one process, full parameters,
+//! on the training device (`train.device`). Greedy at temperature 0; otherwise softmax sampling
+//! over the `top_k` most likely tokens with a random stream keyed by (seed, position), so a
+//! seed gives the same text every time. A Llama-family decoder keeps a key/value cache (one
+//! position's work per new token; `--no-kv-cache` reruns the whole context instead, for
+//! comparison); the GPT reruns its window (the last `max_seq_len` tokens) for each token.
 
 mod cli;
 
@@ -32,6 +32,102 @@ pub struct SampleOptions {
     pub top_k: usize,
     /// Seed of the sampling stream.
     pub seed: u64,
+}
+
+/// A model to sample from: the built-in GPT, or a Llama-family decoder.
+pub enum Sampler {
+    /// kiln's GPT (or GPT-2) with its flat parameters.
+    Gpt(Weights),
+    /// A Llama, Qwen2 or Phi-3 decoder.
+    Decoder(Box<crate::llama::Decoder>),
+}
+
+impl Sampler {
+    /// The model of the kiln checkpoint in `dir` (verified first) on `device`, and the config
+    /// of the run that wrote it.
+    pub fn from_checkpoint(dir: &Path, device: &Device) -> Result<(Sampler, Config)> {
+        let manifest = crate::checkpoint::verify(dir)?;
+        let Some(hf_config) = manifest.model["model"].get("hf_config") else {
+            let weights = Weights::from_checkpoint(dir)?;
+            let config = weights.config.clone().expect("a checkpoint has its run's config");
+            return Ok((Sampler::Gpt(weights), config));
+        };
+        let reader = CheckpointReader::open(dir, &manifest)?;
+        let mut units: Vec<Option<Vec<f32>>> = vec![None; manifest.layout.units.len()];
+        let read = |path: &str, _shape: &[usize]| {
+            let (u, p) = manifest
+                .layout
+                .units
+                .iter()
+                .enumerate()
+                .find_map(|(u, unit)| unit.params.iter().find(|p| p.path == path).map(|p| (u, p)))
+                .ok_or_else(|| {
+                    KilnError::file(dir.join("manifest.json"), format!("has no parameter `{path}`"))
+                })?;
+            if units[u].is_none() {
+                let mut buf = vec![0.0f32; manifest.layout.units[u].numel];
+                read_unit_params(&reader, u, &mut buf)?;
+                units[u] = Some(buf);
+            }
+            Ok(units[u].as_ref().expect("read above")[p.range()].to_vec())
+        };
+        let model = crate::llama::from_values(hf_config, device, read)?;
+        Ok((Sampler::Decoder(Box::new(model)), manifest.config.clone()))
+    }
+
+    /// The Hugging Face checkpoint at `path` on `device`.
+    pub fn from_hf(path: &Path, device: &Device) -> Result<Sampler> {
+        let model = ModelConfig {
+            init_from: path.display().to_string(),
+            ..ModelConfig::default()
+        };
+        match crate::llama::selected(&model) {
+            true => Ok(Sampler::Decoder(Box::new(crate::llama::from_hf(path, device)?))),
+            false => Ok(Sampler::Gpt(Weights::from_hf(path)?)),
+        }
+    }
+
+    /// Number of token ids the model reads.
+    pub fn vocab(&self) -> usize {
+        match self {
+            Sampler::Gpt(w) => w.model.config().vocab,
+            Sampler::Decoder(d) => d.config().vocab,
+        }
+    }
+
+    /// `opts.max_tokens` tokens after `prompt`; a decoder uses its key/value cache unless
+    /// `kv_cache` is false.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        opts: &SampleOptions,
+        device: &Device,
+        kv_cache: bool,
+    ) -> Result<Vec<u32>> {
+        let vocab = self.vocab();
+        if prompt.is_empty() {
+            return Err(KilnError::config(
+                "--prompt: empty; the model needs at least one token to continue",
+            ));
+        }
+        if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
+            return Err(KilnError::config(format!(
+                "--prompt: token id {id} is not below the model's vocab ({vocab}); is --tokenizer the one it was trained with?"
+            )));
+        }
+        let mut ids = prompt.to_vec();
+        let mut cache = crate::llama::KvCache::default();
+        for i in 0..opts.max_tokens {
+            let logits = match self {
+                Sampler::Gpt(w) => w.next_logits(&ids, device),
+                Sampler::Decoder(d) if kv_cache => d.next_logits(&ids[cache.len()..], &mut cache, device),
+                Sampler::Decoder(d) => d.next_logits(&ids, &mut Default::default(), device),
+            };
+            let mut rng = Rng::derive(opts.seed, &[ids.len() as u64, i as u64]);
+            ids.push(choose(&logits, opts, &mut rng));
+        }
+        Ok(ids[prompt.len()..].to_vec())
+    }
 }
 
 /// A model with its full parameters, ready to run.
@@ -140,33 +236,6 @@ impl Weights {
             .logits(&self.unit_tensors(head, device), last)
             .into_data();
         logits.as_slice::<f32>().expect("f32 logits").to_vec()
-    }
-
-    /// `opts.max_tokens` tokens after `prompt`.
-    pub fn generate(
-        &self,
-        prompt: &[u32],
-        opts: &SampleOptions,
-        device: &Device,
-    ) -> Result<Vec<u32>> {
-        let vocab = self.model.config().vocab;
-        if prompt.is_empty() {
-            return Err(KilnError::config(
-                "--prompt: empty; the model needs at least one token to continue",
-            ));
-        }
-        if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
-            return Err(KilnError::config(format!(
-                "--prompt: token id {id} is not below the model's vocab ({vocab}); is --tokenizer the one it was trained with?"
-            )));
-        }
-        let mut ids = prompt.to_vec();
-        for i in 0..opts.max_tokens {
-            let logits = self.next_logits(&ids, device);
-            let mut rng = Rng::derive(opts.seed, &[ids.len() as u64, i as u64]);
-            ids.push(choose(&logits, opts, &mut rng));
-        }
-        Ok(ids[prompt.len()..].to_vec())
     }
 }
 
