@@ -331,16 +331,31 @@ fn greedy_sampling_equals_transformers_generate_with_and_without_the_kv_cache() 
         let want: Vec<u32> = serde_json::from_value(r["greedy_ids"].clone()).unwrap();
         let device = burn::tensor::Device::flex();
         let hf = kiln::sample::Sampler::from_hf(&fixture(arch), &device).unwrap();
-        assert_eq!(greedy_ids(&hf, &prompt, want.len(), true), want, "{arch}: cached");
-        assert_eq!(greedy_ids(&hf, &prompt, want.len(), false), want, "{arch}: uncached");
+        assert_eq!(
+            greedy_ids(&hf, &prompt, want.len(), true),
+            want,
+            "{arch}: cached"
+        );
+        assert_eq!(
+            greedy_ids(&hf, &prompt, want.len(), false),
+            want,
+            "{arch}: uncached"
+        );
 
         let scratch = Scratch::new(&format!("{arch}-sample"));
         let ck = scratch.path("ck");
         let ck_dir = format!("checkpoint.dir={}", ck.display());
         let run_dir = format!("output.dir={}", scratch.path("run").display());
-        common::train_process(sets(arch, &["train.steps=1", "train.lr=1e-30", &ck_dir, &run_dir]));
+        common::train_process(sets(
+            arch,
+            &["train.steps=1", "train.lr=1e-30", &ck_dir, &run_dir],
+        ));
         let dir = kiln::checkpoint::locate(ck.to_str().unwrap(), &Default::default()).unwrap();
         let (trained, _) = kiln::sample::Sampler::from_checkpoint(&dir, &device).unwrap();
-        assert_eq!(greedy_ids(&trained, &prompt, want.len(), true), want, "{arch}: checkpoint");
+        assert_eq!(
+            greedy_ids(&trained, &prompt, want.len(), true),
+            want,
+            "{arch}: checkpoint"
+        );
     }
 }

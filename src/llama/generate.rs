@@ -95,9 +95,18 @@ impl Decoder {
         let scores = q.matmul(share(k).swap_dims(2, 3)) / (hd as f64).sqrt();
         // Query i (position start + i) sees keys 0..=start + i.
         let mask: Vec<f32> = (0..n)
-            .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+            .flat_map(|i| {
+                (0..total).map(move |j| {
+                    if j <= start + i {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
             .collect();
-        let mask = Tensor::<4>::from_data(TensorData::new(mask, [1, 1, n, total]), &scores.device());
+        let mask =
+            Tensor::<4>::from_data(TensorData::new(mask, [1, 1, n, total]), &scores.device());
         let probs = softmax(scores + mask, 3);
         let att = probs.matmul(share(v));
         self.o_proj(attn, att.swap_dims(1, 2).reshape([b, n, h * hd]))

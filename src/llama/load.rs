@@ -49,10 +49,7 @@ pub fn from_values(
     filled(Decoder::empty(cfg, hf_config.clone(), device), read)
 }
 
-fn filled(
-    model: Decoder,
-    read: impl FnMut(&str, &[usize]) -> Result<Vec<f32>>,
-) -> Result<Decoder> {
+fn filled(model: Decoder, read: impl FnMut(&str, &[usize]) -> Result<Vec<f32>>) -> Result<Decoder> {
     let mut loader = Loader {
         path: Vec::new(),
         read,

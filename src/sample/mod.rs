@@ -49,7 +49,10 @@ impl Sampler {
         let manifest = crate::checkpoint::verify(dir)?;
         let Some(hf_config) = manifest.model["model"].get("hf_config") else {
             let weights = Weights::from_checkpoint(dir)?;
-            let config = weights.config.clone().expect("a checkpoint has its run's config");
+            let config = weights
+                .config
+                .clone()
+                .expect("a checkpoint has its run's config");
             return Ok((Sampler::Gpt(weights), config));
         };
         let reader = CheckpointReader::open(dir, &manifest)?;
@@ -62,7 +65,10 @@ impl Sampler {
                 .enumerate()
                 .find_map(|(u, unit)| unit.params.iter().find(|p| p.path == path).map(|p| (u, p)))
                 .ok_or_else(|| {
-                    KilnError::file(dir.join("manifest.json"), format!("has no parameter `{path}`"))
+                    KilnError::file(
+                        dir.join("manifest.json"),
+                        format!("has no parameter `{path}`"),
+                    )
                 })?;
             if units[u].is_none() {
                 let mut buf = vec![0.0f32; manifest.layout.units[u].numel];
@@ -82,7 +88,9 @@ impl Sampler {
             ..ModelConfig::default()
         };
         match crate::llama::selected(&model) {
-            true => Ok(Sampler::Decoder(Box::new(crate::llama::from_hf(path, device)?))),
+            true => Ok(Sampler::Decoder(Box::new(crate::llama::from_hf(
+                path, device,
+            )?))),
             false => Ok(Sampler::Gpt(Weights::from_hf(path)?)),
         }
     }
@@ -120,7 +128,9 @@ impl Sampler {
         for i in 0..opts.max_tokens {
             let logits = match self {
                 Sampler::Gpt(w) => w.next_logits(&ids, device),
-                Sampler::Decoder(d) if kv_cache => d.next_logits(&ids[cache.len()..], &mut cache, device),
+                Sampler::Decoder(d) if kv_cache => {
+                    d.next_logits(&ids[cache.len()..], &mut cache, device)
+                }
                 Sampler::Decoder(d) => d.next_logits(&ids, &mut Default::default(), device),
             };
             let mut rng = Rng::derive(opts.seed, &[ids.len() as u64, i as u64]);
