@@ -111,6 +111,31 @@ impl Tokenizer {
         }
     }
 
+    /// Ids of `text` with no special tokens added (a chat template's text already holds them,
+    /// and a reply continues a prompt), and each id's byte range in `text`. The ranges come
+    /// from the tokenizer for a Hugging Face tokenizer, and from each id's bytes otherwise.
+    pub fn encode_spans(&self, text: &str) -> Result<(Vec<u32>, Vec<std::ops::Range<usize>>)> {
+        if let Tokenizer::HuggingFace(t) = self {
+            let encoding = t
+                .inner
+                .encode(text, false)
+                .map_err(|e| KilnError::file(&t.path, format!("cannot encode a text: {e}")))?;
+            let spans = encoding.get_offsets().iter().map(|&(a, b)| a..b).collect();
+            return Ok((encoding.get_ids().to_vec(), spans));
+        }
+        let ids = self.encode(text)?;
+        let mut at = 0;
+        let spans = ids
+            .iter()
+            .map(|&id| {
+                let len = self.decode_bytes(&[id]).len();
+                at += len;
+                at - len..at
+            })
+            .collect();
+        Ok((ids, spans))
+    }
+
     /// The text of `ids`. Bytes that do not form UTF-8 (a character cut by the end of a sample,
     /// or ids out of the vocabulary) become U+FFFD instead of an error: a sampler prints what it
     /// has.
@@ -183,6 +208,11 @@ impl HfTokenizer {
             path: file,
             eos,
         })
+    }
+
+    /// The tokenizer.json file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>> {

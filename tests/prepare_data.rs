@@ -33,6 +33,7 @@ fn options(tokenizer: Tokenizer, inputs: Vec<PathBuf>, out: PathBuf, val: f64) -
         val_fraction: val,
         force: false,
         progress: false,
+        format: kiln::data::prepare::DataFormat::Text,
     }
 }
 

@@ -30,6 +30,7 @@ fn bytes_data(scratch: &Scratch) -> (PathBuf, PathBuf) {
         val_fraction: 0.3,
         force: false,
         progress: false,
+        format: kiln::data::prepare::DataFormat::Text,
     })
     .unwrap();
     (out.join("train.bin"), out.join("val.bin"))

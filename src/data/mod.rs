@@ -2,7 +2,9 @@
 //! alone, so every rank can build its own contiguous slice of rows and the global batch is the
 //! same at every world size (docs/ARCHITECTURE.md, "Contracts").
 
+pub mod chat;
 mod file;
+mod instruct;
 mod markov;
 pub mod prepare;
 

@@ -44,6 +44,11 @@ pub struct PrepareArgs {
     /// Replace existing train.bin, val.bin and meta.json in DIR (otherwise an error).
     #[arg(long)]
     pub force: bool,
+    /// `text` (UTF-8 files, one document each) or `jsonl` (instruction data: one record per
+    /// line, `{"prompt", "response"}` or `{"messages": [{"role", "content"}, …]}`, rendered
+    /// with the tokenizer's chat template; the loss only on the replies: train.mask.bin).
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: DataFormat,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -73,6 +78,7 @@ pub fn run(args: &PrepareArgs) -> Result<()> {
         val_fraction: args.val_fraction,
         force: args.force,
         progress: !args.quiet && std::io::stderr().is_terminal(),
+        format: args.format,
     };
     let (meta, seconds) = prepare(&opts)?;
     let bytes: u64 = meta.sources.iter().map(|d| d.bytes).sum();
@@ -92,6 +98,15 @@ pub fn run(args: &PrepareArgs) -> Result<()> {
     Ok(())
 }
 
+/// What the inputs hold.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataFormat {
+    /// UTF-8 text, one document per file.
+    Text,
+    /// Instruction records, one JSON object per line (`super::chat`).
+    Jsonl,
+}
+
 /// What `kiln prepare-data` was asked to do.
 #[derive(Debug, Clone)]
 pub struct PrepareOptions {
@@ -107,6 +122,8 @@ pub struct PrepareOptions {
     pub force: bool,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// What the inputs hold.
+    pub format: DataFormat,
 }
 
 /// One input document in `meta.json`.
@@ -141,10 +158,19 @@ pub struct PrepareMeta {
     pub split: String,
     /// The documents, in stream order.
     pub sources: Vec<DocumentMeta>,
+    /// Instruction data only: the label masks and what they hold.
+    #[serde(skip_serializing_if = "Option::is_none", flatten)]
+    pub instruct: Option<super::instruct::MaskMeta>,
 }
 
-/// Output names in the directory.
-const OUTPUTS: [&str; 3] = ["train.bin", "val.bin", "meta.json"];
+/// Output names in the directory (the masks only for instruction data).
+pub(super) const OUTPUTS: [&str; 5] = [
+    "train.bin",
+    "val.bin",
+    "meta.json",
+    "train.mask.bin",
+    "val.mask.bin",
+];
 /// Text per parallel encoding task: large enough that the per-task cost vanishes, small enough
 /// for a progress bar that moves and for both cores to work on one large file.
 const CHUNK_BYTES: usize = 1 << 20;
@@ -163,7 +189,10 @@ pub fn prepare(opts: &PrepareOptions) -> Result<(PrepareMeta, f64)> {
         .collect();
     std::fs::create_dir_all(&opts.out)
         .map_err(|e| KilnError::file(&opts.out, format!("cannot create the directory: {e}")))?;
-    let result = write_outputs(opts, &files);
+    let result = match opts.format {
+        DataFormat::Text => write_outputs(opts, &files),
+        DataFormat::Jsonl => super::instruct::write_outputs(opts, &files),
+    };
     if result.is_err() {
         for name in OUTPUTS {
             let _ = std::fs::remove_file(partial(&opts.out, name));
@@ -208,7 +237,7 @@ fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<(PathBuf, u64)>> {
     Ok(files)
 }
 
-fn check_outputs(out: &Path, force: bool) -> Result<()> {
+pub(super) fn check_outputs(out: &Path, force: bool) -> Result<()> {
     if out.exists() && !out.is_dir() {
         return Err(KilnError::file(out, "--out must be a directory"));
     }
@@ -224,7 +253,7 @@ fn check_outputs(out: &Path, force: bool) -> Result<()> {
     }
 }
 
-fn partial(out: &Path, name: &str) -> PathBuf {
+pub(super) fn partial(out: &Path, name: &str) -> PathBuf {
     out.join(format!(".{name}.partial"))
 }
 
@@ -311,19 +340,29 @@ fn write_outputs(opts: &PrepareOptions, files: &[(PathBuf, u64)]) -> Result<Prep
         val_fraction: opts.val_fraction,
         split: "val.bin is the last val_fraction of the token stream".into(),
         sources,
+        instruct: None,
     };
     let meta_path = partial(&opts.out, "meta.json");
     let text = serde_json::to_string_pretty(&meta).expect("meta serialises") + "\n";
     std::fs::write(&meta_path, text).map_err(|e| KilnError::io(&meta_path, e))?;
-    // Renames last: until here, the directory's existing outputs are untouched.
-    for name in OUTPUTS {
-        let to = opts.out.join(name);
-        std::fs::rename(partial(&opts.out, name), &to).map_err(|e| KilnError::io(&to, e))?;
-    }
+    publish(&opts.out, &OUTPUTS[..3])?;
     Ok(meta)
 }
 
-fn read_text(path: &Path) -> Result<String> {
+/// Renames the finished `names` into place and removes the directory's other outputs (an older
+/// run's masks must not outlive it). Last: until here, the existing outputs are untouched.
+pub(super) fn publish(out: &Path, names: &[&str]) -> Result<()> {
+    for name in names {
+        let to = out.join(name);
+        std::fs::rename(partial(out, name), &to).map_err(|e| KilnError::io(&to, e))?;
+    }
+    for name in OUTPUTS.iter().filter(|n| !names.contains(n)) {
+        let _ = std::fs::remove_file(out.join(name));
+    }
+    Ok(())
+}
+
+pub(super) fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path)
         .map_err(|e| KilnError::file(path, format!("cannot read input: {e}")))?;
     String::from_utf8(bytes).map_err(|e| {
@@ -365,7 +404,12 @@ fn chunk_bounds(tokenizer: &Tokenizer, text: &str) -> Vec<(usize, usize)> {
     bounds
 }
 
-fn write_ids(file: &mut std::fs::File, path: &Path, ids: &[u32], width: TokenWidth) -> Result<()> {
+pub(super) fn write_ids(
+    file: &mut std::fs::File,
+    path: &Path,
+    ids: &[u32],
+    width: TokenWidth,
+) -> Result<()> {
     let bytes: Vec<u8> = match width {
         TokenWidth::U16 => ids.iter().flat_map(|&t| (t as u16).to_le_bytes()).collect(),
         TokenWidth::U32 => ids.iter().flat_map(|&t| t.to_le_bytes()).collect(),
