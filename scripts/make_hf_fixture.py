@@ -217,9 +217,10 @@ def decoder_model(arch):
     return Qwen2ForCausalLM(cfg)
 
 
-def kiln_rows(kiln, tokens, steps):
+def kiln_rows(kiln, tokens, steps, masked=False):
     """kiln's rows for `steps` steps of DECODER_TRAIN on `tokens` (step-major): the data depend
-    on the data settings only, so a GPT of the same vocab and seq_len cuts them."""
+    on the data settings only, so a GPT of the same vocab and seq_len cuts them. With `masked`,
+    also the rows' label masks."""
     with tempfile.TemporaryDirectory() as tmp:
         rows_path = os.path.join(tmp, "rows.bin")
         cmd = [kiln, "dump-data", "--out", rows_path, "--set", f"model.vocab={VOCAB}",
@@ -229,12 +230,24 @@ def kiln_rows(kiln, tokens, steps):
                 cmd += ["--set", f"{k}={json.dumps(v)}"]
         subprocess.run(cmd, check=True)
         rows = np.fromfile(rows_path, dtype=np.uint16).reshape(steps, GLOBAL_BATCH, SEQ + 1)
+        if masked:
+            mask = np.fromfile(os.path.join(tmp, "rows.mask"), dtype=np.uint8)
+            return rows.astype(np.int64), mask.reshape(steps, GLOBAL_BATCH, SEQ + 1)
     return rows.astype(np.int64)
 
 
-def adamw_f64(model, rows):
+def labels(ids, mask):
+    """Next-token targets, -100 (ignored) where the label mask says the token is no target."""
+    targets = ids[:, 1:].clone()
+    if mask is not None:
+        targets[torch.tensor(mask)[:, 1:] == 0] = -100
+    return targets
+
+
+def adamw_f64(model, rows, masks=None):
     """Losses of len(rows) steps of torch.optim.AdamW in float64 with DECODER_TRAIN's settings:
-    decay on matrices (embeddings too), not on biases and norm gains, as kiln does."""
+    decay on matrices (embeddings too), not on biases and norm gains, as kiln does; with
+    `masks`, the loss is the mean over the targets they keep (transformers' -100 labels)."""
     model = model.to(torch.float64).train()
     t = DECODER_TRAIN
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -243,15 +256,41 @@ def adamw_f64(model, rows):
                              {"params": other, "weight_decay": 0.0}], lr=t["train.lr"],
                             betas=(t["train.beta1"], t["train.beta2"]), eps=t["train.eps"])
     out = []
-    for step_rows in rows:
+    for t, step_rows in enumerate(rows):
         ids = torch.tensor(step_rows)
         logits = model(input_ids=ids[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        targets = labels(ids, None if masks is None else masks[t])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
         out.append(loss.item())
     return out
+
+
+def masked_reference(args, fixture, model):
+    """Instruction-style data in `fixture`/masked: tokens with a random label mask (40% of the
+    tokens are targets) and the meta.json `prepare-data --format jsonl` writes; transformers'
+    step-1 loss with -100 labels off the mask, and ten steps of float64 AdamW on them."""
+    out = os.path.join(fixture, "masked")
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(9)
+    rng.integers(0, VOCAB, size=4096, dtype=np.uint16).tofile(os.path.join(out, "train.bin"))
+    (rng.random(4096) < 0.4).astype(np.uint8).tofile(os.path.join(out, "train.mask.bin"))
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump({"format": "jsonl", "dtype": "uint16 little-endian",
+                   "mask": "train.mask.bin: one byte per token, 1 = a training target"}, f, indent=1)
+    rows, masks = kiln_rows(args.kiln, os.path.join(out, "train.bin"), DECODER_TRAIN["train.steps"], masked=True)
+    with torch.no_grad():
+        ids = torch.tensor(rows[0])
+        first = model(input_ids=ids[:, :-1], labels=None).logits
+        targets = labels(ids, masks[0])
+        own = model(input_ids=ids, labels=torch.cat([ids[:, :1], targets], 1)).loss.item()
+        nll = torch.nn.functional.cross_entropy(first.double().reshape(-1, VOCAB), targets.reshape(-1)).item()
+    import copy
+    return {"trained_targets_step1": int((masks[0][:, 1:] == 1).sum()),
+            "loss": {"transformers_labels_f32": own, "nll_f64": nll},
+            "adamw_f64_losses": adamw_f64(copy.deepcopy(model), rows, masks)}
 
 
 def make_decoder(args):
@@ -289,6 +328,8 @@ def make_decoder(args):
     ids, ref["greedy_margins"] = greedy(model, DECODER_PROMPT, GREEDY_TOKENS)
     assert ids == ref["greedy_ids"], (ids, ref["greedy_ids"])
     assert min(ref["greedy_margins"]) > 1e-3, "an argmax too close to call in f32"
+    if args.arch == "llama":
+        ref["masked"] = masked_reference(args, fixture, model)
     ref["adamw_f64_losses"] = adamw_f64(model, rows)
     with open(os.path.join(fixture, "reference.json"), "w") as f:
         json.dump(ref, f, indent=1)

@@ -67,11 +67,15 @@ enum Command {
     /// Continue a prompt with a kiln checkpoint or a Hugging Face GPT-2, printing the text.
     Sample(crate::sample::SampleArgs),
     /// Tokenize text files into nanoGPT-style DIR/train.bin and DIR/val.bin (little-endian
-    /// uint16 tokens for `data.path` / `data.val_path` with data.source = "tokens") and
-    /// DIR/meta.json. val.bin is the tail --val-fraction of the token stream.
+    /// uint16 tokens, uint32 beyond 65,536 ids, for `data.path` / `data.val_path` with
+    /// data.source = "tokens"), DIR/meta.json, and for instruction data (--format jsonl) the
+    /// label masks train.mask.bin and val.mask.bin. val.bin is the tail --val-fraction of the
+    /// token stream (of the records, for jsonl).
     PrepareData(crate::data::prepare::PrepareArgs),
-    /// Write the training rows of a recipe to a flat uint16 token file (step-major, then row,
-    /// each row seq_len + 1 tokens), e.g. to train a reference implementation on the same data.
+    /// Write the training rows of a recipe to a flat token file (step-major, then row, each row
+    /// seq_len + 1 tokens; uint16, or uint32 beyond 65,536 ids), and instruction data's label
+    /// masks to OUT with the extension `.mask` (one byte per token), e.g. to train a reference
+    /// implementation on the same data.
     DumpData {
         #[command(flatten)]
         recipe: RecipeArgs,
@@ -393,9 +397,16 @@ fn dump_data(cfg: &config::Config, out: &std::path::Path) -> Result<(), KilnErro
     let mut w = std::io::BufWriter::new(file);
     let mut row = vec![0u32; plan.gpt().seq_len + 1];
     let width = crate::data::TokenWidth::for_vocab(plan.gpt().vocab);
+    // Instruction data's label masks go beside, one byte per token: `<out>.mask`.
+    let mask_path = out.with_extension("mask");
+    let mut mask = vec![0u8; row.len()];
+    let mut masks = Vec::new();
     for step in 0..plan.steps {
         for r in 0..plan.global_batch as u64 {
             source.fill_row(step, r, &mut row);
+            if source.fill_mask(step, r, &mut mask) {
+                masks.extend_from_slice(&mask);
+            }
             for &t in &row {
                 let written = match width {
                     crate::data::TokenWidth::U16 => w.write_all(&(t as u16).to_le_bytes()),
@@ -406,6 +417,13 @@ fn dump_data(cfg: &config::Config, out: &std::path::Path) -> Result<(), KilnErro
         }
     }
     w.flush().map_err(|e| KilnError::io(out, e))?;
+    if !masks.is_empty() {
+        std::fs::write(&mask_path, &masks).map_err(|e| KilnError::io(&mask_path, e))?;
+        eprintln!(
+            "{}: the label masks, one byte per token",
+            mask_path.display()
+        );
+    }
     eprintln!(
         "{}: {} steps × {} rows × {} {} tokens; {}",
         out.display(),

@@ -39,8 +39,9 @@ fn train_rank(
     for step in 0..steps {
         for index in 0..plan.grad_accum {
             let row = (comm.rank() * plan.grad_accum + index) as u64;
-            let batch =
-                data::micro_batch(&source, step, row, 1, plan.gpt().seq_len, engine.device());
+            let rows = 0..plan.global_batch as u64;
+            let seq = plan.gpt().seq_len;
+            let batch = data::micro_batch(&source, step, row, 1, seq, engine.device(), rows);
             engine.micro_step(
                 &mut ddp,
                 &batch,

@@ -207,7 +207,7 @@ fn unit_wise_equals_whole_model(cfg: GptConfig) {
     let params = seeded_params(&model, &layout, 7);
     let source = kiln::data::MarkovSource::new(3, 64, 1.0);
     let device = Device::flex();
-    let batch = kiln::data::micro_batch(&source, 0, 0, 3, cfg.seq_len, &device);
+    let batch = kiln::data::micro_batch(&source, 0, 0, 3, cfg.seq_len, &device, 0..3);
     let reference = whole_model_grads(&model, &layout, &params, &batch);
 
     for recompute in [false, true] {
@@ -257,7 +257,7 @@ fn recompute_is_bitwise(cfg: GptConfig) {
     let params = seeded_params(&model, &layout, 9);
     let source = kiln::data::MarkovSource::new(5, 64, 1.0);
     let device = Device::flex();
-    let batch = kiln::data::micro_batch(&source, 2, 0, 2, cfg.seq_len, &device);
+    let batch = kiln::data::micro_batch(&source, 2, 0, 2, cfg.seq_len, &device, 0..2);
     let run = |recompute: bool| {
         let mut rec = Recorder::new(&params, &layout, false, None);
         let mut engine = Engine::new(
@@ -329,7 +329,7 @@ fn released_weights_give_bitwise_the_same_gradients_without_recompute() {
         let params = seeded_params(&model, &layout, 11);
         let source = kiln::data::MarkovSource::new(5, 64, 1.0);
         let device = Device::flex();
-        let batch = kiln::data::micro_batch(&source, 1, 0, 2, cfg.seq_len, &device);
+        let batch = kiln::data::micro_batch(&source, 1, 0, 2, cfg.seq_len, &device, 0..2);
         let run = |release: bool, change_before_backward: Option<usize>| {
             let mut rec = Recorder::new(&params, &layout, release, change_before_backward);
             let forwards = std::sync::Arc::new(std::sync::Mutex::new(vec![0; model.num_units()]));

@@ -11,6 +11,8 @@ use crate::rng::Rng;
 /// byte of a UTF-8 file) or `"tokens"` (flat little-endian uint16 tokens).
 pub struct FileSource {
     tokens: Ids,
+    /// Instruction data's label mask, one byte per token (`<name>.mask.bin`).
+    mask: Option<Vec<u8>>,
     seed: u64,
     description: String,
 }
@@ -76,6 +78,34 @@ fn check(path: &str, tokens: &Ids, vocab: usize, seq_len: usize, what: &str) -> 
     Ok(())
 }
 
+/// The label mask of instruction data (`kiln prepare-data --format jsonl`): `train.mask.bin`
+/// beside `train.bin` when the meta.json beside them names masks; one byte per token.
+fn read_mask(path: &str, tokens: usize) -> Result<Option<Vec<u8>>> {
+    if !super::masked(path)? {
+        return Ok(None);
+    }
+    let mask_path = match path.strip_suffix(".bin") {
+        Some(stem) => format!("{stem}.mask.bin"),
+        None => format!("{path}.mask.bin"),
+    };
+    let mask = std::fs::read(&mask_path).map_err(|e| {
+        KilnError::file(
+            &mask_path,
+            format!("cannot read the label mask that meta.json names: {e}"),
+        )
+    })?;
+    if mask.len() != tokens {
+        return Err(KilnError::file(
+            &mask_path,
+            format!(
+                "holds {} bytes; {path} has {tokens} tokens (one mask byte each)",
+                mask.len()
+            ),
+        ));
+    }
+    Ok(Some(mask))
+}
+
 fn read(path: &str) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| KilnError::file(path, format!("cannot read data file: {e}")))
 }
@@ -94,6 +124,7 @@ impl FileSource {
         let description = format!("text source {path}: {} bytes", tokens.len());
         Ok(FileSource {
             tokens,
+            mask: None,
             seed,
             description,
         })
@@ -147,9 +178,18 @@ impl FileSource {
             ),
         };
         check(path, &tokens, vocab, seq_len, "tokens")?;
-        let description = format!("token file {path}: {} tokens", tokens.len());
+        let mask = read_mask(path, tokens.len())?;
+        let description = match &mask {
+            None => format!("token file {path}: {} tokens", tokens.len()),
+            Some(m) => format!(
+                "token file {path}: {} tokens, {} of them trained (label mask)",
+                tokens.len(),
+                m.iter().filter(|&&b| b != 0).count()
+            ),
+        };
         Ok(FileSource {
             tokens,
+            mask,
             seed,
             description,
         })
@@ -166,13 +206,33 @@ impl FileSource {
     pub fn fill_window(&self, start: usize, out: &mut [u32]) {
         self.tokens.copy_to(start, out);
     }
+
+    /// Fills `out` with the label mask from `start` on; `false` without a mask.
+    pub fn fill_mask_window(&self, start: usize, out: &mut [u8]) -> bool {
+        match &self.mask {
+            Some(m) => {
+                out.copy_from_slice(&m[start..start + out.len()]);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn window_start(&self, step: u64, row: u64, len: usize) -> usize {
+        let mut rng = Rng::derive(self.seed, &[step, row]);
+        rng.below((self.tokens.len() - len + 1) as u64) as usize
+    }
 }
 
 impl TokenSource for FileSource {
     fn fill_row(&self, step: u64, row: u64, out: &mut [u32]) {
-        let mut rng = Rng::derive(self.seed, &[step, row]);
-        let start = rng.below((self.tokens.len() - out.len() + 1) as u64) as usize;
+        let start = self.window_start(step, row, out.len());
         self.tokens.copy_to(start, out);
+    }
+
+    fn fill_mask(&self, step: u64, row: u64, out: &mut [u8]) -> bool {
+        let start = self.window_start(step, row, out.len());
+        self.fill_mask_window(start, out)
     }
 
     fn describe(&self) -> String {

@@ -22,6 +22,12 @@ pub trait TokenSource: Send + Sync {
     fn fill_row(&self, step: u64, row: u64, out: &mut [u32]);
     /// One line describing the source for the logs.
     fn describe(&self) -> String;
+    /// Fills `out` (length seq_len + 1, aligned with `fill_row`'s row) with the label mask of
+    /// the row: 1 where the token is a training target, 0 where it is not (instruction data's
+    /// prompts). `false`, leaving `out` alone, for a source without masks: every token trains.
+    fn fill_mask(&self, _step: u64, _row: u64, _out: &mut [u8]) -> bool {
+        false
+    }
     /// The loss floor in nats per token, when the source knows it (markov).
     fn entropy_rate(&self) -> Option<f64> {
         None
@@ -66,6 +72,10 @@ fn required_path(cfg: &DataConfig) -> Result<&str> {
 }
 
 /// Builds the micro-batch of rows `[first_row, first_row + rows)` of step `step` on `device`.
+/// With a masked source, the targets are weighted so that the mean of the micro-batch losses
+/// over all rows of `scope` (a step's global batch, an evaluation set) is the mean loss over the
+/// trained targets of `scope` — as transformers averages over the labels that are not -100 —
+/// whatever the micro-batch size, accumulation or world size.
 pub fn micro_batch(
     source: &dyn TokenSource,
     step: u64,
@@ -73,6 +83,7 @@ pub fn micro_batch(
     rows: usize,
     seq_len: usize,
     device: &Device,
+    scope: std::ops::Range<u64>,
 ) -> MicroBatch {
     let mut row = vec![0u32; seq_len + 1];
     let mut inputs = Vec::with_capacity(rows * seq_len);
@@ -87,7 +98,57 @@ pub fn micro_batch(
     MicroBatch {
         inputs: tensor(inputs),
         targets: tensor(targets),
+        weights: target_weights(source, step, first_row, rows, seq_len, scope)
+            .map(|w| Tensor::from_data(TensorData::new(w, [rows, seq_len]), device)),
     }
+}
+
+/// Each target's weight, `mask × (targets in scope ÷ trained targets in scope)`; `None` for a
+/// source without masks. Every rank counts the scope's trained targets from the data itself (it
+/// is deterministic in the step), so no collective is needed.
+fn target_weights(
+    source: &dyn TokenSource,
+    step: u64,
+    first_row: u64,
+    rows: usize,
+    seq_len: usize,
+    scope: std::ops::Range<u64>,
+) -> Option<Vec<f32>> {
+    let mut mask = vec![0u8; seq_len + 1];
+    if !source.fill_mask(step, first_row, &mut mask) {
+        return None;
+    }
+    let mut trained = 0u64;
+    for r in scope.clone() {
+        source.fill_mask(step, r, &mut mask);
+        trained += mask[1..].iter().map(|&m| m as u64).sum::<u64>();
+    }
+    let all = (scope.end - scope.start) * seq_len as u64;
+    let scale = match trained {
+        0 => 0.0,
+        n => (all as f64 / n as f64) as f32,
+    };
+    let mut weights = Vec::with_capacity(rows * seq_len);
+    for r in 0..rows as u64 {
+        source.fill_mask(step, first_row + r, &mut mask);
+        weights.extend(mask[1..].iter().map(|&m| m as f32 * scale));
+    }
+    Some(weights)
+}
+
+/// The meta.json beside the token file `path` (`Null` when there is none).
+fn meta_beside(path: &str) -> Result<serde_json::Value> {
+    let meta = std::path::Path::new(path).with_file_name("meta.json");
+    let Ok(text) = std::fs::read_to_string(&meta) else {
+        return Ok(serde_json::Value::Null);
+    };
+    serde_json::from_str(&text).map_err(|e| KilnError::file(&meta, format!("is not JSON: {e}")))
+}
+
+/// Whether the token file `path` has a label mask (instruction data: its meta.json says
+/// `"format": "jsonl"`).
+pub fn masked(path: &str) -> Result<bool> {
+    Ok(meta_beside(path)?["format"] == "jsonl")
 }
 
 /// How wide the ids of a token file are: little-endian uint16, or uint32 for a vocabulary
@@ -129,18 +190,13 @@ impl TokenWidth {
     /// The width of the token file at `path`: `meta.json`'s `dtype` beside it, uint16 without
     /// one. Errors name the meta.json.
     pub fn of_file(path: &str) -> Result<TokenWidth> {
-        let meta = std::path::Path::new(path).with_file_name("meta.json");
-        let Ok(text) = std::fs::read_to_string(&meta) else {
-            return Ok(TokenWidth::U16);
-        };
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| crate::error::KilnError::file(&meta, format!("is not JSON: {e}")))?;
-        match value["dtype"].as_str() {
+        let meta = meta_beside(path)?;
+        match meta["dtype"].as_str() {
             None => Ok(TokenWidth::U16),
             Some(d) if d.starts_with("uint16") => Ok(TokenWidth::U16),
             Some(d) if d.starts_with("uint32") => Ok(TokenWidth::U32),
             Some(d) => Err(crate::error::KilnError::file(
-                &meta,
+                std::path::Path::new(path).with_file_name("meta.json"),
                 format!("key `dtype`: `{d}` is not uint16 or uint32 little-endian"),
             )),
         }

@@ -85,9 +85,9 @@ fn fit(config: &Config, rank: RankInfo) -> Result<Fit<Decoder>> {
         )));
     }
     check_markov(config, cfg.vocab)?;
-    let train = TokenBatches::open(&config.data, cfg.vocab, seq_len)?;
     let names: Vec<String> = model.units().iter().map(|u| u.name().to_string()).collect();
     let plan = Plan::resolve_training(config, rank.world, &names)?;
+    let train = TokenBatches::open(&config.data, cfg.vocab, seq_len, plan.global_batch)?;
     let eval = ValRows::open(config, plan.global_batch, cfg.vocab, seq_len)?;
     let fit = Fit::new(model, train);
     Ok(match eval {

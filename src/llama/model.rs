@@ -278,7 +278,7 @@ impl TrainModule for Decoder {
                 let [b, t, _] = x.dims();
                 let logp = log_softmax(self.logits(x), 1);
                 let targets = batch.targets.clone().reshape([b * t, 1]);
-                logp.gather(1, targets).neg().mean().reshape([1, 1, 1])
+                batch.loss(logp.gather(1, targets).neg())
             }
         }
     }

@@ -337,8 +337,7 @@ impl Gpt {
                 let [b, t, _] = x.dims();
                 let logp = log_softmax(self.logits(params, x), 1);
                 let targets = batch.targets.clone().reshape([b * t, 1]);
-                let nll = logp.gather(1, targets).neg();
-                nll.mean().reshape([1, 1, 1])
+                batch.loss(logp.gather(1, targets).neg())
             }
         }
     }

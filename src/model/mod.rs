@@ -60,6 +60,25 @@ pub struct MicroBatch {
     pub inputs: Tensor<2, Int>,
     /// Next-token targets, `[batch, seq]`.
     pub targets: Tensor<2, Int>,
+    /// Each target's weight in the loss, `[batch, seq]`, when the data masks targets
+    /// (instruction data: 0 on prompts; see `data::micro_batch`); `None`: every target counts
+    /// once.
+    pub weights: Option<Tensor<2>>,
+}
+
+impl MicroBatch {
+    /// The micro-batch's loss, `[1, 1, 1]`, from each target's negative log-likelihood
+    /// (`[batch · seq, 1]`): their mean, each weighted when the data masks targets.
+    pub fn loss(&self, nll: Tensor<2>) -> Tensor<3> {
+        let loss = match &self.weights {
+            Some(w) => {
+                let [n, _] = nll.dims();
+                (nll * w.clone().reshape([n, 1])).mean()
+            }
+            None => nll.mean(),
+        };
+        loss.reshape([1, 1, 1])
+    }
 }
 
 /// What flows between units: the previous unit's output, and the last unit's loss. The engine

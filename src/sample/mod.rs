@@ -228,6 +228,7 @@ impl Weights {
         let batch = MicroBatch {
             targets: inputs.clone(),
             inputs,
+            weights: None,
         };
         let head = self.model.num_units() - 1;
         let mut x = None;

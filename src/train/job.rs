@@ -99,7 +99,12 @@ pub fn gpt_job(plan: &Plan, comm: &dyn Communicator) -> Result<Job<MicroBatch, T
     comm.set_serves("the start-up checks");
     let source = agree_on(
         comm,
-        TokenBatches::open(&plan.config.data, shape.vocab, shape.seq_len),
+        TokenBatches::open(
+            &plan.config.data,
+            shape.vocab,
+            shape.seq_len,
+            plan.global_batch,
+        ),
     )?;
     let eval = agree_on(comm, validation::open(plan))?
         .map(|v| Box::new(v) as Box<dyn Evaluator<MicroBatch, Tensor<3>>>);
@@ -119,14 +124,23 @@ pub fn gpt_job(plan: &Plan, comm: &dyn Communicator) -> Result<Job<MicroBatch, T
 pub struct TokenBatches {
     source: Box<dyn TokenSource>,
     seq_len: usize,
+    /// Rows per step: the scope a masked source's loss is averaged over.
+    global_batch: usize,
 }
 
 impl TokenBatches {
-    /// The training rows `[data]` names, for a token model of `vocab` and `seq_len`.
-    pub fn open(data: &crate::config::DataConfig, vocab: usize, seq_len: usize) -> Result<Self> {
+    /// The training rows `[data]` names, for a token model of `vocab` and `seq_len`, in steps
+    /// of `global_batch` rows.
+    pub fn open(
+        data: &crate::config::DataConfig,
+        vocab: usize,
+        seq_len: usize,
+        global_batch: usize,
+    ) -> Result<Self> {
         Ok(TokenBatches {
             source: data::open(data, vocab, seq_len)?,
             seq_len,
+            global_batch,
         })
     }
 }
@@ -143,6 +157,7 @@ impl BatchSource for TokenBatches {
             n,
             self.seq_len,
             device,
+            0..self.global_batch as u64,
         ))
     }
 

@@ -39,6 +39,10 @@ impl TokenSource for Windows {
         self.file.fill_window(row as usize * self.seq_len, out);
     }
 
+    fn fill_mask(&self, _step: u64, row: u64, out: &mut [u8]) -> bool {
+        self.file.fill_mask_window(row as usize * self.seq_len, out)
+    }
+
     fn describe(&self) -> String {
         self.file.describe()
     }
@@ -138,6 +142,7 @@ impl super::BatchSource for ValRows {
             n,
             self.seq_len,
             device,
+            0..self.rows as u64,
         ))
     }
 
@@ -197,6 +202,7 @@ impl Validation {
                 self.micro_batch,
                 self.seq_len,
                 engine.device(),
+                0..(self.num_micro * self.micro_batch) as u64,
             );
             slots[index] = engine.eval_loss(strategy, &batch)?;
         }
