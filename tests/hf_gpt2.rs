@@ -163,22 +163,11 @@ fn hf_export_of_the_fixture_is_the_fixture() {
     let exported = kiln(&["export", "--format", "hf", &ck, out.to_str().unwrap()]);
     assert!(exported.status.success(), "{}", output_text(&exported));
 
-    let mine = TensorFileReader::open(&out.join("model.safetensors")).unwrap();
-    let theirs = TensorFileReader::open(&fixture().join("model.safetensors")).unwrap();
-    let mut names: Vec<&str> = mine.names().collect();
-    names.sort();
-    let mut want: Vec<&str> = theirs.names().collect();
-    want.sort();
-    assert_eq!(names, want, "tensor names");
-    for name in names {
-        let shape = theirs.shape(name).unwrap();
-        assert_eq!(mine.shape(name).unwrap(), shape, "{name}");
-        let n = shape.iter().product();
-        let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
-        mine.read(name, 0, &mut a).unwrap();
-        theirs.read(name, 0, &mut b).unwrap();
-        assert!(bitwise_equal(&a, &b), "{name} differs from the fixture");
-    }
+    let mine = common::assert_same_tensors(
+        &out.join("model.safetensors"),
+        &fixture().join("model.safetensors"),
+        "export vs fixture",
+    );
     assert_eq!(mine.metadata("format"), Some("pt"));
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();

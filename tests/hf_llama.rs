@@ -8,7 +8,6 @@
 mod common;
 
 use common::{bitwise_equal, mpirun_available, output_text, Scratch, QUIET};
-use kiln::checkpoint::TensorFileReader;
 use kiln::train::RunOutcome;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -174,25 +173,11 @@ fn hf_export_of_an_unmoved_checkpoint_is_the_fixture() {
         let exported = kiln(&["export", "--format", "hf", &ck, out.to_str().unwrap()]);
         assert!(exported.status.success(), "{}", output_text(&exported));
 
-        let mine = TensorFileReader::open(&out.join("model.safetensors")).unwrap();
-        let theirs = TensorFileReader::open(&fixture(arch).join("model.safetensors")).unwrap();
-        let mut names: Vec<&str> = mine.names().collect();
-        names.sort();
-        let mut want: Vec<&str> = theirs.names().collect();
-        want.sort();
-        assert_eq!(names, want, "{arch}: tensor names");
-        for name in names {
-            let shape = theirs.shape(name).unwrap();
-            assert_eq!(mine.shape(name).unwrap(), shape, "{arch} {name}");
-            let n = shape.iter().product();
-            let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
-            mine.read(name, 0, &mut a).unwrap();
-            theirs.read(name, 0, &mut b).unwrap();
-            assert!(
-                bitwise_equal(&a, &b),
-                "{arch}: {name} differs from the fixture"
-            );
-        }
+        common::assert_same_tensors(
+            &out.join("model.safetensors"),
+            &fixture(arch).join("model.safetensors"),
+            arch,
+        );
         let read = |p: PathBuf| -> Value {
             serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
         };

@@ -13,7 +13,7 @@
 
 use super::chat::{parse_record, ChatTemplate, Message};
 use super::prepare::{
-    partial, publish, read_text, write_ids, DocumentMeta, PrepareMeta, PrepareOptions,
+    partial, publish, read_text, write_ids, write_meta, DocumentMeta, PrepareMeta, PrepareOptions,
 };
 use super::TokenWidth;
 use crate::error::{KilnError, Result};
@@ -177,31 +177,25 @@ pub(super) fn write_outputs(
         write_split(&opts.out, "train", &records[..train_records], width)?;
     let (val_tokens, val_trained) =
         write_split(&opts.out, "val", &records[train_records..], width)?;
-    let meta = PrepareMeta {
-        tokenizer: tokenizer.name(),
-        vocab_size: tokenizer.vocab_size(),
-        eot: tokenizer.eot(),
-        dtype: width.dtype().into(),
-        train_tokens,
-        val_tokens,
-        val_fraction: opts.val_fraction,
-        split: "val.bin holds the last val_fraction of the records, whole".into(),
+    let mut meta = PrepareMeta::new(
+        opts,
+        width,
+        [train_tokens, val_tokens],
+        "val.bin holds the last val_fraction of the records, whole",
         sources,
-        instruct: Some(MaskMeta {
-            format: "jsonl".into(),
-            mask: "train.mask.bin, val.mask.bin: one byte per token, 1 = a training target".into(),
-            records: [train_records as u64, val_records as u64],
-            trained_tokens: [train_trained, val_trained],
-            masked_tokens: [train_tokens - train_trained, val_tokens - val_trained],
-            rendering: match template {
-                Some(_) => "chat_template".into(),
-                None => "prompt + response".into(),
-            },
-        }),
-    };
-    let meta_path = partial(&opts.out, "meta.json");
-    let text = serde_json::to_string_pretty(&meta).expect("meta serialises") + "\n";
-    std::fs::write(&meta_path, text).map_err(|e| KilnError::io(&meta_path, e))?;
+    );
+    meta.instruct = Some(MaskMeta {
+        format: "jsonl".into(),
+        mask: "train.mask.bin, val.mask.bin: one byte per token, 1 = a training target".into(),
+        records: [train_records as u64, val_records as u64],
+        trained_tokens: [train_trained, val_trained],
+        masked_tokens: [train_tokens - train_trained, val_tokens - val_trained],
+        rendering: match template {
+            Some(_) => "chat_template".into(),
+            None => "prompt + response".into(),
+        },
+    });
+    write_meta(&opts.out, &meta)?;
     publish(&opts.out, &super::prepare::OUTPUTS)?;
     Ok(meta)
 }

@@ -330,23 +330,48 @@ fn write_outputs(opts: &PrepareOptions, files: &[(PathBuf, u64)]) -> Result<Prep
         f.sync_all().map_err(|e| KilnError::io(p, e))?;
     }
 
-    let meta = PrepareMeta {
-        tokenizer: tokenizer.name(),
-        vocab_size: tokenizer.vocab_size(),
-        eot: tokenizer.eot(),
-        dtype: width.dtype().into(),
-        train_tokens,
-        val_tokens,
-        val_fraction: opts.val_fraction,
-        split: "val.bin is the last val_fraction of the token stream".into(),
+    let meta = PrepareMeta::new(
+        opts,
+        width,
+        [train_tokens, val_tokens],
+        "val.bin is the last val_fraction of the token stream",
         sources,
-        instruct: None,
-    };
-    let meta_path = partial(&opts.out, "meta.json");
-    let text = serde_json::to_string_pretty(&meta).expect("meta serialises") + "\n";
-    std::fs::write(&meta_path, text).map_err(|e| KilnError::io(&meta_path, e))?;
+    );
+    write_meta(&opts.out, &meta)?;
     publish(&opts.out, &OUTPUTS[..3])?;
     Ok(meta)
+}
+
+impl PrepareMeta {
+    /// What a run with `opts` wrote: `tokens` in train.bin and val.bin, split as `split` says.
+    pub(super) fn new(
+        opts: &PrepareOptions,
+        width: TokenWidth,
+        tokens: [u64; 2],
+        split: &str,
+        sources: Vec<DocumentMeta>,
+    ) -> PrepareMeta {
+        let tokenizer = &opts.tokenizer;
+        PrepareMeta {
+            tokenizer: tokenizer.name(),
+            vocab_size: tokenizer.vocab_size(),
+            eot: tokenizer.eot(),
+            dtype: width.dtype().into(),
+            train_tokens: tokens[0],
+            val_tokens: tokens[1],
+            val_fraction: opts.val_fraction,
+            split: split.into(),
+            sources,
+            instruct: None,
+        }
+    }
+}
+
+/// Writes `meta` to meta.json's temporary name (`publish` puts it in place).
+pub(super) fn write_meta(out: &Path, meta: &PrepareMeta) -> Result<()> {
+    let meta_path = partial(out, "meta.json");
+    let text = serde_json::to_string_pretty(meta).expect("meta serialises") + "\n";
+    std::fs::write(&meta_path, text).map_err(|e| KilnError::io(&meta_path, e))
 }
 
 /// Renames the finished `names` into place and removes the directory's other outputs (an older

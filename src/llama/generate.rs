@@ -2,7 +2,7 @@
 //! keys and the values of every token seen, so a new token costs one position's projections
 //! and one row of attention instead of a forward pass over the whole window.
 
-use super::model::{Attention, Decoder, DecoderLayer};
+use super::model::{repeat_kv, Attention, Decoder, DecoderLayer};
 use super::rope;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -85,14 +85,7 @@ impl Decoder {
             None => (k, v),
         };
         *slot = Some((k.clone(), v.clone()));
-        let share = |y: Tensor<4>| match h / kv {
-            1 => y,
-            group => y
-                .reshape([b, kv, 1, total, hd])
-                .expand([b, kv, group, total, hd])
-                .reshape([b, h, total, hd]),
-        };
-        let scores = q.matmul(share(k).swap_dims(2, 3)) / (hd as f64).sqrt();
+        let scores = q.matmul(repeat_kv(k, h).swap_dims(2, 3)) / (hd as f64).sqrt();
         // Query i (position start + i) sees keys 0..=start + i.
         let mask: Vec<f32> = (0..n)
             .flat_map(|i| {
@@ -108,7 +101,7 @@ impl Decoder {
         let mask =
             Tensor::<4>::from_data(TensorData::new(mask, [1, 1, n, total]), &scores.device());
         let probs = softmax(scores + mask, 3);
-        let att = probs.matmul(share(v));
+        let att = probs.matmul(repeat_kv(v, h));
         self.o_proj(attn, att.swap_dims(1, 2).reshape([b, n, h * hd]))
     }
 }

@@ -212,22 +212,27 @@ impl Decoder {
         let q = rope::apply(heads(q, h), &cos, &sin);
         let k = rope::apply(heads(k, kv), &cos, &sin);
         let v = heads(v, kv);
-        // Grouped-query attention: query head i reads key/value head i / (heads / kv_heads),
-        // as transformers' `repeat_kv` lays them out.
-        let share = |y: Tensor<4>| match h / kv {
-            1 => y,
-            group => y
-                .reshape([b, kv, 1, t, hd])
-                .expand([b, kv, group, t, hd])
-                .reshape([b, h, t, hd]),
-        };
-        let att = causal_attention(q, share(k), share(v));
+        let att = causal_attention(q, repeat_kv(k, h), repeat_kv(v, h));
         self.o_proj(attn, att.swap_dims(1, 2).reshape([b, t, h * hd]))
     }
 
     /// The attention's output projection of the heads' outputs `[batch, t, heads · head_dim]`.
     pub(super) fn o_proj(&self, attn: &Attention, heads: Tensor<3>) -> Tensor<3> {
         dense(heads, &attn.o_proj)
+    }
+}
+
+/// Grouped-query attention: `[batch, kv_heads, t, head_dim]` keys or values for `heads` query
+/// heads, query head i reading key/value head i / (heads / kv_heads), as transformers'
+/// `repeat_kv` lays them out.
+pub(super) fn repeat_kv(y: Tensor<4>, heads: usize) -> Tensor<4> {
+    let [b, kv, t, hd] = y.dims();
+    match heads / kv {
+        1 => y,
+        group => y
+            .reshape([b, kv, 1, t, hd])
+            .expand([b, kv, group, t, hd])
+            .reshape([b, heads, t, hd]),
     }
 }
 

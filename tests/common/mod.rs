@@ -183,3 +183,29 @@ pub fn snapshot(dir: &std::path::Path) -> Vec<(PathBuf, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// Asserts that the safetensors files `mine` and `theirs` hold the same tensors (names,
+/// shapes, bits); `what` prefixes the messages. Returns `mine`'s reader.
+pub fn assert_same_tensors(
+    mine: &std::path::Path,
+    theirs: &std::path::Path,
+    what: &str,
+) -> kiln::checkpoint::TensorFileReader {
+    let mine = kiln::checkpoint::TensorFileReader::open(mine).unwrap();
+    let theirs = kiln::checkpoint::TensorFileReader::open(theirs).unwrap();
+    let mut names: Vec<&str> = mine.names().collect();
+    names.sort();
+    let mut want: Vec<&str> = theirs.names().collect();
+    want.sort();
+    assert_eq!(names, want, "{what}: tensor names");
+    for name in names {
+        let shape = theirs.shape(name).unwrap();
+        assert_eq!(mine.shape(name).unwrap(), shape, "{what}: {name}");
+        let n = shape.iter().product();
+        let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+        mine.read(name, 0, &mut a).unwrap();
+        theirs.read(name, 0, &mut b).unwrap();
+        assert!(bitwise_equal(&a, &b), "{what}: {name} differs");
+    }
+    mine
+}
