@@ -72,12 +72,19 @@ impl HfConfig {
             .map_err(|e| KilnError::file(path, format!("is not JSON: {e}")))?;
         // Another architecture's file says so before its fields are read as GPT-2's.
         if let Some(t) = value["model_type"].as_str().filter(|&t| t != "gpt2") {
-            return Err(KilnError::file(
-                path,
-                format!(
-                    "field `model_type`: \"{t}\" is not one kiln trains (gpt2, llama, qwen2, phi3)"
+            let msg = match super::DECODER_MODEL_TYPES.contains(&t) {
+                // Reached by the commands that know only the built-in GPT (`kiln estimate`,
+                // `kiln dump-data`, `bench`); `kiln train`, `export` and `sample` take decoders.
+                true => format!(
+                    "field `model_type`: \"{t}\": this command reads GPT-2 checkpoints only; \
+                     kiln train, kiln export and kiln sample take {t} models"
                 ),
-            ));
+                false => format!(
+                    "field `model_type`: \"{t}\" is not one kiln trains (gpt2, {})",
+                    super::DECODER_MODEL_TYPES.join(", ")
+                ),
+            };
+            return Err(KilnError::file(path, msg));
         }
         let cfg: HfConfig = serde_path_to_error::deserialize(&value).map_err(|e| {
             KilnError::file(

@@ -16,6 +16,9 @@ pub use names::{decoder_name, hf_name, Transform};
 pub use weights::HfWeights;
 
 use crate::config::{ModelConfig, QkvBias};
+
+/// The `model_type`s of the Llama-family decoders `crate::llama` trains.
+pub const DECODER_MODEL_TYPES: &[&str] = &["llama", "qwen2", "phi3"];
 use crate::error::{KilnError, Result};
 use crate::model::GptConfig;
 use std::path::Path;

@@ -27,8 +27,7 @@ use crate::train::{RunOptions, RunOutcome, TokenBatches, ValRows};
 use burn::tensor::Device;
 use std::path::Path;
 
-/// The model types this module trains.
-pub const MODEL_TYPES: &[&str] = &["llama", "qwen2", "phi3"];
+pub use crate::hf::DECODER_MODEL_TYPES as MODEL_TYPES;
 
 /// Whether `[model]` asks for a Llama-family checkpoint: `model.init_from` holds a
 /// `config.json` whose `model_type` is one of [`MODEL_TYPES`]. (Anything else, unreadable
