@@ -134,6 +134,7 @@ impl FileSource {
     /// llm.c's header); errors name the file.
     pub fn tokens(path: &str, seed: u64, vocab: usize, seq_len: usize) -> Result<Self> {
         let width = TokenWidth::of_file(path)?;
+        super::check_vocab(path, vocab)?;
         let bytes = read(path)?;
         let is_llmc = bytes.len() >= LLMC_HEADER_BYTES
             && i32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) == LLMC_MAGIC;

@@ -145,6 +145,22 @@ fn meta_beside(path: &str) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| KilnError::file(&meta, format!("is not JSON: {e}")))
 }
 
+/// Refuses a token file made by a tokenizer with more ids than the model's `vocab` (its
+/// meta.json's `vocab_size`): some ids could not be read, even if this file happens to hold
+/// none of them.
+pub fn check_vocab(path: &str, vocab: usize) -> Result<()> {
+    match meta_beside(path)?["vocab_size"].as_u64() {
+        Some(n) if n as usize > vocab => Err(KilnError::file(
+            std::path::Path::new(path).with_file_name("meta.json"),
+            format!(
+                "key `vocab_size` = {n}: the tokenizer that made {path} has more ids than the \
+                 model's vocab ({vocab})"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Whether the token file `path` has a label mask (instruction data: its meta.json says
 /// `"format": "jsonl"`).
 pub fn masked(path: &str) -> Result<bool> {
