@@ -12,33 +12,16 @@
 //! end, so no conversation is cut.
 
 use super::chat::{parse_record, ChatTemplate, Message};
-use super::prepare::{
-    partial, publish, read_text, write_ids, write_meta, DocumentMeta, PrepareMeta, PrepareOptions,
+use super::outputs::{
+    partial, publish, read_text, write_ids, write_meta, DocumentMeta, MaskMeta, PrepareMeta,
+    OUTPUTS,
 };
 use super::TokenWidth;
 use crate::error::{KilnError, Result};
 use crate::tokenizer::Tokenizer;
 use rayon::prelude::*;
-use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-/// What `meta.json` says of instruction data (beside `PrepareMeta`'s fields).
-#[derive(Debug, Clone, Serialize)]
-pub struct MaskMeta {
-    /// `jsonl`.
-    pub format: String,
-    /// The label masks: `<split>.mask.bin` beside each token file, one byte per token.
-    pub mask: String,
-    /// Records in train.bin and val.bin.
-    pub records: [u64; 2],
-    /// Tokens that are training targets (mask 1), train and val.
-    pub trained_tokens: [u64; 2],
-    /// Tokens that are not (prompts, system text, template markup), train and val.
-    pub masked_tokens: [u64; 2],
-    /// How the text was made: `chat_template` (tokenizer_config.json) or `prompt + response`.
-    pub rendering: String,
-}
 
 /// One record's ids and label mask.
 struct Encoded {
@@ -154,31 +137,32 @@ fn write_split(
 /// `prepare` for instruction data (the directory checks and the clean-up after an error are
 /// `prepare`'s).
 pub(super) fn write_outputs(
-    opts: &PrepareOptions,
+    tokenizer: &Tokenizer,
+    out: &Path,
+    val_fraction: f64,
     files: &[(PathBuf, u64)],
 ) -> Result<PrepareMeta> {
-    let tokenizer = &opts.tokenizer;
     let template = match tokenizer {
         Tokenizer::HuggingFace(t) => ChatTemplate::beside(t.path())?,
         _ => None,
     };
     let (records, sources) = encode_files(tokenizer, template.as_ref(), files)?;
-    let val_records = ((records.len() as f64) * opts.val_fraction).round() as usize;
+    let val_records = ((records.len() as f64) * val_fraction).round() as usize;
     let train_records = records.len() - val_records;
     if train_records == 0 {
         return Err(KilnError::config(format!(
             "--val-fraction {} leaves no training records out of {}",
-            opts.val_fraction,
+            val_fraction,
             records.len()
         )));
     }
     let width = TokenWidth::for_vocab(tokenizer.vocab_size());
     let (train_tokens, train_trained) =
-        write_split(&opts.out, "train", &records[..train_records], width)?;
-    let (val_tokens, val_trained) =
-        write_split(&opts.out, "val", &records[train_records..], width)?;
+        write_split(out, "train", &records[..train_records], width)?;
+    let (val_tokens, val_trained) = write_split(out, "val", &records[train_records..], width)?;
     let mut meta = PrepareMeta::new(
-        opts,
+        tokenizer,
+        val_fraction,
         width,
         [train_tokens, val_tokens],
         "val.bin holds the last val_fraction of the records, whole",
@@ -195,7 +179,7 @@ pub(super) fn write_outputs(
             None => "prompt + response".into(),
         },
     });
-    write_meta(&opts.out, &meta)?;
-    publish(&opts.out, &super::prepare::OUTPUTS)?;
+    write_meta(out, &meta)?;
+    publish(out, &OUTPUTS)?;
     Ok(meta)
 }

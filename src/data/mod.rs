@@ -6,6 +6,7 @@ pub mod chat;
 mod file;
 mod instruct;
 mod markov;
+mod outputs;
 pub mod prepare;
 
 pub use file::FileSource;

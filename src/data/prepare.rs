@@ -11,13 +11,15 @@
 //! (exists, not empty, UTF-8) before that, so a user error leaves the output directory as it
 //! was.
 
+use super::outputs::{partial, publish, read_text, write_ids, write_meta, OUTPUTS};
+pub use super::outputs::{DocumentMeta, MaskMeta, PrepareMeta};
 use super::TokenWidth;
 use crate::error::{KilnError, Result};
 use crate::tokenizer::{split_points, Tokenizer, TOKENIZER_NAMES};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
-use serde::Serialize;
-use std::io::{Read, Seek, SeekFrom, Write};
+
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -126,51 +128,6 @@ pub struct PrepareOptions {
     pub format: DataFormat,
 }
 
-/// One input document in `meta.json`.
-#[derive(Debug, Clone, Serialize)]
-pub struct DocumentMeta {
-    /// The file, as found from the inputs.
-    pub path: String,
-    /// Its size in bytes.
-    pub bytes: u64,
-    /// Its tokens, the end-of-text token included.
-    pub tokens: u64,
-}
-
-/// `meta.json`: what the token files hold.
-#[derive(Debug, Clone, Serialize)]
-pub struct PrepareMeta {
-    /// Tokenizer name (`gpt2`, `bytes`).
-    pub tokenizer: String,
-    /// Number of ids the tokenizer has: `model.vocab` must be at least this.
-    pub vocab_size: usize,
-    /// The id appended after every document, if any.
-    pub eot: Option<u32>,
-    /// Token encoding of the .bin files.
-    pub dtype: String,
-    /// Tokens in train.bin.
-    pub train_tokens: u64,
-    /// Tokens in val.bin.
-    pub val_tokens: u64,
-    /// The requested validation fraction.
-    pub val_fraction: f64,
-    /// How val.bin was taken.
-    pub split: String,
-    /// The documents, in stream order.
-    pub sources: Vec<DocumentMeta>,
-    /// Instruction data only: the label masks and what they hold.
-    #[serde(skip_serializing_if = "Option::is_none", flatten)]
-    pub instruct: Option<super::instruct::MaskMeta>,
-}
-
-/// Output names in the directory (the masks only for instruction data).
-pub(super) const OUTPUTS: [&str; 5] = [
-    "train.bin",
-    "val.bin",
-    "meta.json",
-    "train.mask.bin",
-    "val.mask.bin",
-];
 /// Text per parallel encoding task: large enough that the per-task cost vanishes, small enough
 /// for a progress bar that moves and for both cores to work on one large file.
 const CHUNK_BYTES: usize = 1 << 20;
@@ -191,7 +148,9 @@ pub fn prepare(opts: &PrepareOptions) -> Result<(PrepareMeta, f64)> {
         .map_err(|e| KilnError::file(&opts.out, format!("cannot create the directory: {e}")))?;
     let result = match opts.format {
         DataFormat::Text => write_outputs(opts, &files),
-        DataFormat::Jsonl => super::instruct::write_outputs(opts, &files),
+        DataFormat::Jsonl => {
+            super::instruct::write_outputs(&opts.tokenizer, &opts.out, opts.val_fraction, &files)
+        }
     };
     if result.is_err() {
         for name in OUTPUTS {
@@ -251,10 +210,6 @@ pub(super) fn check_outputs(out: &Path, force: bool) -> Result<()> {
         )),
         None => Ok(()),
     }
-}
-
-pub(super) fn partial(out: &Path, name: &str) -> PathBuf {
-    out.join(format!(".{name}.partial"))
 }
 
 fn write_outputs(opts: &PrepareOptions, files: &[(PathBuf, u64)]) -> Result<PrepareMeta> {
@@ -331,7 +286,8 @@ fn write_outputs(opts: &PrepareOptions, files: &[(PathBuf, u64)]) -> Result<Prep
     }
 
     let meta = PrepareMeta::new(
-        opts,
+        tokenizer,
+        opts.val_fraction,
         width,
         [train_tokens, val_tokens],
         "val.bin is the last val_fraction of the token stream",
@@ -340,65 +296,6 @@ fn write_outputs(opts: &PrepareOptions, files: &[(PathBuf, u64)]) -> Result<Prep
     write_meta(&opts.out, &meta)?;
     publish(&opts.out, &OUTPUTS[..3])?;
     Ok(meta)
-}
-
-impl PrepareMeta {
-    /// What a run with `opts` wrote: `tokens` in train.bin and val.bin, split as `split` says.
-    pub(super) fn new(
-        opts: &PrepareOptions,
-        width: TokenWidth,
-        tokens: [u64; 2],
-        split: &str,
-        sources: Vec<DocumentMeta>,
-    ) -> PrepareMeta {
-        let tokenizer = &opts.tokenizer;
-        PrepareMeta {
-            tokenizer: tokenizer.name(),
-            vocab_size: tokenizer.vocab_size(),
-            eot: tokenizer.eot(),
-            dtype: width.dtype().into(),
-            train_tokens: tokens[0],
-            val_tokens: tokens[1],
-            val_fraction: opts.val_fraction,
-            split: split.into(),
-            sources,
-            instruct: None,
-        }
-    }
-}
-
-/// Writes `meta` to meta.json's temporary name (`publish` puts it in place).
-pub(super) fn write_meta(out: &Path, meta: &PrepareMeta) -> Result<()> {
-    let meta_path = partial(out, "meta.json");
-    let text = serde_json::to_string_pretty(meta).expect("meta serialises") + "\n";
-    std::fs::write(&meta_path, text).map_err(|e| KilnError::io(&meta_path, e))
-}
-
-/// Renames the finished `names` into place and removes the directory's other outputs (an older
-/// run's masks must not outlive it). Last: until here, the existing outputs are untouched.
-pub(super) fn publish(out: &Path, names: &[&str]) -> Result<()> {
-    for name in names {
-        let to = out.join(name);
-        std::fs::rename(partial(out, name), &to).map_err(|e| KilnError::io(&to, e))?;
-    }
-    for name in OUTPUTS.iter().filter(|n| !names.contains(n)) {
-        let _ = std::fs::remove_file(out.join(name));
-    }
-    Ok(())
-}
-
-pub(super) fn read_text(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| KilnError::file(path, format!("cannot read input: {e}")))?;
-    String::from_utf8(bytes).map_err(|e| {
-        KilnError::file(
-            path,
-            format!(
-                "is not UTF-8 text (invalid byte at offset {})",
-                e.utf8_error().valid_up_to()
-            ),
-        )
-    })
 }
 
 /// Byte ranges of `text` to encode independently: for GPT-2, cut only where the ids cannot
@@ -427,19 +324,6 @@ fn chunk_bounds(tokenizer: &Tokenizer, text: &str) -> Vec<(usize, usize)> {
         start = c;
     }
     bounds
-}
-
-pub(super) fn write_ids(
-    file: &mut std::fs::File,
-    path: &Path,
-    ids: &[u32],
-    width: TokenWidth,
-) -> Result<()> {
-    let bytes: Vec<u8> = match width {
-        TokenWidth::U16 => ids.iter().flat_map(|&t| (t as u16).to_le_bytes()).collect(),
-        TokenWidth::U32 => ids.iter().flat_map(|&t| t.to_le_bytes()).collect(),
-    };
-    file.write_all(&bytes).map_err(|e| KilnError::io(path, e))
 }
 
 fn progress_bar(show: bool, total_bytes: u64) -> ProgressBar {
