@@ -178,6 +178,12 @@ fn hf_export_of_an_unmoved_checkpoint_is_the_fixture() {
             &fixture(arch).join("model.safetensors"),
             arch,
         );
+        // The files beside the weights come along (the fixtures have a generation config).
+        assert_eq!(
+            std::fs::read(out.join("generation_config.json")).unwrap(),
+            std::fs::read(fixture(arch).join("generation_config.json")).unwrap(),
+            "{arch}: generation_config.json"
+        );
         let read = |p: PathBuf| -> Value {
             serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
         };

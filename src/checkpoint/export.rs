@@ -119,7 +119,8 @@ pub fn export_command(format: &str, checkpoint: &Path, out: &Path) -> Result<()>
             match manifest.model["model"].get("hf_config") {
                 Some(config) => {
                     let name = |p: &str, s: &[usize]| Ok(crate::hf::decoder_name(p, s));
-                    crate::hf::write_hf_dir(out, config, &manifest.layout, name, fill)?
+                    crate::hf::write_hf_dir(out, config, &manifest.layout, name, fill)?;
+                    copy_beside(Path::new(&manifest.config.model.init_from), out)?;
                 }
                 None => crate::hf::export_hf(out, &manifest.gpt(&dir)?, &manifest.layout, fill)?,
             }
@@ -132,5 +133,25 @@ pub fn export_command(format: &str, checkpoint: &Path, out: &Path) -> Result<()>
         }
     }
     eprintln!("kiln: wrote {} from {}", out.display(), dir.display());
+    Ok(())
+}
+
+/// The files of a Hugging Face directory that are not weights — the tokenizer, its config and
+/// chat template, generation settings — copied from the checkpoint the run started from, so
+/// that the export loads with `AutoTokenizer` too. Files it lacks are skipped.
+fn copy_beside(init_from: &Path, out: &Path) -> Result<()> {
+    const FILES: [&str; 4] = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ];
+    for name in FILES {
+        let from = init_from.join(name);
+        if from.is_file() {
+            let to = out.join(name);
+            std::fs::copy(&from, &to).map_err(|e| KilnError::io(&to, e))?;
+        }
+    }
     Ok(())
 }
