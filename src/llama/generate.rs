@@ -4,6 +4,7 @@
 
 use super::model::{repeat_kv, Attention, Decoder, DecoderLayer};
 use super::rope;
+use crate::error::{KilnError, Result};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
@@ -29,9 +30,18 @@ impl KvCache {
 impl Decoder {
     /// The logits of the token after `ids` (`[vocab]`), feeding `ids` at the positions after the
     /// `cache.len()` tokens `cache` holds, and adding their keys and values to it. With an empty
-    /// cache this is the forward pass over `ids`; then one id at a time continues it.
-    pub fn next_logits(&self, ids: &[u32], cache: &mut KvCache, device: &Device) -> Vec<f32> {
+    /// cache this is the forward pass over `ids`; then one id at a time continues it. An empty
+    /// `ids` is an error.
+    pub fn next_logits(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        device: &Device,
+    ) -> Result<Vec<f32>> {
         let n = ids.len();
+        if n == 0 {
+            return Err(KilnError::config("no token ids to feed the decoder"));
+        }
         let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
         let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), device);
         let mut x = self.model.embed_tokens.forward(input);
@@ -42,7 +52,7 @@ impl Decoder {
         }
         cache.len += n;
         let logits = self.logits(x.narrow(1, n - 1, 1)).into_data();
-        logits.try_to_vec::<f32>().expect("f32 logits")
+        Ok(logits.try_to_vec::<f32>().expect("f32 logits"))
     }
 
     fn cached_layer(

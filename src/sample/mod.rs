@@ -129,9 +129,9 @@ impl Sampler {
             let logits = match self {
                 Sampler::Gpt(w) => w.next_logits(&ids, device),
                 Sampler::Decoder(d) if kv_cache => {
-                    d.next_logits(&ids[cache.len()..], &mut cache, device)
+                    d.next_logits(&ids[cache.len()..], &mut cache, device)?
                 }
-                Sampler::Decoder(d) => d.next_logits(&ids, &mut Default::default(), device),
+                Sampler::Decoder(d) => d.next_logits(&ids, &mut Default::default(), device)?,
             };
             let mut rng = Rng::derive(opts.seed, &[ids.len() as u64, i as u64]);
             ids.push(choose(&logits, opts, &mut rng));
