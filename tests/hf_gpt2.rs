@@ -5,13 +5,12 @@
 
 mod common;
 
-use common::{bitwise_equal, output_text, rel_l2, Scratch};
+use common::{bitwise_equal, kiln, output_text, rel_l2, Scratch};
 use kiln::checkpoint::TensorFileReader;
 use kiln::launch;
 use kiln::train::RunOutcome;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf-gpt2-tiny")
@@ -134,14 +133,6 @@ fn training_from_the_fixture_is_equivalent_across_stages_and_world_sizes() {
             }
         }
     }
-}
-
-fn kiln(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .env("KILN_LOG", "warn")
-        .output()
-        .unwrap()
 }
 
 /// `kiln train` from the fixture for one step at a learning rate too small to move any weight

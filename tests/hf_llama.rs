@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{bitwise_equal, mpirun_available, output_text, Scratch, QUIET};
+use common::{bitwise_equal, kiln, mpirun_available, output_text, Scratch, QUIET};
 use kiln::train::RunOutcome;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -102,14 +102,6 @@ fn ten_steps_follow_float64_adamw_and_every_stage_equals_ddp() {
             "{arch}: one process differs from DDP by {gap:e}"
         );
     }
-}
-
-fn kiln(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .env("KILN_LOG", "warn")
-        .output()
-        .unwrap()
 }
 
 fn metrics_losses(run_dir: &Path) -> Vec<f32> {

@@ -8,21 +8,13 @@
 
 mod common;
 
-use common::{bitwise_equal, output_text, small_run, Scratch, TEST_MODEL};
+use common::{bitwise_equal, kiln, output_text, small_run, Scratch, TEST_MODEL};
 use kiln::config;
 use kiln::memory::Process;
 use kiln::plan::Plan;
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .env("KILN_LOG", "warn")
-        .output()
-        .expect("run kiln")
-}
+use std::process::Command;
 
 fn plan(sets: &[&str], world: usize) -> kiln::error::Result<Plan> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();

@@ -73,6 +73,15 @@ pub fn small_run_resumed(
     Ok(launch::simulate(&config(&sets), world, &opts)?.swap_remove(0))
 }
 
+/// Runs the kiln binary with `args` (warnings only in its log) and returns what it did.
+pub fn kiln(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_LOG", "warn")
+        .output()
+        .expect("run kiln")
+}
+
 /// Runs `kiln train --quiet` as a process with these `--set` overrides and asserts that it
 /// succeeded (warnings only in its log).
 pub fn train_process(sets: impl IntoIterator<Item = String>) -> std::process::Output {
