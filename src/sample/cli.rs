@@ -69,7 +69,8 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         None => None,
     };
     let run_config = match &checkpoint {
-        Some(dir) => Some(crate::checkpoint::verify(dir)?.config),
+        // The manifest alone: the files are verified once, when the weights are read.
+        Some(dir) => Some(crate::checkpoint::Manifest::read(dir)?.config),
         None => None,
     };
     let device_setting = match &args.device {
