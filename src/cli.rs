@@ -53,12 +53,16 @@ enum Command {
         out: PathBuf,
     },
     /// Write a checkpoint's parameters for other tools: `--format hf` a directory that
-    /// transformers' `GPT2LMHeadModel.from_pretrained` loads (model.safetensors + config.json),
-    /// `--format kiln` one safetensors file with kiln's names (as `kiln consolidate`).
+    /// transformers' `from_pretrained` loads (model.safetensors + config.json), `--format
+    /// peft` the LoRA adapters as a directory `PeftModel.from_pretrained` loads onto the base
+    /// model, `--format kiln` one safetensors file with kiln's names (as `kiln consolidate`).
     Export {
-        /// `hf` or `kiln`.
+        /// `hf`, `peft` or `kiln`.
         #[arg(long, default_value = "hf")]
         format: String,
+        /// With `--format hf`, a LoRA run's adapters added into their weights.
+        #[arg(long)]
+        merge: bool,
         /// Checkpoint directory (a step directory, or a checkpoint.dir to take its latest).
         checkpoint: PathBuf,
         /// Output: a directory for `hf`, a .safetensors file for `kiln`.
@@ -209,9 +213,10 @@ pub fn main() -> i32 {
         Command::Consolidate { checkpoint, out } => consolidate(&checkpoint, &out),
         Command::Export {
             format,
+            merge,
             checkpoint,
             out,
-        } => crate::checkpoint::export_command(&format, &checkpoint, &out),
+        } => crate::checkpoint::export_command(&format, merge, &checkpoint, &out),
         Command::Sample(args) => crate::sample::run_command(&args),
         Command::PrepareData(args) => crate::data::prepare::run(&args),
         Command::DumpData { recipe, out } => recipe.load().and_then(|cfg| dump_data(&cfg, &out)),

@@ -316,6 +316,15 @@ impl<B: 'static, A: Activation> Engine<B, A> {
                     (Self::keep_for_backward(params).0, input, output)
                 }
             };
+            // A unit with nothing to train and no input to pass a gradient to (a frozen
+            // embedding under LoRA) has no backward: its output is not part of any graph.
+            if params.is_empty() && input.is_none() {
+                let layout = &self.layout.units[unit];
+                let scratch = &mut self.grad_scratch[..layout.padded_len];
+                scratch.fill(0.0);
+                strategy.on_grads_ready(unit, scratch, micro)?;
+                continue;
+            }
             let grads = output.backward_from(upstream.take());
             let layout = &self.layout.units[unit];
             let scratch = &mut self.grad_scratch[..layout.padded_len];

@@ -63,6 +63,20 @@ impl Plan {
     /// trained on the data `[data]` names.
     pub fn resolve(config: &Config, world: usize) -> Result<Plan> {
         let model = resolve_model(&config.model)?;
+        // The built-in GPT keeps its own flat layout outside burn's module tree, where LoRA's
+        // reparameterisation and freezing by module path live (`api::lora`).
+        for (key, set) in [
+            ("lora", config.lora.enabled()),
+            ("train.freeze", !config.train.freeze.is_empty()),
+        ] {
+            if set {
+                return Err(bad(
+                    key,
+                    "applies to models trained through the library API (Llama, Qwen2 and \
+                     Phi-3 checkpoints, your own burn model), not to the built-in GPT",
+                ));
+            }
+        }
 
         let d = &config.data;
         crate::config::check_choice("data.source", &d.source, crate::config::DATA_SOURCES)?;

@@ -35,6 +35,7 @@
 mod adapter;
 mod eval;
 mod frozen;
+mod lora;
 mod memory;
 mod units;
 
@@ -175,6 +176,42 @@ fn agree_everywhere(comm: &dyn Communicator, what: &str, value: &str) -> Result<
     )))
 }
 
+/// PEFT's `print_trainable_parameters()` line for a model description.
+fn trainable_line(desc: &serde_json::Value) -> String {
+    let (mut trainable, mut all) = (0usize, 0usize);
+    for p in desc["params"].as_array().into_iter().flatten() {
+        let numel: usize = p["shape"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.as_u64())
+            .product::<u64>() as usize;
+        all += numel;
+        if p["trainable"].as_bool() == Some(true) {
+            trainable += numel;
+        }
+    }
+    let pct = 100.0 * trainable as f64 / all.max(1) as f64;
+    format!(
+        "trainable params: {} || all params: {} || trainable%: {pct:.4}",
+        thousands(trainable),
+        thousands(all)
+    )
+}
+
+/// `1234567` as `1,234,567`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Trains a [`TrainModule`] with a kiln [`Config`] (the `[train]`, `[parallel]`, `[offload]`,
 /// `[checkpoint]`, `[output]` and `[comm]` sections; `[model]` and `[data]` are the user's).
 #[derive(Debug, Clone)]
@@ -265,8 +302,10 @@ impl Trainer {
                 let device = crate::device::for_rank(plan.device, rank, world)?.burn_device();
                 let Fit { model, train, eval } = fit;
                 let name = model.name();
-                let model =
+                let (model, lora) = lora::adapted(model, &self.config)?;
+                let mut model =
                     ModuleModel::new(model, comm.clone(), plan.stage == 3, device.autodiff())?;
+                model.desc["lora"] = lora;
                 Ok((model, train, eval, plan, name))
             })
         };
@@ -283,6 +322,9 @@ impl Trainer {
             &model.init_hash.to_string(),
         )?;
         plan.model_desc = model.desc.clone();
+        if rank == 0 && !self.options.quiet {
+            tracing::info!("{}", trainable_line(&model.desc));
+        }
         // Ranks sharing this machine's memory: threads of this process, or a launch's local
         // processes.
         let ranks_here = match comm.backend() {

@@ -63,7 +63,7 @@ impl Unit {
         &self.name
     }
 
-    fn holds(&self, path: &str) -> bool {
+    pub(crate) fn holds(&self, path: &str) -> bool {
         self.prefixes.iter().any(|p| under(path, p))
     }
 }
@@ -71,7 +71,7 @@ impl Unit {
 /// Whether the parameter at `path` is the module path `prefix` or inside it (`blocks.1` holds
 /// `blocks.1.norm.gamma`, not `blocks.10.norm.gamma`).
 /// The empty prefix holds every parameter ([`Unit::whole_model`]).
-fn under(path: &str, prefix: &str) -> bool {
+pub(crate) fn under(path: &str, prefix: &str) -> bool {
     prefix.is_empty()
         || path == prefix
         || (path.starts_with(prefix) && path[prefix.len()..].starts_with('.'))
@@ -136,6 +136,31 @@ pub(crate) fn find_params<M: Module>(module: &M) -> Result<BTreeMap<String, Foun
         ));
     }
     Ok(finder.found)
+}
+
+/// The module path of every float parameter of `module`, without reading values.
+pub(crate) fn find_paths<M: Module>(module: &M) -> Vec<String> {
+    struct Paths {
+        path: Vec<String>,
+        found: Vec<String>,
+    }
+    impl ModuleVisitor for Paths {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<D>>) {
+            self.found.push(self.path.join("."));
+        }
+    }
+    let mut paths = Paths {
+        path: Vec::new(),
+        found: Vec::new(),
+    };
+    module.visit(&mut paths);
+    paths.found
 }
 
 /// Where each parameter goes: per unit, its own parameters (sorted by path) and the paths it

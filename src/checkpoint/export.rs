@@ -3,6 +3,7 @@
 //! one unit at a time to a temporary name and renamed, so a crash never leaves a half-written
 //! file under the final name.
 
+use super::ModelValues;
 use super::TensorFileWriter;
 use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
@@ -101,39 +102,71 @@ fn write_tmp(
     writer.finish()
 }
 
-/// `kiln export --format hf|kiln CHECKPOINT OUT`: the parameters of a checkpoint (a step
-/// directory, or a checkpoint.dir to take its latest) as a Hugging Face directory, or as one
-/// safetensors file with kiln's names (`kiln consolidate`).
-pub fn export_command(format: &str, checkpoint: &Path, out: &Path) -> Result<()> {
+/// `kiln export --format hf|peft|kiln [--merge] CHECKPOINT OUT`: the parameters of a
+/// checkpoint (a step directory, or a checkpoint.dir to take its latest) as a Hugging Face
+/// directory (`--merge`: LoRA adapters added into their weights), as a PEFT adapter
+/// directory, or as one safetensors file with kiln's names (`kiln consolidate`).
+pub fn export_command(format: &str, merge: bool, checkpoint: &Path, out: &Path) -> Result<()> {
     let dir = super::locate(
         &checkpoint.display().to_string(),
         &crate::config::CheckpointConfig::default(),
     )?;
+    if merge && format != "hf" {
+        return Err(KilnError::config(format!(
+            "--merge: adds LoRA adapters into the weights of an hf export; --format is {format}"
+        )));
+    }
     match format {
-        "hf" => {
-            let manifest = super::verify(&dir)?;
-            let reader = super::CheckpointReader::open(&dir, &manifest)?;
-            let fill = |u: usize, buf: &mut [f32]| super::read_unit_params(&reader, u, buf);
-            // A model read from a Hugging Face directory (a Llama-family decoder) carries its
-            // config.json in its description and names its parameters as transformers does.
-            match manifest.model["model"].get("hf_config") {
-                Some(config) => {
-                    let name = |p: &str, s: &[usize]| Ok(crate::hf::decoder_name(p, s));
-                    crate::hf::write_hf_dir(out, config, &manifest.layout, name, fill)?;
-                    copy_beside(Path::new(&manifest.config.model.init_from), out)?;
-                }
-                None => crate::hf::export_hf(out, &manifest.gpt(&dir)?, &manifest.layout, fill)?,
-            }
-        }
+        "hf" => export_hf(&dir, merge, out)?,
+        "peft" => export_peft(&dir, out)?,
         "kiln" => super::consolidate(&dir, out)?,
         other => {
             return Err(KilnError::config(format!(
-                "--format: `{other}` is not one of hf, kiln"
+                "--format: `{other}` is not one of hf, peft, kiln"
             )))
         }
     }
     eprintln!("kiln: wrote {} from {}", out.display(), dir.display());
     Ok(())
+}
+
+fn export_hf(dir: &Path, merge: bool, out: &Path) -> Result<()> {
+    let manifest = super::verify(dir)?;
+    let mut values = ModelValues::open(dir, &manifest)?;
+    if values.adapters().is_some() && !merge {
+        return Err(KilnError::config(format!(
+            "checkpoint {} holds LoRA adapters: --format peft writes them as an adapter, \
+             --format hf --merge the model with them added into its weights",
+            dir.display()
+        )));
+    }
+    let params = values.params();
+    let read = |p: &str, s: &[usize]| values.merged(p, s);
+    // A model read from a Hugging Face directory (a Llama-family decoder) carries its
+    // config.json in its description and names its parameters as transformers does.
+    match manifest.model["model"].get("hf_config") {
+        Some(config) => {
+            let name = |p: &str, s: &[usize]| Ok(crate::hf::decoder_name(p, s));
+            crate::hf::write_hf_dir(out, config, &params, name, read)?;
+            copy_beside(Path::new(&manifest.config.model.init_from), out)
+        }
+        None => crate::hf::export_hf(out, &manifest.gpt(dir)?, &params, read),
+    }
+}
+
+fn export_peft(dir: &Path, out: &Path) -> Result<()> {
+    let manifest = super::verify(dir)?;
+    let values = ModelValues::open(dir, &manifest)?;
+    let Some((shape, modules)) = values.adapters() else {
+        return Err(KilnError::config(format!(
+            "--format peft: checkpoint {} was trained without [lora]; --format hf writes its model",
+            dir.display()
+        )));
+    };
+    let decoder = manifest.model["model"].get("hf_config").is_some();
+    let base = &manifest.config.model.init_from;
+    let task = decoder.then_some("CAUSAL_LM");
+    crate::hf::peft::write_adapter(out, shape, base, task, modules)
 }
 
 /// The files of a Hugging Face directory that are not weights — the tokenizer, its config and

@@ -11,12 +11,14 @@ mod consolidate;
 mod export;
 mod manifest;
 mod shards;
+mod values;
 
 pub use crate::tensor_file::{file_crc32, TensorFileReader, TensorFileWriter};
 pub use consolidate::{consolidate, read_unit_params};
 pub use export::{create_parent_dir, export_command, export_safetensors, write_params};
 pub use manifest::{DataPosition, FileEntry, Manifest, FORMAT};
 pub use shards::CheckpointReader;
+pub use values::ModelValues;
 
 use crate::comm::{agree, agree_on, Communicator};
 use crate::config::CheckpointConfig;

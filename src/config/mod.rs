@@ -50,6 +50,8 @@ pub struct Config {
     pub output: OutputConfig,
     /// Collective backend.
     pub comm: CommConfig,
+    /// LoRA adapters on a frozen base (Hugging Face PEFT's `LoraConfig`).
+    pub lora: LoraConfig,
 }
 
 /// `[model]`: a preset, optionally with individual fields overridden.
@@ -222,6 +224,11 @@ pub struct TrainConfig {
     /// inside a step, but the resident set stays at its high-water mark, so every phase's peak
     /// in metrics.jsonl reads as that mark. See `memory::allocator`.
     pub keep_freed_memory: bool,
+    /// Parameters not to train (partial fine-tuning): unit names (`embed`, `blocks.0`, `head`)
+    /// or module paths (`model.layers.0.mlp`). Frozen parameters get no gradient, bucket slot
+    /// or optimizer state; ZeRO-3 still shards them. Models trained through the library API
+    /// (Llama-family checkpoints, your own burn model).
+    pub freeze: Vec<String>,
 }
 
 impl Default for TrainConfig {
@@ -252,7 +259,50 @@ impl Default for TrainConfig {
             preflight: true,
             device: "auto".into(),
             keep_freed_memory: false,
+            freeze: Vec::new(),
         }
+    }
+}
+
+/// `[lora]`: low-rank adapters (Hu et al., 2021) on a frozen base, as Hugging Face PEFT's
+/// `LoraConfig`: each targeted linear weight `W` computes with `W + (alpha / r) · A·B`, and only
+/// `A` and `B` train. Off unless `r` or `init_from` is set. Models trained through the library
+/// API (Llama-family checkpoints, your own burn model).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraConfig {
+    /// Rank of the adapters (PEFT's `r`); setting it turns LoRA on.
+    pub r: Option<usize>,
+    /// Scale numerator (PEFT's `lora_alpha`, default 8): the update is scaled by `alpha / r`.
+    pub alpha: Option<f64>,
+    /// Dropout on the adapter's input (PEFT's `lora_dropout`). Only 0: kiln adds the update
+    /// into the weight (burn's reparameterisation), where input dropout has no place.
+    pub dropout: f64,
+    /// Linear modules to adapt, PEFT's `target_modules`: a name matches a module whose path is
+    /// it or ends with `.name` (`["q_proj", "v_proj"]`); `["all-linear"]` adapts every linear
+    /// module except `lm_head`.
+    pub targets: Vec<String>,
+    /// A PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to start
+    /// from; `r`, `alpha` and `targets` then come from its config.
+    pub init_from: String,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: None,
+            alpha: None,
+            dropout: 0.0,
+            targets: Vec::new(),
+            init_from: String::new(),
+        }
+    }
+}
+
+impl LoraConfig {
+    /// Whether LoRA is on.
+    pub fn enabled(&self) -> bool {
+        self.r.is_some() || !self.init_from.is_empty()
     }
 }
 

@@ -7,23 +7,22 @@
 use super::config::config_json;
 use super::names::{hf_name, Transform};
 use crate::error::{KilnError, Result};
-use crate::flat::ModelLayout;
 use crate::model::GptConfig;
 use crate::tensor_file::TensorFileWriter;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Writes `out_dir/model.safetensors` and `out_dir/config.json` for `model` laid out as
-/// `layout`; `fill(u, buf)` provides unit u's unpadded buffer. A tied model writes only
+/// Writes `out_dir/model.safetensors` and `out_dir/config.json` for `model`, whose
+/// parameters are `params` (path, shape) with values `read(path, shape)`. A tied model writes only
 /// `transformer.wte.weight` (transformers ties `lm_head.weight` to it on load); kiln's
 /// query/value-only bias (`model.qkv_bias = "qv"`) is written with a zero key bias, which
 /// computes the same function (softmax cancels a key bias), so every kiln GPT is exported.
 pub fn export_hf(
     out_dir: &Path,
     model: &GptConfig,
-    layout: &ModelLayout,
-    fill: impl FnMut(usize, &mut [f32]) -> Result<()>,
+    params: &[(String, Vec<usize>)],
+    read: impl FnMut(&str, &[usize]) -> Result<Vec<f32>>,
 ) -> Result<()> {
     let name = |path: &str, _shape: &[usize]| {
         hf_name(path).ok_or_else(|| {
@@ -32,23 +31,24 @@ pub fn export_hf(
             ))
         })
     };
-    write_hf_dir(out_dir, &config_json(model), layout, name, fill)
+    write_hf_dir(out_dir, &config_json(model), params, name, read)
 }
 
-/// Writes a Hugging Face directory for any architecture: `config`, and each parameter of
-/// `layout` under the name and in the layout `name(path, shape)` gives it.
+/// Writes a Hugging Face directory for any architecture: `config`, and each of `params`
+/// (path, shape; values from `read(path, shape)`, one parameter in memory at a time) under the
+/// name and in the layout `name(path, shape)` gives it.
 pub fn write_hf_dir(
     out_dir: &Path,
     config: &Value,
-    layout: &ModelLayout,
+    params: &[(String, Vec<usize>)],
     name: impl Fn(&str, &[usize]) -> Result<(String, Transform)>,
-    mut fill: impl FnMut(usize, &mut [f32]) -> Result<()>,
+    mut read: impl FnMut(&str, &[usize]) -> Result<Vec<f32>>,
 ) -> Result<()> {
     let mut tensors = Vec::new();
     let mut names = Vec::new();
-    for p in layout.units.iter().flat_map(|u| &u.params) {
-        let (hf, transform) = name(&p.path, &p.shape)?;
-        tensors.push((hf.clone(), transform.hf_shape(&p.shape)));
+    for (path, shape) in params {
+        let (hf, transform) = name(path, shape)?;
+        tensors.push((hf.clone(), transform.hf_shape(shape)));
         names.push((hf, transform));
     }
     if out_dir.is_file() {
@@ -67,14 +67,8 @@ pub fn write_hf_dir(
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let written = (|| {
         let writer = TensorFileWriter::create(&tmp, &tensors, &metadata)?;
-        let mut names = names.iter();
-        for (u, unit) in layout.units.iter().enumerate() {
-            let mut buf = vec![0.0f32; unit.numel];
-            fill(u, &mut buf)?;
-            for p in &unit.params {
-                let (hf, transform) = names.next().expect("one name per parameter");
-                writer.write(hf, 0, &transform.to_hf(&p.shape, &buf[p.range()]))?;
-            }
+        for ((path, shape), (hf, transform)) in params.iter().zip(&names) {
+            writer.write(hf, 0, &transform.to_hf(shape, &read(path, shape)?))?;
         }
         writer.finish()?;
         std::fs::rename(&tmp, &weights).map_err(|e| KilnError::io(&weights, e))

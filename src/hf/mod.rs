@@ -7,6 +7,7 @@ mod config;
 mod export;
 mod load;
 mod names;
+pub mod peft;
 mod weights;
 
 pub use config::{config_json, HfConfig};

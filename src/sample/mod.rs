@@ -55,28 +55,9 @@ impl Sampler {
                 .expect("a checkpoint has its run's config");
             return Ok((Sampler::Gpt(weights), config));
         };
-        let reader = CheckpointReader::open(dir, &manifest)?;
-        let mut units: Vec<Option<Vec<f32>>> = vec![None; manifest.layout.units.len()];
-        let read = |path: &str, _shape: &[usize]| {
-            let (u, p) = manifest
-                .layout
-                .units
-                .iter()
-                .enumerate()
-                .find_map(|(u, unit)| unit.params.iter().find(|p| p.path == path).map(|p| (u, p)))
-                .ok_or_else(|| {
-                    KilnError::file(
-                        dir.join("manifest.json"),
-                        format!("has no parameter `{path}`"),
-                    )
-                })?;
-            if units[u].is_none() {
-                let mut buf = vec![0.0f32; manifest.layout.units[u].numel];
-                read_unit_params(&reader, u, &mut buf)?;
-                units[u] = Some(buf);
-            }
-            Ok(units[u].as_ref().expect("read above")[p.range()].to_vec())
-        };
+        // Frozen parameters come from the base the run started from; LoRA adapters are merged.
+        let mut values = crate::checkpoint::ModelValues::open(dir, &manifest)?;
+        let read = |path: &str, shape: &[usize]| values.merged(path, shape);
         let model = crate::llama::from_values(hf_config, device, read)?;
         Ok((Sampler::Decoder(Box::new(model)), manifest.config.clone()))
     }
