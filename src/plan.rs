@@ -68,6 +68,7 @@ impl Plan {
         for (key, set) in [
             ("lora", config.lora.enabled()),
             ("train.freeze", !config.train.freeze.is_empty()),
+            ("train.precision", config.train.precision != "f32"),
         ] {
             if set {
                 return Err(bad(
@@ -115,6 +116,14 @@ impl Plan {
             return Err(bad("train.steps", "must be at least 1"));
         }
         check_threads(t)?;
+        crate::config::check_choice("train.precision", &t.precision, crate::config::PRECISIONS)?;
+        if t.precision == "fp16" {
+            return Err(bad(
+                "train.precision",
+                "fp16 needs dynamic loss scaling, which is not built yet; bf16 (the same \
+                 exponent range as f32) needs none",
+            ));
+        }
         let batch = resolve_batch(t, world)?;
         let finite_positive = |key: &str, v: f64| {
             if v.is_finite() && v > 0.0 {

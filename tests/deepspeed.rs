@@ -252,6 +252,21 @@ fn auto_values_take_kilns_own() {
     assert_trains_the_same(&ds, &from_recipe(&recipe_keys));
 }
 
+/// `bf16.enabled` true is `train.precision = "bf16"`; `"auto"` leaves kiln's setting.
+#[test]
+fn the_bf16_section_sets_the_precision() {
+    let dir = Scratch::new("ds-bf16");
+    for (json, want) in [
+        (r#"{"bf16": {"enabled": true}}"#, "bf16"),
+        (r#"{"bf16": {"enabled": "auto"}}"#, "f32"),
+        (r#"{"bf16": {"enabled": false}}"#, "f32"),
+    ] {
+        let ds = write(&dir, "ds.json", json);
+        let (config, _) = kiln::plan::load_layers(None, Some(&ds), &[]).expect("valid");
+        assert_eq!(config.train.precision, want, "{json}");
+    }
+}
+
 #[test]
 fn precedence_is_recipe_then_deepspeed_then_set() {
     let dir = Scratch::new("ds-precedence");
@@ -291,7 +306,10 @@ const REFUSED: &[(&str, &str)] = &[
         r#"{"fp16": {"enabled": true, "loss_scale": 0}}"#,
         "`fp16.enabled`",
     ),
-    (r#"{"bf16": {"enabled": true}}"#, "`bf16.enabled`"),
+    (
+        r#"{"bf16": {"enabled": true, "bf16_master_weights_and_grads": true}}"#,
+        "`bf16.bf16_master_weights_and_grads`",
+    ),
     (
         r#"{"optimizer": {"type": "Lamb", "params": {"lr": 0.001}}}"#,
         "`optimizer.type`: `Lamb`",

@@ -18,7 +18,7 @@ use crate::model::{
     Activation, FrozenParam, Init, Metrics, ModelUnits, Param, ParamRef, ParamSpec, UnitModel,
 };
 use burn::module::{ModuleMapper, Param as BurnParam};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,6 +44,8 @@ pub(crate) struct ModuleModel<M: TrainModule> {
     frozen: Frozen,
     /// The device the unit's parameters are made on (the engine's autodiff device).
     device: Device,
+    /// The dtype units compute in (`train.precision`); the strategy's values stay f32.
+    compute: DType,
     /// Per unit: whether its first forward has been checked for reads of other units' values.
     checked: Vec<AtomicBool>,
     /// The model's description for checkpoint manifests.
@@ -59,6 +61,7 @@ impl<M: TrainModule> ModuleModel<M> {
         comm: Arc<dyn Communicator>,
         sharded: bool,
         device: Device,
+        compute: DType,
     ) -> Result<Self> {
         // `train()` applies burn's configured gradient settings (no_grad, freeze_group) on an
         // autodiff device, so that `is_require_grad` says which parameters are trainable.
@@ -144,14 +147,17 @@ impl<M: TrainModule> ModuleModel<M> {
             initial: Mutex::new(initial),
             frozen: Frozen::new(comm, sharded, frozen_values),
             device,
+            compute,
             checked,
             desc,
             init_hash,
         })
     }
 
-    /// The unit's parameters by path as flat tensors: the trainable ones as the engine hands
-    /// them (`params`: own, then borrowed), the frozen ones untracked from the frozen store.
+    /// The unit's parameters by path as flat tensors in the compute dtype: the trainable ones
+    /// as the engine hands them (`params`: own, then borrowed) — in a lower precision, cast
+    /// inside the graph, so their gradients arrive in f32 at the f32 leaves (mixed precision's
+    /// master weights) — and the frozen ones untracked from the frozen store.
     fn unit_tensors(&self, unit: usize, params: &[Param]) -> Result<HashMap<String, Tensor<1>>> {
         let plan = &self.units[unit];
         let mut tensors = HashMap::new();
@@ -160,8 +166,12 @@ impl<M: TrainModule> ModuleModel<M> {
             .iter()
             .map(|s| &s.path)
             .chain(plan.borrowed.iter().map(|(_, p)| p));
+        let compute = |t: Tensor<1>| match self.compute {
+            DType::F32 => t,
+            dtype => t.cast(FloatDType::from(dtype)),
+        };
         for (path, p) in paths.zip(params) {
-            tensors.insert(path.clone(), p.tensor());
+            tensors.insert(path.clone(), compute(p.tensor()));
         }
         let mut add_frozen = |owner: usize, only: Option<&str>| -> Result<()> {
             let entries = &self.frozen.units[owner].entries;
@@ -172,7 +182,8 @@ impl<M: TrainModule> ModuleModel<M> {
             for (path, range) in entries {
                 if only.is_none_or(|o| o == path) {
                     let data = TensorData::new(values[range.clone()].to_vec(), [range.len()]);
-                    tensors.insert(path.clone(), Tensor::from_data(data, &self.device));
+                    let t = Tensor::from_data(data, &self.device);
+                    tensors.insert(path.clone(), compute(t));
                 }
             }
             Ok(())

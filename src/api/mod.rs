@@ -176,6 +176,23 @@ fn agree_everywhere(comm: &dyn Communicator, what: &str, value: &str) -> Result<
     )))
 }
 
+/// The dtype `train.precision` computes in, if `device` computes it: burn's wgpu backend
+/// accepts bf16 tensors and computes garbage from them, so ask before choosing.
+fn compute_dtype(config: &Config, device: &burn::tensor::Device) -> Result<burn::tensor::DType> {
+    use burn::tensor::DType;
+    let dtype = match config.train.precision.as_str() {
+        "bf16" => DType::BF16,
+        _ => DType::F32,
+    };
+    if !device.supports_dtype(dtype) {
+        return Err(KilnError::config(format!(
+            "key `train.precision` = {}: this rank's device ({device:?}) does not compute it",
+            config.train.precision
+        )));
+    }
+    Ok(dtype)
+}
+
 /// PEFT's `print_trainable_parameters()` line for a model description.
 fn trainable_line(desc: &serde_json::Value) -> String {
     let (mut trainable, mut all) = (0usize, 0usize);
@@ -303,8 +320,14 @@ impl Trainer {
                 let Fit { model, train, eval } = fit;
                 let name = model.name();
                 let (model, lora) = lora::adapted(model, &self.config)?;
-                let mut model =
-                    ModuleModel::new(model, comm.clone(), plan.stage == 3, device.autodiff())?;
+                let compute = compute_dtype(&self.config, &device)?;
+                let mut model = ModuleModel::new(
+                    model,
+                    comm.clone(),
+                    plan.stage == 3,
+                    device.autodiff(),
+                    compute,
+                )?;
                 model.desc["lora"] = lora;
                 Ok((model, train, eval, plan, name))
             })

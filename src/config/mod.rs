@@ -12,6 +12,8 @@ pub use recompute::{Recompute, RECOMPUTE_FORMS};
 
 /// The values of `data.source`.
 pub const DATA_SOURCES: &[&str] = &["markov", "text", "tokens"];
+/// The values of `train.precision`.
+pub const PRECISIONS: &[&str] = &["f32", "bf16", "fp16"];
 /// The values of `comm.backend`.
 pub const COMM_BACKENDS: &[&str] = &["auto", "local", "mpi", "nccl"];
 
@@ -229,6 +231,10 @@ pub struct TrainConfig {
     /// or optimizer state; ZeRO-3 still shards them. Models trained through the library API
     /// (Llama-family checkpoints, your own burn model).
     pub freeze: Vec<String>,
+    /// The dtype the forward and backward compute in: `f32`, or `bf16` with f32 master
+    /// weights, gradients, optimizer state and step (FSDP2's `MixedPrecisionPolicy(param_dtype
+    /// = bfloat16)`). Library-API models (Llama family, your own burn model).
+    pub precision: String,
 }
 
 impl Default for TrainConfig {
@@ -260,6 +266,7 @@ impl Default for TrainConfig {
             device: "auto".into(),
             keep_freed_memory: false,
             freeze: Vec::new(),
+            precision: "f32".into(),
         }
     }
 }

@@ -14,7 +14,7 @@ use burn::nn::{
     Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig,
 };
 use burn::tensor::activation::{log_softmax, silu};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, FloatDType, Tensor};
 use std::sync::Arc;
 
 /// `LlamaForCausalLM` / `Qwen2ForCausalLM` / `Phi3ForCausalLM`: the decoder and, when untied,
@@ -152,7 +152,7 @@ impl Decoder {
     /// the final norm, then the LM head (the embedding, transposed, when tied).
     pub fn logits(&self, x: Tensor<3>) -> Tensor<2> {
         let [b, t, d] = x.dims();
-        let x = self.model.norm.forward(x).reshape([b * t, d]);
+        let x = rms(&self.model.norm, x).reshape([b * t, d]);
         match &self.lm_head {
             Some(head) => x.matmul(head.weight.val()),
             None => x.matmul(self.model.embed_tokens.weight.val().transpose()),
@@ -160,9 +160,9 @@ impl Decoder {
     }
 
     fn layer_forward(&self, layer: &DecoderLayer, x: Tensor<3>) -> Tensor<3> {
-        let h = layer.input_layernorm.forward(x.clone());
+        let h = rms(&layer.input_layernorm, x.clone());
         let x = x + self.attention(&layer.self_attn, h);
-        let h = layer.post_attention_layernorm.forward(x.clone());
+        let h = rms(&layer.post_attention_layernorm, x.clone());
         x + self.mlp(&layer.mlp, h)
     }
 
@@ -207,12 +207,19 @@ impl Decoder {
         let (h, kv, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
         let heads = |y: Tensor<3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
         let (inv_freq, scale) = rope::inv_freq(cfg, t);
+        let dtype = x.dtype();
+        // The tables are made in f32 and rotate in the compute dtype, as transformers' do.
         let (cos, sin) = rope::tables(&inv_freq, scale, t, &x.device());
+        let (cos, sin) = (in_dtype(cos, dtype), in_dtype(sin, dtype));
         let [q, k, v] = self.qkv(attn, x);
         let q = rope::apply(heads(q, h), &cos, &sin);
         let k = rope::apply(heads(k, kv), &cos, &sin);
         let v = heads(v, kv);
-        let att = causal_attention(q, repeat_kv(k, h), repeat_kv(v, h));
+        // kiln's fused attention kernel computes in f32: scores, softmax and the weighted sum
+        // (transformers' eager attention takes its softmax in f32 too).
+        let f32 = |y: Tensor<4>| in_dtype(y, DType::F32);
+        let att = causal_attention(f32(q), f32(repeat_kv(k, h)), f32(repeat_kv(v, h)));
+        let att = in_dtype(att, dtype);
         self.o_proj(attn, att.swap_dims(1, 2).reshape([b, t, h * hd]))
     }
 
@@ -234,6 +241,27 @@ pub(super) fn repeat_kv(y: Tensor<4>, heads: usize) -> Tensor<4> {
             .expand([b, kv, group, t, hd])
             .reshape([b, heads, t, hd]),
     }
+}
+
+/// `x` in `dtype` (itself when it is already).
+pub(super) fn in_dtype<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
+    match x.dtype() == dtype {
+        true => x,
+        false => x.cast(FloatDType::from(dtype)),
+    }
+}
+
+/// RMSNorm with its statistics in f32 whatever the compute dtype, as transformers'
+/// `LlamaRMSNorm`: upcast, normalise, cast back, then the gain (in the compute dtype).
+pub(super) fn rms(norm: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        return norm.forward(x);
+    }
+    let x = x.cast(FloatDType::F32);
+    let mean_square = x.clone().powi_scalar(2).mean_dim(2);
+    let y = x * (mean_square + norm.epsilon).sqrt().recip();
+    y.cast(FloatDType::from(dtype)) * norm.gamma.val().unsqueeze::<3>()
 }
 
 /// `x W + b` on `[batch, seq, d_in]` as one 2-D matmul over batch × seq rows (burn flex runs
@@ -281,7 +309,9 @@ impl TrainModule for Decoder {
             _ => {
                 let x = x.expect("the head follows the layers");
                 let [b, t, _] = x.dims();
-                let logp = log_softmax(self.logits(x), 1);
+                // The loss and its softmax in f32 whatever the compute dtype: a bf16 log-softmax
+                // over the vocabulary would round every probability to 8 bits.
+                let logp = log_softmax(in_dtype(self.logits(x), DType::F32), 1);
                 let targets = batch.targets.clone().reshape([b * t, 1]);
                 batch.loss(logp.gather(1, targets).neg())
             }

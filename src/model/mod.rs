@@ -113,7 +113,8 @@ impl<const D: usize> Activation for Tensor<D> {
     fn backward_from(self, upstream: Option<Self>) -> Gradients {
         let upstream = match upstream {
             Some(dy) => Tensor::from_inner(dy),
-            None => Tensor::from_inner(Tensor::ones(self.shape(), &self.clone().inner().device())),
+            // Ones in the output's dtype (a loss computed in bf16 seeds a bf16 backward).
+            None => Tensor::from_inner(self.clone().inner().ones_like()),
         };
         (self * upstream).sum().backward()
     }

@@ -111,6 +111,7 @@ impl Reader {
             "zero_optimization" => self.zero(self.object(key, v)?, block_params)?,
             "activation_checkpointing" => self.activation_checkpointing(self.object(key, v)?)?,
             "communication_data_type" => self.fp32_only(key, v)?,
+            "bf16" => self.bf16(self.object(key, v)?)?,
             "data_types" => {
                 for (k, dv) in self.object(key, v)? {
                     let full = format!("{key}.{k}");
@@ -142,6 +143,32 @@ impl Reader {
         } else {
             self.warn(key, "is not a DeepSpeed key kiln knows");
         }
+    }
+
+    /// `bf16`: `enabled` true computes in bf16 (`train.precision`); `"auto"` leaves kiln's
+    /// setting. kiln keeps f32 master weights, gradients and optimizer state, so a config asking
+    /// for them in bf16 is refused.
+    fn bf16(&mut self, o: &Map<String, Value>) -> Result<()> {
+        for (k, v) in o {
+            let full = format!("bf16.{k}");
+            match k.as_str() {
+                "enabled" => {
+                    if self.boolean(&full, v)? == Some(true) {
+                        self.set("train.precision", "bf16");
+                    }
+                }
+                "bf16_master_weights_and_grads" | "bf16_optimizer_states" => {
+                    if self.boolean(&full, v)? == Some(true) {
+                        return Err(self.error(
+                            &full,
+                            "kiln keeps master weights, gradients and optimizer state in f32",
+                        ));
+                    }
+                }
+                _ => self.ignore(&full),
+            }
+        }
+        Ok(())
     }
 
     fn fp32_only(&mut self, key: &str, v: &Value) -> Result<()> {

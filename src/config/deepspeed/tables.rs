@@ -58,15 +58,11 @@ pub(super) const INTERNALS: &[&str] = &[
 pub(super) const UNSUPPORTED_FEATURES: &[(&str, &str)] = &[
     (
         "amp",
-        "kiln trains in f32; mixed precision is not built yet",
-    ),
-    (
-        "bf16",
-        "kiln trains in f32; mixed precision is not built yet",
+        "NVIDIA apex's AMP is not built; bf16 (`\"bf16\": {\"enabled\": true}`) is",
     ),
     (
         "fp16",
-        "kiln trains in f32; fp16 with loss scaling is not built",
+        "fp16 needs dynamic loss scaling, which kiln has not built yet; bf16 (`\"bf16\": {\"enabled\": true}`) needs none",
     ),
     ("elasticity", "elastic batch sizes are not built"),
     (
