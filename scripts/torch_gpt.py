@@ -133,6 +133,18 @@ class HfLm(torch.nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
+class Autocast(torch.nn.Module):
+    """`model` under torch.autocast in `dtype`: f32 parameters (the masters), each op in the
+    low precision where autocast's policy puts it — PyTorch's own mixed precision."""
+    def __init__(self, model, device_type, dtype):
+        super().__init__()
+        self.model, self.device_type, self.dtype = model, device_type, dtype
+
+    def forward(self, idx, targets):
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.model(idx, targets)
+
+
 def bench(args):
     torch.set_num_threads(args.threads)
     device = set_device(args)
@@ -144,6 +156,8 @@ def bench(args):
     else:
         vocab, d, n_layers, h, seq = PRESETS[args.preset]
         model = Gpt(vocab, d, n_layers, h, seq).to(device)
+    if args.precision == "bf16":
+        model = Autocast(model, device.type, torch.bfloat16)
     # The strongest AdamW PyTorch has on each device: fused on CUDA, the default on the CPU.
     opt = optimizer(model, 1e-3, fused=True if device.type == "cuda" else None)
     idx = torch.randint(0, vocab, (args.micro_batch, seq + 1)).to(device)
@@ -151,7 +165,7 @@ def bench(args):
         torch.cuda.reset_peak_memory_stats(device)
     ms = timed_steps(model, opt, idx, args.steps, lambda: sync(device), lambda: sync(device))
     where = f"threads {args.threads}" if device.type == "cpu" else f"{torch.cuda.get_device_name(device)}, f32{' (TF32 matmuls)' if args.tf32 else ''}"
-    print(f"torch {torch.__version__} {where} preset {args.preset} micro-batch {args.micro_batch}: "
+    print(f"torch {torch.__version__} {where} {args.precision} preset {args.preset} micro-batch {args.micro_batch}: "
           f"median {ms:.1f} ms/step, {args.micro_batch * seq / ms * 1e3:.0f} tokens/s")
     if device.type == "cuda":
         mib = 1 << 20
@@ -245,6 +259,8 @@ def main():
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     b.add_argument("--tf32", action="store_true", help="CUDA: let f32 matmuls use TF32 tensor cores")
+    b.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                   help="bf16: torch.autocast over f32 parameters (kiln's train.precision = \"bf16\")")
     dd = sub.add_parser("dist")
     dd.add_argument("--mode", choices=["ddp", "zero1", "fsdp2", "fsdp2-keep", "fsdp2-recompute"], default="ddp")
     dd.add_argument("--preset", default="tiny")

@@ -114,9 +114,10 @@ impl ShapeArgs {
 
 /// How scripts/torch_gpt.py builds the configured model: kiln's preset, or the Hugging Face
 /// checkpoint `model.init_from` names (loaded by transformers) at `model.seq_len`.
+/// `train.precision = "bf16"` runs it under `torch.autocast` in bfloat16.
 fn torch_model_args(config: &crate::config::Config) -> Vec<String> {
     let m = &config.model;
-    match m.init_from.is_empty() {
+    let mut args: Vec<String> = match m.init_from.is_empty() {
         true => vec!["--preset".into(), m.preset.clone()],
         false => vec![
             "--init-from".into(),
@@ -124,7 +125,11 @@ fn torch_model_args(config: &crate::config::Config) -> Vec<String> {
             "--seq-len".into(),
             m.seq_len.unwrap_or(256).to_string(),
         ],
+    };
+    if config.train.precision != "f32" {
+        args.extend(["--precision".into(), config.train.precision.clone()]);
     }
+    args
 }
 
 /// Runs a benchmark.
