@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{bitwise_equal, kiln, mpirun_available, output_text, Scratch, QUIET};
+use common::{bitwise_equal, kiln, mpirun_available, output_text, Scratch};
 use kiln::train::RunOutcome;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -16,34 +16,21 @@ use std::process::Command;
 const ARCHS: [&str; 3] = ["llama", "qwen2", "phi3"];
 
 fn fixture(arch: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/hf-{arch}-tiny"))
+    common::hf_fixture(arch)
 }
 
 fn reference(arch: &str) -> Value {
-    let text = std::fs::read_to_string(fixture(arch).join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    common::hf_reference(arch)
 }
 
 /// The fixture's training settings (reference.json's `train`, the script's DECODER_TRAIN) as
 /// `--set` overrides, with `extra` after them.
 fn sets(arch: &str, extra: &[&str]) -> Vec<String> {
-    let f = fixture(arch).display().to_string();
-    let mut sets = vec![
-        format!("model.init_from={f}"),
-        format!("data.path={f}/tokens.bin"),
-        "train.threads=1".into(),
-    ];
-    for (key, value) in reference(arch)["train"].as_object().unwrap() {
-        sets.push(format!("{key}={value}"));
-    }
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    sets
+    common::hf_sets(arch, &reference(arch)["train"], extra)
 }
 
 fn run(arch: &str, world: usize, extra: &[&str]) -> RunOutcome {
-    let sets = sets(arch, extra);
-    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-    kiln::llama::train(&common::config(&sets), Some(world), QUIET).expect("run")
+    common::decoder_run(&sets(arch, extra), world)
 }
 
 fn rel(a: f64, b: f64) -> f64 {

@@ -5,42 +5,21 @@
 
 mod common;
 
-use common::{bitwise_equal, kiln, output_text, Scratch, QUIET};
+use common::{bitwise_equal, kiln, output_text, Scratch};
 use kiln::train::RunOutcome;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
 
 const ARCHS: [&str; 2] = ["llama", "phi3"];
 
-fn fixture(arch: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/hf-{arch}-tiny"))
-}
-
-fn reference(arch: &str) -> Value {
-    let text = std::fs::read_to_string(fixture(arch).join("reference.json")).unwrap();
-    serde_json::from_str::<Value>(&text).unwrap()
-}
+use common::{decoder_run as run_with, hf_fixture as fixture, hf_reference as reference};
 
 /// The fixture's training settings for LoRA (`reference.json`'s `lora.train`) from PEFT's
 /// adapter, with `extra` after them.
 fn sets(arch: &str, extra: &[&str]) -> Vec<String> {
-    let f = fixture(arch).display().to_string();
-    let mut sets = vec![
-        format!("model.init_from={f}"),
-        format!("lora.init_from={f}/lora"),
-        format!("data.path={f}/tokens.bin"),
-        "train.threads=1".into(),
-    ];
-    for (key, value) in reference(arch)["lora"]["train"].as_object().unwrap() {
-        sets.push(format!("{key}={value}"));
-    }
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    sets
-}
-
-fn run_with(sets: &[String], world: usize) -> RunOutcome {
-    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-    kiln::llama::train(&common::config(&sets), Some(world), QUIET).expect("run")
+    let lora = format!("lora.init_from={}/lora", fixture(arch).display());
+    let mut all = vec![lora.as_str()];
+    all.extend_from_slice(extra);
+    common::hf_sets(arch, &reference(arch)["lora"]["train"], &all)
 }
 
 fn run(arch: &str, world: usize, extra: &[&str]) -> RunOutcome {
@@ -54,7 +33,7 @@ fn numel(shape: &[usize]) -> usize {
 /// The base's parameters as kiln lays them out, read from the fixture.
 fn base_values(arch: &str, path: &str, shape: &[usize]) -> Vec<f32> {
     let weights = kiln::hf::HfWeights::open(&fixture(arch)).unwrap();
-    kiln::llama::read_hf(&weights, path, shape).unwrap()
+    weights.read_decoder(path, shape).unwrap()
 }
 
 /// Ten steps at 2 ranks follow PEFT's float64 AdamW within 1e-5 per step (measured: under

@@ -4,38 +4,16 @@
 
 mod common;
 
-use common::{bitwise_equal, kiln, output_text, Scratch, QUIET};
+use common::{bitwise_equal, kiln, output_text, Scratch};
 use kiln::train::RunOutcome;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn fixture(arch: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/hf-{arch}-tiny"))
-}
-
-fn reference(arch: &str) -> Value {
-    let text = std::fs::read_to_string(fixture(arch).join("reference.json")).unwrap();
-    serde_json::from_str::<Value>(&text).unwrap()
-}
+use common::{decoder_run as run_with, hf_fixture as fixture, hf_reference as reference};
 
 /// The fixture's training settings (the rows transformers' losses were taken on), `extra` after.
 fn sets(arch: &str, extra: &[&str]) -> Vec<String> {
-    let f = fixture(arch).display().to_string();
-    let mut sets = vec![
-        format!("model.init_from={f}"),
-        format!("data.path={f}/tokens.bin"),
-        "train.threads=1".into(),
-    ];
-    for (key, value) in reference(arch)["train"].as_object().unwrap() {
-        sets.push(format!("{key}={value}"));
-    }
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    sets
-}
-
-fn run_with(sets: &[String], world: usize) -> RunOutcome {
-    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-    kiln::llama::train(&common::config(&sets), Some(world), QUIET).expect("run")
+    common::hf_sets(arch, &reference(arch)["train"], extra)
 }
 
 fn run(arch: &str, world: usize, extra: &[&str]) -> RunOutcome {

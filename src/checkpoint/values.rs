@@ -160,7 +160,7 @@ impl<'a> ModelValues<'a> {
             })?);
         }
         let base = self.base.as_ref().expect("opened above");
-        crate::llama::read_hf(base, path, shape)
+        base.read_decoder(path, shape)
     }
 }
 

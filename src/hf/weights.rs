@@ -97,6 +97,24 @@ impl HfWeights {
     }
 }
 
+impl HfWeights {
+    /// The Llama-family decoder parameter at kiln's `path`, of kiln's `shape` (transposed from
+    /// transformers' layout where `crate::hf::decoder_name` says so).
+    pub fn read_decoder(&self, path: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (name, transform) = super::decoder_name(path, shape);
+        // A file saved from the bare decoder (`LlamaModel`) has no `model.` prefix.
+        let bare = name.strip_prefix("model.").unwrap_or(&name).to_string();
+        let hf = self.read(
+            &[&name, &bare],
+            &transform.hf_shape(shape),
+            &format!("kiln's `{path}`"),
+        )?;
+        let mut out = vec![0.0f32; hf.len()];
+        transform.to_kiln(shape, &hf, &mut out);
+        Ok(out)
+    }
+}
+
 /// The weight files of a `save_pretrained` directory.
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join(WEIGHTS);

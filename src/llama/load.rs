@@ -4,7 +4,7 @@
 use super::config::DecoderConfig;
 use super::model::Decoder;
 use crate::error::{KilnError, Result};
-use crate::hf::{decoder_name as hf_name, HfWeights};
+use crate::hf::HfWeights;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Device, Tensor, TensorData};
 use std::path::{Path, PathBuf};
@@ -22,23 +22,8 @@ pub fn config_path(init_from: &Path) -> PathBuf {
 pub fn from_hf(init_from: &Path, device: &Device) -> Result<Decoder> {
     let (cfg, raw) = DecoderConfig::read(&config_path(init_from))?;
     let weights = HfWeights::open(init_from)?;
-    let read = |path: &str, shape: &[usize]| read_hf(&weights, path, shape);
+    let read = |path: &str, shape: &[usize]| weights.read_decoder(path, shape);
     filled(Decoder::empty(cfg, raw, device), read)
-}
-
-/// The decoder parameter at kiln's `path` (of kiln's `shape`) from a Hugging Face checkpoint.
-pub fn read_hf(weights: &HfWeights, path: &str, shape: &[usize]) -> Result<Vec<f32>> {
-    let (name, transform) = hf_name(path, shape);
-    // A file saved from the bare decoder (`LlamaModel`) has no `model.` prefix.
-    let bare = name.strip_prefix("model.").unwrap_or(&name).to_string();
-    let hf = weights.read(
-        &[&name, &bare],
-        &transform.hf_shape(shape),
-        &format!("kiln's `{path}`"),
-    )?;
-    let mut out = vec![0.0f32; hf.len()];
-    transform.to_kiln(shape, &hf, &mut out);
-    Ok(out)
 }
 
 /// The decoder a `config.json` (as a checkpoint's description holds it) describes, with each

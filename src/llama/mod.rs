@@ -16,7 +16,7 @@ mod rope;
 
 pub use config::{DecoderConfig, Family, Llama3Scaling, LongRope, RopeScaling};
 pub use generate::KvCache;
-pub use load::{config_path, from_hf, from_values, read_hf};
+pub use load::{config_path, from_hf, from_values};
 pub use model::{Attention, Decoder, DecoderLayer, DecoderStack, GatedMlp};
 
 use crate::api::{Fit, RankInfo, TrainModule, Trainer};

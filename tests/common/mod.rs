@@ -218,3 +218,36 @@ pub fn assert_same_tensors(
     }
     mine
 }
+
+/// `tests/fixtures/hf-{arch}-tiny`: the Llama-family fixtures `scripts/make_hf_fixture.py` made.
+pub fn hf_fixture(arch: &str) -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/hf-{arch}-tiny"))
+}
+
+/// The fixture's `reference.json`.
+pub fn hf_reference(arch: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(hf_fixture(arch).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// `--set` overrides that train the fixture on its token file with the settings `train` (an
+/// object of kiln keys from reference.json), one thread, then `extra`.
+pub fn hf_sets(arch: &str, train: &serde_json::Value, extra: &[&str]) -> Vec<String> {
+    let f = hf_fixture(arch).display().to_string();
+    let mut sets = vec![
+        format!("model.init_from={f}"),
+        format!("data.path={f}/tokens.bin"),
+        "train.threads=1".into(),
+    ];
+    for (key, value) in train.as_object().expect("reference.json train settings") {
+        sets.push(format!("{key}={value}"));
+    }
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    sets
+}
+
+/// A Llama-family run in this process, `world` ranks as threads.
+pub fn decoder_run(sets: &[String], world: usize) -> RunOutcome {
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    kiln::llama::train(&config(&sets), Some(world), QUIET).expect("run")
+}
