@@ -54,6 +54,8 @@ pub struct Engine<B: 'static = MicroBatch, A: Activation = Tensor<3>> {
     /// Peak memory by phase (issue 14): forward and backward are marked here, the rest of the
     /// step by the train loop through [`Engine::phases`]. Disabled unless the loop enables it.
     phases: crate::memory::phases::PhaseMeter,
+    /// fp16's loss scale: the loss is multiplied by it before the backward (1: no scaling).
+    loss_scale: f32,
 }
 
 /// What a unit kept from the forward pass for its backward.
@@ -115,7 +117,14 @@ impl<B: 'static, A: Activation> Engine<B, A> {
             lent_ranges,
             transfer: Cell::new(Duration::ZERO),
             phases: Default::default(),
+            loss_scale: 1.0,
         }
+    }
+
+    /// Multiplies the loss by `scale` before each backward (fp16 loss scaling): the gradients
+    /// come out scaled, and the strategy divides them by it.
+    pub fn set_loss_scale(&mut self, scale: f32) {
+        self.loss_scale = scale;
     }
 
     /// Recompute exactly the units flagged (one flag per unit, as `Plan::recompute`) instead
@@ -325,6 +334,10 @@ impl<B: 'static, A: Activation> Engine<B, A> {
                 strategy.on_grads_ready(unit, scratch, micro)?;
                 continue;
             }
+            let output = match (unit + 1 == num_units, self.loss_scale) {
+                (true, s) if s != 1.0 => output.scaled(s),
+                _ => output,
+            };
             let grads = output.backward_from(upstream.take());
             let layout = &self.layout.units[unit];
             let scratch = &mut self.grad_scratch[..layout.padded_len];

@@ -117,13 +117,7 @@ impl Plan {
         }
         check_threads(t)?;
         crate::config::check_choice("train.precision", &t.precision, crate::config::PRECISIONS)?;
-        if t.precision == "fp16" {
-            return Err(bad(
-                "train.precision",
-                "fp16 needs dynamic loss scaling, which is not built yet; bf16 (the same \
-                 exponent range as f32) needs none",
-            ));
-        }
+        check_fp16(config)?;
         let batch = resolve_batch(t, world)?;
         let finite_positive = |key: &str, v: f64| {
             if v.is_finite() && v > 0.0 {
@@ -255,6 +249,46 @@ fn resolve_recompute(setting: &crate::config::Recompute, names: &[String]) -> Re
             format!("{e}; expected {}", crate::config::RECOMPUTE_FORMS),
         )
     })
+}
+
+/// `[fp16]` is usable when `train.precision = "fp16"` reads it (otherwise it is not read, as
+/// DeepSpeed's `fp16` keys are not while `enabled` is false): a static `loss_scale` beside a
+/// dynamic-scaling key set away from its default is a conflict, named.
+fn check_fp16(config: &Config) -> Result<()> {
+    if config.train.precision != "fp16" {
+        return Ok(());
+    }
+    let f = &config.fp16;
+    let d = crate::config::Fp16Config::default();
+    if f.loss_scale > 0.0 {
+        let dynamic = [
+            (
+                "initial_scale_power",
+                f.initial_scale_power != d.initial_scale_power,
+            ),
+            (
+                "loss_scale_window",
+                f.loss_scale_window != d.loss_scale_window,
+            ),
+            ("hysteresis", f.hysteresis != d.hysteresis),
+            (
+                "consecutive_hysteresis",
+                f.consecutive_hysteresis != d.consecutive_hysteresis,
+            ),
+            ("min_loss_scale", f.min_loss_scale != d.min_loss_scale),
+        ];
+        if let Some((key, _)) = dynamic.iter().find(|(_, set)| *set) {
+            return Err(bad(
+                &format!("fp16.{key}"),
+                format!(
+                    "tunes dynamic loss scaling, but fp16.loss_scale = {} fixes the scale; \
+                     leave one of them out",
+                    f.loss_scale
+                ),
+            ));
+        }
+    }
+    crate::optim::LossScaler::new(f).map(|_| ())
 }
 
 /// `config::load_layers` for the built-in GPT: a recipe, a DeepSpeed config and `--set`s,

@@ -252,9 +252,10 @@ fn auto_values_take_kilns_own() {
     assert_trains_the_same(&ds, &from_recipe(&recipe_keys));
 }
 
-/// `bf16.enabled` true is `train.precision = "bf16"`; `"auto"` leaves kiln's setting.
+/// `bf16.enabled` / `fp16.enabled` true set `train.precision`; `"auto"` leaves kiln's
+/// setting (fp16's scaling keys are still read, for when kiln's precision is fp16).
 #[test]
-fn the_bf16_section_sets_the_precision() {
+fn the_bf16_and_fp16_sections_set_the_precision() {
     let dir = Scratch::new("ds-bf16");
     for (json, want) in [
         (r#"{"bf16": {"enabled": true}}"#, "bf16"),
@@ -265,6 +266,29 @@ fn the_bf16_section_sets_the_precision() {
         let (config, _) = kiln::plan::load_layers(None, Some(&ds), &[]).expect("valid");
         assert_eq!(config.train.precision, want, "{json}");
     }
+    // transformers' tests/deepspeed/ds_config_zero3.json fp16 section, switched on.
+    let ds = write(
+        &dir,
+        "ds.json",
+        r#"{"fp16": {"enabled": true, "loss_scale": 0, "loss_scale_window": 1000,
+                     "initial_scale_power": 16, "hysteresis": 2, "min_loss_scale": 1}}"#,
+    );
+    let (config, _) = kiln::plan::load_layers(None, Some(&ds), &[]).expect("valid");
+    assert_eq!(config.train.precision, "fp16");
+    assert_eq!(config.fp16, kiln::config::Fp16Config::default());
+    let ds = write(
+        &dir,
+        "ds.json",
+        r#"{"fp16": {"enabled": "auto", "initial_scale_power": 12}}"#,
+    );
+    let (config, _) = kiln::plan::load_layers(None, Some(&ds), &[]).expect("valid");
+    assert_eq!(
+        (
+            config.train.precision.as_str(),
+            config.fp16.initial_scale_power
+        ),
+        ("f32", 12)
+    );
 }
 
 #[test]
@@ -303,8 +327,8 @@ const REFUSED: &[(&str, &str)] = &[
         "optimizer states only",
     ),
     (
-        r#"{"fp16": {"enabled": true, "loss_scale": 0}}"#,
-        "`fp16.enabled`",
+        r#"{"fp16": {"enabled": true, "fp16_master_weights_and_grads": true}}"#,
+        "`fp16.fp16_master_weights_and_grads`",
     ),
     (
         r#"{"bf16": {"enabled": true, "bf16_master_weights_and_grads": true}}"#,

@@ -20,28 +20,32 @@ fn run(arch: &str, world: usize, extra: &[&str]) -> RunOutcome {
     run_with(&sets(arch, extra), world)
 }
 
-/// kiln's bf16 step-1 loss is transformers' bfloat16 model's within 1e-3 (measured 2.4e-4,
-/// 9.4e-5, 5.0e-5: two bf16 computations differ by their rounding, about bf16's epsilon 2^-8
-/// times the loss's sensitivity, and kiln's attention runs in f32 where transformers' scores are
-/// bf16), and differs from kiln's f32 loss — the compute really is bf16.
+/// kiln's bf16 and fp16 step-1 losses are transformers' bfloat16 and float16 models' within
+/// 1e-3 (measured: bf16 2.4e-4, 9.4e-5, 5.0e-5; fp16 4.3e-5, 1.6e-5, 4.2e-5 — two low-precision
+/// computations differ by their rounding, and kiln's attention runs in f32 where transformers'
+/// scores are in the low precision), and differ from kiln's f32 loss: the compute really is
+/// in the low precision.
 #[test]
-fn bf16_step_one_loss_is_transformers_bf16() {
+fn low_precision_step_one_losses_are_transformers() {
     for arch in ["llama", "qwen2", "phi3"] {
-        let theirs = reference(arch)["bf16"]["transformers_loss_step1"]
-            .as_f64()
-            .unwrap();
-        let bf16 = run(arch, 2, &["train.steps=1", "train.precision=\"bf16\""]);
         let f32 = run(arch, 2, &["train.steps=1"]);
-        let mine = bf16.losses[0] as f64;
-        let rel = (mine - theirs).abs() / theirs;
-        assert!(
-            rel <= 1e-3,
-            "{arch}: kiln bf16 {mine} vs transformers bf16 {theirs}"
-        );
-        assert_ne!(
-            bf16.losses[0], f32.losses[0],
-            "{arch}: bf16 computed as f32"
-        );
+        for precision in ["bf16", "fp16"] {
+            let theirs = reference(arch)[precision]["transformers_loss_step1"]
+                .as_f64()
+                .unwrap();
+            let key = format!("train.precision=\"{precision}\"");
+            let low = run(arch, 2, &["train.steps=1", &key]);
+            let mine = low.losses[0] as f64;
+            let rel = (mine - theirs).abs() / theirs;
+            assert!(
+                rel <= 1e-3,
+                "{arch} {precision}: kiln {mine} vs transformers {theirs}"
+            );
+            assert_ne!(
+                low.losses[0], f32.losses[0],
+                "{arch}: {precision} computed as f32"
+            );
+        }
     }
 }
 
@@ -138,22 +142,123 @@ fn bf16_tracks_f32_over_150_steps_of_real_text() {
     assert!(rel <= 0.01, "bf16 {bf16} vs f32 {f32}");
 }
 
-/// A precision kiln does not have, or one the built-in GPT does not take: one line, exit 2.
+/// `kiln train --simulate 2` of the llama fixture as a process with `KILN_FAULT` = `fault`
+/// (if any) and these settings after the fixture's.
+fn train_with_fault(fault: Option<&str>, extra: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.args(["train", "--quiet", "--simulate", "2"])
+        .env("KILN_LOG", "warn");
+    if let Some(f) = fault {
+        cmd.env("KILN_FAULT", f);
+    }
+    for s in sets("llama", extra) {
+        cmd.args(["--set", &s]);
+    }
+    cmd.output().expect("kiln runs")
+}
+
+fn metrics(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// fp16 with dynamic loss scaling: rank 1's gradients overflow at step 3 (`KILN_FAULT`); every
+/// rank skips that step — the parameters after it are those after step 2, bit for bit — and
+/// the scale halves (hysteresis 1); the run continues, at stage 3 as at DDP, bit for bit; and a
+/// run resumed from a checkpoint written just after the skipped step continues exactly as the
+/// uninterrupted one (the scale and the skipped-step count travel in the checkpoint).
 #[test]
-fn unsupported_precisions_are_one_line_exit_2() {
+fn an_fp16_overflow_skips_the_step_on_every_rank_and_training_continues() {
+    let scratch = Scratch::new("fp16-overflow");
+    let at = |name: &str, key: &str| format!("{key}={}", scratch.path(name).display());
+    let fp16 = [
+        "train.precision=\"fp16\"",
+        "fp16.hysteresis=1",
+        "fp16.initial_scale_power=12",
+    ];
+    let overflow = Some("overflow:1:2");
+    // Trains `name` with the fault and `extra`; returns its exported final parameters.
+    let run = |fault: Option<&str>, name: &str, extra: &[&str]| {
+        let out = at(name, "output.dir");
+        let export = at(&format!("{name}.safetensors"), "output.export");
+        let mut e: Vec<&str> = fp16.to_vec();
+        e.extend([out.as_str(), export.as_str()]);
+        e.extend(extra);
+        let done = train_with_fault(fault, &e);
+        assert!(done.status.success(), "{name}: {}", output_text(&done));
+        std::fs::read(scratch.path(&format!("{name}.safetensors"))).unwrap()
+    };
+    let two = run(None, "two", &["train.steps=2"]);
+    let three = run(overflow, "three", &["train.steps=3"]);
+    assert!(two == three, "the skipped step changed the parameters");
+    let lines = metrics(&scratch.path("three"));
+    assert_eq!(lines[2]["skipped"], Value::Bool(true));
+    assert_eq!(lines[1]["loss_scale"].as_f64(), Some(4096.0));
+    assert_eq!(lines[2]["loss_scale"].as_f64(), Some(2048.0));
+
+    let ddp = run(overflow, "ddp", &["train.steps=6"]);
+    let zero3 = run(overflow, "zero3", &["train.steps=6", "parallel.stage=3"]);
+    assert!(ddp == zero3, "stage 3 differs from DDP across the skip");
+    let losses = |name: &str| -> Vec<f64> {
+        let lines = metrics(&scratch.path(name));
+        lines.iter().map(|l| l["loss"].as_f64().unwrap()).collect()
+    };
+    assert!(losses("ddp").iter().all(|l| l.is_finite()));
+
+    let ck = at("ck", "checkpoint.dir");
+    run(overflow, "first", &["train.steps=3", &ck]);
+    let (out, export) = (
+        at("second", "output.dir"),
+        at("second.safetensors", "output.export"),
+    );
+    let mut extra: Vec<&str> = fp16.to_vec();
+    extra.extend(["train.steps=6", ck.as_str(), out.as_str(), export.as_str()]);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.args(["train", "--quiet", "--simulate", "2", "--resume", "latest"])
+        .env("KILN_LOG", "warn");
+    for s in sets("llama", &extra) {
+        cmd.args(["--set", &s]);
+    }
+    let resumed = cmd.output().unwrap();
+    assert!(resumed.status.success(), "{}", output_text(&resumed));
+    assert_eq!(
+        std::fs::read(scratch.path("second.safetensors")).unwrap(),
+        ddp
+    );
+    let mut both = losses("first");
+    both.extend(losses("second"));
+    assert_eq!(both, losses("ddp"));
+}
+
+/// A precision kiln does not have, or one the built-in GPT does not take, loss-scaling keys
+/// that conflict or cannot work, an overflow fault without fp16: one line, exit 2.
+#[test]
+fn unsupported_precision_settings_are_one_line_exit_2() {
     let f = fixture("llama").display().to_string();
     let init = format!("model.init_from={f}");
-    for (sets, needle) in [
-        (
-            vec![init.as_str(), "train.precision=\"fp16\""],
-            "loss scaling",
-        ),
-        (
-            vec![init.as_str(), "train.precision=\"f8\""],
-            "train.precision",
-        ),
+    let fp16 = "train.precision=\"fp16\"";
+    let cases: [(Vec<&str>, &str); 5] = [
+        (vec![&init, "train.precision=\"f8\""], "train.precision"),
         (vec!["train.precision=\"bf16\""], "built-in GPT"),
-    ] {
+        (vec![&init, fp16, "fp16.hysteresis=0"], "fp16.hysteresis"),
+        (
+            vec![
+                &init,
+                fp16,
+                "fp16.loss_scale=128",
+                "fp16.loss_scale_window=10",
+            ],
+            "fp16.loss_scale_window",
+        ),
+        (
+            vec![&init, fp16, "fp16.min_loss_scale=1e9"],
+            "fp16.min_loss_scale",
+        ),
+    ];
+    for (sets, needle) in cases {
         let mut args = vec!["train", "--quiet", "--set", "train.steps=1"];
         for s in &sets {
             args.extend(["--set", s]);
@@ -169,4 +274,7 @@ fn unsupported_precisions_are_one_line_exit_2() {
         assert_eq!(err.trim().lines().count(), 1, "{sets:?}: {err}");
         assert!(err.contains(needle), "{sets:?}: {err}");
     }
+    let out = train_with_fault(Some("overflow:0:0"), &["train.steps=1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fp16"));
 }

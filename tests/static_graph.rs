@@ -51,7 +51,7 @@ fn train_rank(
                 },
             )?;
         }
-        ddp.step(step, 1e-3)?;
+        ddp.step(step, 1e-3, None)?;
     }
     Ok(ddp)
 }
@@ -143,7 +143,7 @@ fn a_missing_unit_is_an_error_naming_it() {
     let grads = vec![0.0f32; layout.units[head].padded_len];
     ddp.on_grads_ready(head, &grads, MicroStep { index: 0, count: 1 })
         .unwrap();
-    let err = ddp.step(1, 1e-3).unwrap_err().to_string();
+    let err = ddp.step(1, 1e-3, None).unwrap_err().to_string();
     assert!(
         err.contains("unit `blocks.3` delivered no gradients"),
         "{err}"

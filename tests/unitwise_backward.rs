@@ -72,7 +72,7 @@ impl Strategy for Recorder {
         self.order.push(unit);
         Ok(())
     }
-    fn step(&mut self, _: u64, _: f64) -> Result<StepStats> {
+    fn step(&mut self, _: u64, _: f64, _: Option<f64>) -> Result<StepStats> {
         Ok(StepStats::default())
     }
     fn full_params(&mut self) -> Result<Vec<Vec<f32>>> {

@@ -182,6 +182,7 @@ fn compute_dtype(config: &Config, device: &burn::tensor::Device) -> Result<burn:
     use burn::tensor::DType;
     let dtype = match config.train.precision.as_str() {
         "bf16" => DType::BF16,
+        "fp16" => DType::F16,
         _ => DType::F32,
     };
     if !device.supports_dtype(dtype) {

@@ -63,6 +63,10 @@ pub struct Manifest {
     pub data: DataPosition,
     /// One entry per rank, in rank order.
     pub files: Vec<FileEntry>,
+    /// fp16's loss scale and its history (`train.precision = "fp16"`), so that a resumed run
+    /// scales and skips as the uninterrupted one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<crate::optim::LossScaler>,
 }
 
 /// FNV-1a over the config's JSON text.

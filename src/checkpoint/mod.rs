@@ -67,6 +67,7 @@ pub fn save(
     strategy: &mut dyn Strategy,
     step: u64,
     source: &str,
+    loss_scale: Option<&crate::optim::LossScaler>,
 ) -> Result<PathBuf> {
     let started = std::time::Instant::now();
     let (rank, world) = (comm.rank(), comm.world());
@@ -138,6 +139,7 @@ pub fn save(
                 source: source.into(),
             },
             files,
+            loss_scale: loss_scale.cloned(),
         };
         publish(&root, &tmp, &done, &manifest, plan.config.checkpoint.keep).map(|()| {
             let bytes: u64 = manifest.files.iter().map(|f| f.bytes).sum();
@@ -310,13 +312,13 @@ fn check_crcs(dir: &Path, manifest: &Manifest, first: usize, stride: usize) -> R
 /// checkpoint is verified: rank 0 checks the manifest, the file lengths and the compatibility
 /// with this run, every rank checks the CRC-32 of its share of the files, and the verdicts are
 /// exchanged, so a bad checkpoint is reported once, by the rank that found it. Returns the step
-/// to continue from.
+/// to continue from, and fp16's loss scale as it was then.
 pub fn resume(
     dir: &Path,
     plan: &Plan,
     comm: &dyn Communicator,
     strategy: &mut dyn Strategy,
-) -> Result<u64> {
+) -> Result<(u64, Option<crate::optim::LossScaler>)> {
     let rank = comm.rank();
     let mut changed = Vec::new();
     let checked = if rank == 0 {
@@ -363,5 +365,5 @@ pub fn resume(
             manifest.offload
         );
     }
-    Ok(manifest.step)
+    Ok((manifest.step, manifest.loss_scale))
 }

@@ -54,6 +54,8 @@ pub struct Config {
     pub comm: CommConfig,
     /// LoRA adapters on a frozen base (Hugging Face PEFT's `LoraConfig`).
     pub lora: LoraConfig,
+    /// Loss scaling for `train.precision = "fp16"` (DeepSpeed's `fp16` section).
+    pub fp16: Fp16Config,
 }
 
 /// `[model]`: a preset, optionally with individual fields overridden.
@@ -231,9 +233,10 @@ pub struct TrainConfig {
     /// or optimizer state; ZeRO-3 still shards them. Models trained through the library API
     /// (Llama-family checkpoints, your own burn model).
     pub freeze: Vec<String>,
-    /// The dtype the forward and backward compute in: `f32`, or `bf16` with f32 master
+    /// The dtype the forward and backward compute in: `f32`, or `bf16` / `fp16` with f32 master
     /// weights, gradients, optimizer state and step (FSDP2's `MixedPrecisionPolicy(param_dtype
-    /// = bfloat16)`). Library-API models (Llama family, your own burn model).
+    /// = bfloat16)`); fp16 with loss scaling (`[fp16]`). Library-API models (Llama family,
+    /// your own burn model).
     pub precision: String,
 }
 
@@ -310,6 +313,41 @@ impl LoraConfig {
     /// Whether LoRA is on.
     pub fn enabled(&self) -> bool {
         self.r.is_some() || !self.init_from.is_empty()
+    }
+}
+
+/// `[fp16]`: loss scaling for `train.precision = "fp16"`, DeepSpeed's `fp16` keys and
+/// semantics (`DynamicLossScaler`). The loss is multiplied by the scale before the backward so
+/// that small gradients survive fp16; the f32 gradients are divided by it before clipping and
+/// AdamW. A step whose gradients overflow (inf or NaN on any rank) is skipped by every rank.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fp16Config {
+    /// A fixed scale; 0 scales dynamically.
+    pub loss_scale: f64,
+    /// Dynamic: the first scale is `2^initial_scale_power`.
+    pub initial_scale_power: u32,
+    /// Dynamic: after this many steps without overflow the scale doubles.
+    pub loss_scale_window: u64,
+    /// Dynamic: overflows in a row before the scale halves.
+    pub hysteresis: u32,
+    /// Dynamic: refill the hysteresis after every step without overflow (not only after a
+    /// window).
+    pub consecutive_hysteresis: bool,
+    /// Dynamic: the scale never goes below this.
+    pub min_loss_scale: f64,
+}
+
+impl Default for Fp16Config {
+    fn default() -> Self {
+        Fp16Config {
+            loss_scale: 0.0,
+            initial_scale_power: 16,
+            loss_scale_window: 1000,
+            hysteresis: 2,
+            consecutive_hysteresis: false,
+            min_loss_scale: 1.0,
+        }
     }
 }
 

@@ -94,6 +94,8 @@ pub trait Activation: Clone + Send + 'static {
     fn grad(&self, grads: &Gradients) -> Option<Self>;
     /// Backward of `(self · upstream).sum()`; `None` stands for ones (the loss itself).
     fn backward_from(self, upstream: Option<Self>) -> Gradients;
+    /// `self · factor`, in the graph (fp16's scaled loss).
+    fn scaled(self, factor: f32) -> Self;
     /// The shape, for error messages.
     fn dims_vec(&self) -> Vec<usize>;
     /// The only element, when there is exactly one (a loss).
@@ -117,6 +119,9 @@ impl<const D: usize> Activation for Tensor<D> {
             None => Tensor::from_inner(self.clone().inner().ones_like()),
         };
         (self * upstream).sum().backward()
+    }
+    fn scaled(self, factor: f32) -> Self {
+        self.mul_scalar(factor)
     }
     fn dims_vec(&self) -> Vec<usize> {
         self.dims().to_vec()

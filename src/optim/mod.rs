@@ -2,9 +2,11 @@
 //! schedule, and the global gradient norm.
 
 mod adamw;
+mod loss_scale;
 mod schedule;
 
 pub use adamw::{adamw_step, AdamWConfig, StepScalars};
+pub use loss_scale::LossScaler;
 pub use schedule::{DsSchedule, LrSchedule, ScheduleKind, WarmupShape};
 
 /// Sum of squares of a slice in f64, in index order (so the result depends only on the values).

@@ -53,6 +53,9 @@ pub struct StepStats {
     pub comm_wait_ms: f64,
     /// Time of the AdamW update, ms, optimizer-state transfers included (offload tiers).
     pub optimizer_ms: f64,
+    /// The gradients overflowed under fp16 loss scaling: every rank left the parameters and
+    /// the optimizer state as they were.
+    pub skipped: bool,
 }
 
 /// Bytes this rank holds, by kind (ZeRO paper §3 accounting).
@@ -113,7 +116,9 @@ pub trait Strategy {
     fn on_grads_ready(&mut self, unit: usize, grads: &[f32], micro: MicroStep) -> Result<()>;
     /// Finishes communication, averages over the global batch, clips and applies AdamW.
     /// `step` is 0-based.
-    fn step(&mut self, step: u64, lr: f64) -> Result<StepStats>;
+    /// With `grad_scale` (fp16's loss scale) the gradients are divided by it first, and a step
+    /// whose global gradient norm is not finite is skipped (`StepStats::skipped`).
+    fn step(&mut self, step: u64, lr: f64, grad_scale: Option<f64>) -> Result<StepStats>;
     /// The full parameters of every unit, without padding (gathers them if they are sharded).
     fn full_params(&mut self) -> Result<Vec<Vec<f32>>>;
     /// Bytes held, by kind.

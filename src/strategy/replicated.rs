@@ -151,7 +151,7 @@ impl Strategy for Replicated {
         self.optim.grads.on_grads(unit, grads, micro)
     }
 
-    fn step(&mut self, step: u64, lr: f64) -> Result<StepStats> {
+    fn step(&mut self, step: u64, lr: f64, grad_scale: Option<f64>) -> Result<StepStats> {
         let stats = self.optim.step(
             self.comm.as_ref(),
             &self.layout,
@@ -159,6 +159,7 @@ impl Strategy for Replicated {
             ParamsHeld::FullUnits,
             step,
             lr,
+            grad_scale,
         )?;
         if self.gather_after_step {
             self.gather_params()?;

@@ -68,11 +68,24 @@ impl ShardedOptimizer {
         held: ParamsHeld,
         step: u64,
         lr: f64,
+        grad_scale: Option<f64>,
     ) -> Result<StepStats> {
-        let comm_wait_ms = self.grads.finish(self.grad_divisor)?;
+        // Dividing by divisor × scale: for a power-of-two scale (dynamic scaling's always are)
+        // the same bits as dividing by each in turn.
+        let divisor = self.grad_divisor * grad_scale.unwrap_or(1.0) as f32;
+        let comm_wait_ms = self.grads.finish(divisor)?;
         let rank = comm.rank();
         let grads = &self.grads;
         let grad_norm = global_grad_norm(comm, layout, |u| grads.shard(u, rank))?;
+        // Every rank has the same norm (`strategy::norm`), so every rank skips the same step.
+        if grad_scale.is_some() && !grad_norm.is_finite() {
+            return Ok(StepStats {
+                grad_norm,
+                comm_wait_ms,
+                optimizer_ms: 0.0,
+                skipped: true,
+            });
+        }
         let scalars = StepScalars::new(
             &self.adamw,
             step + 1,
@@ -92,6 +105,7 @@ impl ShardedOptimizer {
             grad_norm,
             comm_wait_ms,
             optimizer_ms,
+            skipped: false,
         })
     }
 }

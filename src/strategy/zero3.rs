@@ -274,7 +274,7 @@ impl Strategy for Zero3 {
         self.optim.grads.on_grads(unit, grads, micro)
     }
 
-    fn step(&mut self, step: u64, lr: f64) -> Result<StepStats> {
+    fn step(&mut self, step: u64, lr: f64, grad_scale: Option<f64>) -> Result<StepStats> {
         let stats = self.optim.step(
             self.comm.as_ref(),
             &self.layout,
@@ -282,6 +282,7 @@ impl Strategy for Zero3 {
             ParamsHeld::OwnShards,
             step,
             lr,
+            grad_scale,
         )?;
         self.refresh_persistent()?;
         Ok(stats)

@@ -1,7 +1,9 @@
 //! Faults injected on purpose, to test what kiln does when a rank hangs or desynchronises
 //! (the watchdog's tests; PyTorch's equivalents are debug environment variables too).
 //! `KILN_FAULT=stall:R:S` stops rank R at the start of step S for good, as SIGSTOP would;
-//! `KILN_FAULT=desync:R:S` makes rank R issue a barrier there that the other ranks do not.
+//! `KILN_FAULT=desync:R:S` makes rank R issue a barrier there that the other ranks do not;
+//! `KILN_FAULT=overflow:R:S` makes rank R's gradients of step S overflow (its loss scale is
+//! infinite for that step), as an fp16 backward that overflows does.
 
 use crate::comm::Communicator;
 use crate::error::{KilnError, Result};
@@ -18,6 +20,7 @@ pub struct Fault {
 enum Kind {
     Stall,
     Desync,
+    Overflow,
 }
 
 impl Fault {
@@ -32,13 +35,14 @@ impl Fault {
     fn parse(v: &str) -> Result<Fault> {
         let bad = || {
             KilnError::config(format!(
-                "KILN_FAULT=`{v}`: expected stall:RANK:STEP or desync:RANK:STEP"
+                "KILN_FAULT=`{v}`: expected stall:RANK:STEP, desync:RANK:STEP or overflow:RANK:STEP"
             ))
         };
         let mut parts = v.split(':');
         let kind = match parts.next() {
             Some("stall") => Kind::Stall,
             Some("desync") => Kind::Desync,
+            Some("overflow") => Kind::Overflow,
             _ => return Err(bad()),
         };
         let rank = parts.next().and_then(|r| r.parse().ok()).ok_or_else(bad)?;
@@ -49,12 +53,24 @@ impl Fault {
         Ok(Fault { kind, rank, step })
     }
 
-    /// Injects the fault if this is its rank and step.
+    /// Whether this fault overflows the gradients of `rank` at `step`.
+    pub fn overflows(&self, rank: usize, step: u64) -> bool {
+        self.kind == Kind::Overflow && rank == self.rank && step == self.step
+    }
+
+    /// Whether this is an overflow, which only an fp16 run (with a loss scale) can inject.
+    pub fn needs_loss_scaling(&self) -> bool {
+        self.kind == Kind::Overflow
+    }
+
+    /// Injects a stall or a desync if this is its rank and step (an overflow is injected by
+    /// the train loop, through the loss scale).
     pub fn at_step(&self, comm: &dyn Communicator, step: u64) -> Result<()> {
         if comm.rank() != self.rank || step != self.step {
             return Ok(());
         }
         match self.kind {
+            Kind::Overflow => Ok(()),
             Kind::Stall => {
                 tracing::warn!("KILN_FAULT: rank {} stalls at step {step}", self.rank);
                 loop {

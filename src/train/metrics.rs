@@ -18,6 +18,12 @@ pub struct StepRecord {
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// fp16: the loss scale after this step (halved after an overflow).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// fp16: the gradients overflowed and every rank skipped this step.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
     /// Mean token loss over the validation rows after this step (`data.val_path`), at the
     /// steps where it is computed (`train.eval_every`); absent at the others.
     #[serde(skip_serializing_if = "Option::is_none")]

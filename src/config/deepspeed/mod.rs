@@ -112,6 +112,7 @@ impl Reader {
             "activation_checkpointing" => self.activation_checkpointing(self.object(key, v)?)?,
             "communication_data_type" => self.fp32_only(key, v)?,
             "bf16" => self.bf16(self.object(key, v)?)?,
+            "fp16" => self.fp16(self.object(key, v)?)?,
             "data_types" => {
                 for (k, dv) in self.object(key, v)? {
                     let full = format!("{key}.{k}");
@@ -163,6 +164,49 @@ impl Reader {
                             &full,
                             "kiln keeps master weights, gradients and optimizer state in f32",
                         ));
+                    }
+                }
+                _ => self.ignore(&full),
+            }
+        }
+        Ok(())
+    }
+
+    /// `fp16`: `enabled` true computes in fp16 with loss scaling (`train.precision`, `[fp16]`,
+    /// DeepSpeed's key names); `"auto"` leaves `train.precision` to kiln's settings, the scaling
+    /// keys then apply if it is fp16; `false` makes the section inert.
+    fn fp16(&mut self, o: &Map<String, Value>) -> Result<()> {
+        if let Some(e) = o.get("enabled") {
+            if self.boolean("fp16.enabled", e)? == Some(false) {
+                return Ok(());
+            }
+        }
+        for (k, v) in o {
+            let full = format!("fp16.{k}");
+            match k.as_str() {
+                "enabled" => {
+                    if self.boolean(&full, v)? == Some(true) {
+                        self.set("train.precision", "fp16");
+                    }
+                }
+                "loss_scale" | "min_loss_scale" => {
+                    if let Some(x) = self.number(&full, v)? {
+                        self.set(&full, x);
+                    }
+                }
+                "initial_scale_power" | "loss_scale_window" | "hysteresis" => {
+                    self.int_to(&full, v, &full)?
+                }
+                "consecutive_hysteresis" => {
+                    if let Some(b) = self.boolean(&full, v)? {
+                        self.set(&full, b);
+                    }
+                }
+                "fp16_master_weights_and_grads" => {
+                    if self.boolean(&full, v)? == Some(true) {
+                        return Err(
+                            self.error(&full, "kiln keeps master weights and gradients in f32")
+                        );
                     }
                 }
                 _ => self.ignore(&full),

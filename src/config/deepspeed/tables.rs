@@ -60,10 +60,6 @@ pub(super) const UNSUPPORTED_FEATURES: &[(&str, &str)] = &[
         "amp",
         "NVIDIA apex's AMP is not built; bf16 (`\"bf16\": {\"enabled\": true}`) is",
     ),
-    (
-        "fp16",
-        "fp16 needs dynamic loss scaling, which kiln has not built yet; bf16 (`\"bf16\": {\"enabled\": true}`) needs none",
-    ),
     ("elasticity", "elastic batch sizes are not built"),
     (
         "curriculum_learning",

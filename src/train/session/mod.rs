@@ -52,6 +52,8 @@ pub(super) struct Session<'p, B: 'static, A: Activation> {
     last_checkpoint: Option<PathBuf>,
     /// Whether the ranks have compared their first micro-batch's shape.
     shapes_agreed: bool,
+    /// fp16's loss scale (`train.precision = "fp16"`).
+    scaler: Option<crate::optim::LossScaler>,
 }
 
 /// What one step measured, for its metrics line and the log.
@@ -97,7 +99,19 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
             comm.as_ref(),
             strategy::build(plan, comm.clone(), &layout, model.as_ref()),
         )?;
-        let first_step = resume(plan, opts, comm.as_ref(), strategy.as_mut())?;
+        let (first_step, resumed_scale) = resume(plan, opts, comm.as_ref(), strategy.as_mut())?;
+        let scaler = match plan.config.train.precision.as_str() {
+            "fp16" => Some(match resumed_scale {
+                Some(s) => s,
+                None => crate::optim::LossScaler::new(&plan.config.fp16)?,
+            }),
+            _ => None,
+        };
+        if fault.is_some_and(|f| f.needs_loss_scaling()) && scaler.is_none() {
+            return Err(KilnError::config(
+                "KILN_FAULT=overflow: only a run with train.precision = \"fp16\" (loss scaling) can overflow",
+            ));
+        }
         let mut engine = Engine::new(model, layout.clone(), rank_device.burn_device(), false)
             .with_recompute_units(plan.recompute.clone());
         // VmHWM is per process: with --simulate only rank 0 meters it (memory::phases), and
@@ -136,6 +150,7 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
             val_log: ValLog::default(),
             run_phase_peak: PhasePeaks::default(),
             last_checkpoint: None,
+            scaler,
             shapes_agreed: false,
             comm,
         };
@@ -175,11 +190,25 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
         }
         let step_start = Instant::now();
         let faults_before = crate::memory::allocator::minor_page_faults();
+        let grad_scale = self.scaler.as_ref().map(|s| s.scale);
+        if let Some(scale) = grad_scale {
+            let injected = self.fault.is_some_and(|f| f.overflows(self.rank, step));
+            let scale = if injected {
+                f32::INFINITY
+            } else {
+                scale as f32
+            };
+            self.engine.set_loss_scale(scale);
+        }
         let loss_sum = self.micro_steps(step)?;
-        let lr = plan.schedule.at(step);
+        // Steps skipped for overflow advance neither the schedule nor AdamW's step count
+        // (DeepSpeed's engine does not step its LR scheduler on overflow either).
+        let applied = step - self.scaler.as_ref().map_or(0, |s| s.skipped);
+        let lr = plan.schedule.at(applied);
         self.engine.phases().enter(Phase::Optimizer);
-        let stats = self.strategy.step(step, lr)?;
+        let stats = self.strategy.step(applied, lr, grad_scale)?;
         self.engine.phases().enter(Phase::Other);
+        self.update_loss_scale(step, stats.skipped);
         let (loss, stop) = self.agree_on_loss(loss_sum, step)?;
         let ms = step_start.elapsed().as_secs_f64() * 1e3;
         let transfer_ms = self.engine.take_transfer_ms();
@@ -205,6 +234,24 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
         };
         self.record_step(step, &times, val_loss)?;
         Ok(stop)
+    }
+
+    /// fp16: the scale after step `step`, which overflowed if `skipped` (on every rank alike).
+    fn update_loss_scale(&mut self, step: u64, skipped: bool) {
+        let Some(scaler) = self.scaler.as_mut() else {
+            return;
+        };
+        let before = scaler.scale;
+        scaler.update(skipped);
+        if skipped && self.lead {
+            let after = scaler.scale;
+            self.bar.suspend(|| {
+                tracing::warn!(
+                    "step {}: the gradients overflowed at loss scale {before}; every rank skipped the step; loss scale now {after}",
+                    step + 1
+                )
+            });
+        }
     }
 
     /// This rank's micro-batches of `step` through the engine; the sum of their mean losses.
@@ -263,7 +310,8 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
             .all_reduce(vec![loss_sum, stop_flag], ReduceOp::Sum)
             .wait()?;
         let loss = sums[0] / (plan.world * plan.grad_accum) as f32;
-        if !loss.is_finite() {
+        // Under fp16 loss scaling a non-finite loss is an overflow: the step is skipped.
+        if !loss.is_finite() && self.scaler.is_none() {
             return Err(KilnError::config(format!("the loss became {loss} at step {step}; lower `train.lr` or enable `train.clip_grad`")));
         }
         // A request during the last step changes nothing: the run ends there anyway.
@@ -278,6 +326,7 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
             self.strategy.as_mut(),
             done,
             &self.source.describe(),
+            self.scaler.as_ref(),
         )?;
         self.last_checkpoint = Some(dir);
         self.engine.phases().enter(Phase::Other);
@@ -306,6 +355,8 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
                 loss: t.loss,
                 lr: t.lr,
                 grad_norm: t.stats.grad_norm,
+                loss_scale: self.scaler.as_ref().map(|s| s.scale),
+                skipped: t.stats.skipped,
                 val_loss,
                 step_ms: t.ms,
                 comm_wait_ms: t.stats.comm_wait_ms,
@@ -391,15 +442,15 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
 }
 
 /// The step to start at: 0, or the step of the checkpoint `--resume` names, loaded into
-/// `strategy`.
+/// `strategy`; and fp16's loss scale then.
 fn resume(
     plan: &Plan,
     opts: &RunOptions,
     comm: &dyn Communicator,
     strategy: &mut dyn Strategy,
-) -> Result<u64> {
+) -> Result<(u64, Option<crate::optim::LossScaler>)> {
     let Some(arg) = &opts.resume else {
-        return Ok(0);
+        return Ok((0, None));
     };
     let dir = checkpoint::locate(arg, &plan.config.checkpoint).map_err(|e| {
         // Every rank finds the same thing; rank 0 says it.
