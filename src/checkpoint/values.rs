@@ -8,7 +8,7 @@ use super::manifest::Manifest;
 use super::shards::{CheckpointReader, PARAM};
 use crate::error::{KilnError, Result};
 use crate::flat::ParamEntry;
-use crate::hf::peft::{AdapterShape, Factors};
+use crate::hf::peft::{AdapterModules, AdapterShape, Factors};
 use crate::hf::HfWeights;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,7 +34,7 @@ pub struct ModelValues<'a> {
     /// The base's weights, opened at the first frozen parameter.
     base: Option<HfWeights>,
     /// LoRA: its shape, and each adapted module's `[d_in, d_out]` and factors.
-    lora: Option<(AdapterShape, BTreeMap<String, ([usize; 2], Factors)>)>,
+    lora: Option<(AdapterShape, AdapterModules)>,
 }
 
 impl<'a> ModelValues<'a> {
@@ -60,7 +60,7 @@ impl<'a> ModelValues<'a> {
         Ok(values)
     }
 
-    fn read_lora(&self) -> Result<Option<(AdapterShape, BTreeMap<String, ([usize; 2], Factors)>)>> {
+    fn read_lora(&self) -> Result<Option<(AdapterShape, AdapterModules)>> {
         let desc = &self.manifest.model["lora"];
         if desc.is_null() {
             return Ok(None);
@@ -76,7 +76,7 @@ impl<'a> ModelValues<'a> {
             alpha: desc["alpha"].as_f64().ok_or_else(bad)?,
             targets: serde_json::from_value(desc["targets"].clone()).map_err(|_| bad())?,
         };
-        let mut modules: BTreeMap<String, ([usize; 2], Factors)> = BTreeMap::new();
+        let mut modules = AdapterModules::new();
         for (path, (u, entry)) in &self.trained {
             let Some((module, factor)) = factor_of(path) else {
                 continue;
@@ -104,7 +104,7 @@ impl<'a> ModelValues<'a> {
     }
 
     /// The LoRA adapters (shape; module → `[d_in, d_out]` and factors), if the run had any.
-    pub fn adapters(&self) -> Option<&(AdapterShape, BTreeMap<String, ([usize; 2], Factors)>)> {
+    pub fn adapters(&self) -> Option<&(AdapterShape, AdapterModules)> {
         self.lora.as_ref()
     }
 

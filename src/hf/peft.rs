@@ -39,6 +39,9 @@ pub struct Factors {
     pub b: Vec<f32>,
 }
 
+/// Adapted modules by path: each one's `[d_in, d_out]` and factors.
+pub type AdapterModules = BTreeMap<String, ([usize; 2], Factors)>;
+
 /// A PEFT adapter directory, opened: its shape and its tensors.
 pub struct PeftAdapter {
     /// The adapter's rank, scale and targets.
@@ -212,7 +215,7 @@ pub fn write_adapter(
     shape: &AdapterShape,
     base: &str,
     task_type: Option<&str>,
-    modules: &BTreeMap<String, ([usize; 2], Factors)>,
+    modules: &AdapterModules,
 ) -> Result<()> {
     if out_dir.is_file() {
         return Err(KilnError::file(

@@ -11,7 +11,7 @@
 //! `comm`), the same division, the same clip factor (see `norm`), the same AdamW — so the stages
 //! are bitwise equal to each other at the same world size.
 
-use super::sharded::ShardedOptimizer;
+use super::sharded::{ShardedOptimizer, StepAt};
 use super::{MemoryReport, MicroStep, ParamsHeld, Reduction, StateView, StepStats, Strategy};
 use crate::comm::Communicator;
 use crate::error::{KilnError, Result};
@@ -157,9 +157,11 @@ impl Strategy for Replicated {
             &self.layout,
             &mut self.params,
             ParamsHeld::FullUnits,
-            step,
-            lr,
-            grad_scale,
+            StepAt {
+                step,
+                lr,
+                grad_scale,
+            },
         )?;
         if self.gather_after_step {
             self.gather_params()?;

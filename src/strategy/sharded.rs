@@ -28,6 +28,14 @@ pub(crate) struct ShardedOptimizer {
     grad_divisor: f32,
 }
 
+/// Which optimizer step this is: its number (for AdamW's bias correction), learning rate, and
+/// fp16's loss scale to divide the gradients by.
+pub struct StepAt {
+    pub step: u64,
+    pub lr: f64,
+    pub grad_scale: Option<f64>,
+}
+
 impl ShardedOptimizer {
     /// Buckets reducing with `reduction`, and AdamW state for `shards` in `plan`'s tier.
     pub fn new(
@@ -66,10 +74,13 @@ impl ShardedOptimizer {
         layout: &ModelLayout,
         params: &mut [Vec<f32>],
         held: ParamsHeld,
-        step: u64,
-        lr: f64,
-        grad_scale: Option<f64>,
+        at: StepAt,
     ) -> Result<StepStats> {
+        let StepAt {
+            step,
+            lr,
+            grad_scale,
+        } = at;
         // Dividing by divisor × scale: for a power-of-two scale (dynamic scaling's always are)
         // the same bits as dividing by each in turn.
         let divisor = self.grad_divisor * grad_scale.unwrap_or(1.0) as f32;

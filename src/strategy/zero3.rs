@@ -23,7 +23,7 @@
 //! recompute and released-weight matmuls, the same rank-ordered sums, norm and AdamW), so stage 3
 //! is bitwise equal to the other stages at the same world size.
 
-use super::sharded::ShardedOptimizer;
+use super::sharded::{ShardedOptimizer, StepAt};
 use super::{MemoryReport, MicroStep, ParamsHeld, Reduction, StateView, StepStats, Strategy};
 use crate::comm::{Communicator, Pending};
 use crate::error::Result;
@@ -280,9 +280,11 @@ impl Strategy for Zero3 {
             &self.layout,
             &mut self.shards,
             ParamsHeld::OwnShards,
-            step,
-            lr,
-            grad_scale,
+            StepAt {
+                step,
+                lr,
+                grad_scale,
+            },
         )?;
         self.refresh_persistent()?;
         Ok(stats)
