@@ -9,7 +9,7 @@
 //! forward of each unit checks that the unit reads no placeholder — a parameter it neither
 //! holds nor borrows — and names it if it does.
 
-use super::frozen::Frozen;
+use super::frozen::{Frozen, Storage};
 use super::units::{find_params, split, Found};
 use super::TrainModule;
 use crate::comm::Communicator;
@@ -62,6 +62,7 @@ impl<M: TrainModule> ModuleModel<M> {
         sharded: bool,
         device: Device,
         compute: DType,
+        nf4: &BTreeMap<String, [usize; 2]>,
     ) -> Result<Self> {
         // `train()` applies burn's configured gradient settings (no_grad, freeze_group) on an
         // autodiff device, so that `is_require_grad` says which parameters are trainable.
@@ -145,7 +146,14 @@ impl<M: TrainModule> ModuleModel<M> {
             units,
             shapes,
             initial: Mutex::new(initial),
-            frozen: Frozen::new(comm, sharded, frozen_values),
+            frozen: Frozen::new(comm, sharded, frozen_values, |path| {
+                match (nf4.get(path), compute) {
+                    (Some(&dims), _) => Storage::Nf4(dims),
+                    (None, DType::BF16) => Storage::Bf16,
+                    (None, DType::F16) => Storage::F16,
+                    (None, _) => Storage::F32,
+                }
+            }),
             device,
             compute,
             checked,
@@ -179,11 +187,13 @@ impl<M: TrainModule> ModuleModel<M> {
                 return Ok(());
             }
             let values = self.frozen.values(owner)?;
-            for (path, range) in entries {
-                if only.is_none_or(|o| o == path) {
-                    let data = TensorData::new(values[range.clone()].to_vec(), [range.len()]);
+            for entry in entries {
+                if only.is_none_or(|o| o == entry.path) {
+                    let v = entry.values(&values);
+                    let n = v.len();
+                    let data = TensorData::new(v, [n]);
                     let t = Tensor::from_data(data, &self.device);
-                    tensors.insert(path.clone(), compute(t));
+                    tensors.insert(entry.path.clone(), compute(t));
                 }
             }
             Ok(())
@@ -258,7 +268,7 @@ impl<M: TrainModule> ModuleModel<M> {
                     self.frozen
                         .units
                         .iter()
-                        .position(|u| u.entries.iter().any(|(p, _)| p == path))
+                        .position(|u| u.entries.iter().any(|e| &e.path == path))
                 })
                 .map_or(String::new(), |o| {
                     format!(", which unit `{}` holds", self.units[o].name)
@@ -341,12 +351,9 @@ impl<M: TrainModule> UnitModel<M::Batch, M::Activation> for ModuleModel<M> {
                 continue;
             }
             let values = self.frozen.values(unit)?;
-            for (path, range) in entries {
-                all.push((
-                    path.clone(),
-                    self.shapes[path].clone(),
-                    values[range.clone()].to_vec(),
-                ));
+            for entry in entries {
+                let shape = self.shapes[&entry.path].clone();
+                all.push((entry.path.clone(), shape, entry.values(&values)));
             }
         }
         Ok(all)

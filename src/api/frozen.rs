@@ -3,6 +3,11 @@
 //! rank holds them whole; at stage 3 each rank holds shard r of every unit's frozen buffer and
 //! gathers a unit's just before its forward (and again for a recompute), as ZeRO-3 does for
 //! the trainable ones.
+//!
+//! A frozen value is only ever read in the compute dtype, so under bf16/fp16 it is stored in
+//! it (half the bytes, the same bits after the cast), and QLoRA's linear weights in NF4
+//! (`api::nf4`). Either way it sits in f32 words — two halves, or NF4's absmax and codes, to a
+//! word — so the stage-3 shards and gathers carry it unchanged (a gather copies bits).
 
 use crate::comm::{padded_len, Communicator};
 use crate::error::Result;
@@ -10,10 +15,79 @@ use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
+/// How a frozen parameter is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Storage {
+    F32,
+    Bf16,
+    F16,
+    /// QLoRA: NF4 blocks of a weight of burn's `[d_in, d_out]`.
+    Nf4([usize; 2]),
+}
+
+impl Storage {
+    /// `values` as stored, in f32 words.
+    fn encode(self, values: &[f32]) -> Vec<f32> {
+        let halves = |bits: fn(f32) -> u16| -> Vec<f32> {
+            values
+                .chunks(2)
+                .map(|p| {
+                    let hi = p.get(1).map_or(0, |&x| bits(x));
+                    f32::from_bits(u32::from(bits(p[0])) | (u32::from(hi) << 16))
+                })
+                .collect()
+        };
+        match self {
+            Storage::F32 => values.to_vec(),
+            Storage::Bf16 => halves(|x| half::bf16::from_f32(x).to_bits()),
+            Storage::F16 => halves(|x| half::f16::from_f32(x).to_bits()),
+            Storage::Nf4(dims) => super::nf4::encode(values, dims),
+        }
+    }
+
+    /// The `numel` values `stored` holds, widened to f32 (exactly: a half or an NF4 level times
+    /// its absmax is what the compute dtype would have read).
+    fn decode(self, stored: &[f32], numel: usize) -> Vec<f32> {
+        let halves = |value: fn(u16) -> f32| -> Vec<f32> {
+            stored
+                .iter()
+                .flat_map(|w| {
+                    let b = w.to_bits();
+                    [value(b as u16), value((b >> 16) as u16)]
+                })
+                .take(numel)
+                .collect()
+        };
+        match self {
+            Storage::F32 => stored.to_vec(),
+            Storage::Bf16 => halves(|b| half::bf16::from_bits(b).to_f32()),
+            Storage::F16 => halves(|b| half::f16::from_bits(b).to_f32()),
+            Storage::Nf4(dims) => super::nf4::decode(stored, dims),
+        }
+    }
+}
+
+/// One frozen parameter: where it lies in its unit's buffer, and how it is stored there.
+pub(crate) struct FrozenEntry {
+    pub path: String,
+    /// Its range of the unit's (unpadded) buffer, in f32 words.
+    pub range: Range<usize>,
+    pub storage: Storage,
+    /// Its number of elements.
+    pub numel: usize,
+}
+
+impl FrozenEntry {
+    /// Its values, widened to f32, from the unit's whole buffer `buf`.
+    pub fn values(&self, buf: &[f32]) -> Vec<f32> {
+        self.storage.decode(&buf[self.range.clone()], self.numel)
+    }
+}
+
 /// One unit's frozen parameters, laid out in path order.
 pub(crate) struct FrozenUnit {
-    /// Each parameter's path and its range of the unit's (unpadded) buffer.
-    pub entries: Vec<(String, Range<usize>)>,
+    /// Each parameter: path, range, storage.
+    pub entries: Vec<FrozenEntry>,
     /// The buffer length, padded to a multiple of the world size.
     padded: usize,
     /// The whole padded buffer, or this rank's shard of it (stage 3).
@@ -28,12 +102,13 @@ pub(crate) struct Frozen {
 }
 
 impl Frozen {
-    /// Lays out `per_unit` (each unit's (path, values) in order) and keeps what this rank
-    /// holds: all of it, or with `sharded` its own shard.
+    /// Lays out `per_unit` (each unit's (path, values) in order), each stored as `storage`
+    /// says, and keeps what this rank holds: all of it, or with `sharded` its own shard.
     pub fn new(
         comm: Arc<dyn Communicator>,
         sharded: bool,
         per_unit: Vec<Vec<(String, Vec<f32>)>>,
+        storage: impl Fn(&str) -> Storage,
     ) -> Self {
         let (rank, world) = (comm.rank(), comm.world());
         let units = per_unit
@@ -42,8 +117,16 @@ impl Frozen {
                 let mut entries = Vec::new();
                 let mut buf = Vec::new();
                 for (path, values) in params {
-                    entries.push((path, buf.len()..buf.len() + values.len()));
-                    buf.extend_from_slice(&values);
+                    let storage = storage(&path);
+                    let stored = storage.encode(&values);
+                    let range = buf.len()..buf.len() + stored.len();
+                    entries.push(FrozenEntry {
+                        path,
+                        range,
+                        storage,
+                        numel: values.len(),
+                    });
+                    buf.extend_from_slice(&stored);
                 }
                 let padded = padded_len(buf.len(), world);
                 buf.resize(padded, 0.0);

@@ -231,11 +231,46 @@ impl Reparameterizer for Attach {
     }
 }
 
+/// QLoRA's 4-bit weights (`lora.quantize = "nf4"`): every linear weight but `lm_head`'s, as
+/// bitsandbytes' `load_in_4bit` quantizes, by parameter path with burn's `[d_in, d_out]`.
+fn quantized(
+    config: &Config,
+    all: &BTreeMap<String, Matrix>,
+) -> Result<BTreeMap<String, [usize; 2]>> {
+    match config.lora.quantize.as_str() {
+        "none" => return Ok(BTreeMap::new()),
+        "nf4" => {}
+        other => {
+            return Err(KilnError::config(format!(
+                "key `lora.quantize`: `{other}` is not one of none, nf4"
+            )))
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (module, m) in all
+        .iter()
+        .filter(|(p, m)| m.holder == "Linear" && !names("lm_head", p))
+    {
+        let numel = m.dims[0] * m.dims[1];
+        if numel % super::nf4::BLOCK != 0 {
+            return Err(KilnError::config(format!(
+                "key `lora.quantize` = nf4: `{module}.weight` has {numel} elements, not a \
+                 multiple of the {}-element blocks",
+                super::nf4::BLOCK
+            )));
+        }
+        out.insert(format!("{module}.weight"), m.dims);
+    }
+    Ok(out)
+}
+
 /// `module` with `[lora]` applied (every base parameter frozen, adapters on the targeted
-/// linear weights), and the adapter's description for the checkpoint manifest.
-fn with_lora<M: Module>(module: M, config: &Config) -> Result<(M, Value)> {
+/// linear weights), the adapter's description for the checkpoint manifest, and the weights
+/// QLoRA stores in 4 bits.
+fn with_lora<M: Module>(module: M, config: &Config) -> Result<Adapted<M>> {
     let (shape, adapter) = shape_from(config)?;
     let all = matrices(&module);
+    let nf4 = quantized(config, &all)?;
     let modules = targeted(&shape.targets, &all)?;
     let mut factors = BTreeMap::new();
     for m in &modules {
@@ -259,8 +294,9 @@ fn with_lora<M: Module>(module: M, config: &Config) -> Result<(M, Value)> {
         "alpha": shape.alpha,
         "targets": shape.targets,
         "modules": modules,
+        "quantize": config.lora.quantize,
     });
-    Ok((module, desc))
+    Ok(Adapted { module, desc, nf4 })
 }
 
 /// Freezes the parameters `train.freeze` names: a unit's name holds what the unit holds, any
@@ -305,21 +341,38 @@ fn with_frozen<M: Module>(module: M, freeze: &[String], units: &[Unit]) -> Resul
     }))
 }
 
+/// A module as `[lora]` and `train.freeze` leave it.
+pub(crate) struct Adapted<M> {
+    pub module: M,
+    /// LoRA's description for the manifest (`null` without LoRA).
+    pub desc: Value,
+    /// QLoRA: the frozen weights kept in NF4, by path, with burn's `[d_in, d_out]`.
+    pub nf4: BTreeMap<String, [usize; 2]>,
+}
+
 /// `module` as `[lora]` and `train.freeze` ask (LoRA first, so that freezing a unit freezes
-/// its adapters too), and the LoRA description for the manifest (`null` without LoRA).
-pub(crate) fn adapted<M: super::TrainModule>(module: M, config: &Config) -> Result<(M, Value)> {
-    let (module, desc) = match config.lora.enabled() {
+/// its adapters too).
+pub(crate) fn adapted<M: super::TrainModule>(module: M, config: &Config) -> Result<Adapted<M>> {
+    let mut adapted = match config.lora.enabled() {
         true => with_lora(module, config)?,
-        false => (module, Value::Null),
-    };
-    let module = match config.train.freeze.is_empty() {
-        true => module,
-        false => {
-            let units = module.units();
-            with_frozen(module, &config.train.freeze, &units)?
+        false if config.lora.quantize != "none" => {
+            return Err(KilnError::config(format!(
+                "key `lora.quantize` = {}: QLoRA quantizes the base of LoRA adapters; set \
+                 lora.r and lora.targets (or lora.init_from) too",
+                config.lora.quantize
+            )))
         }
+        false => Adapted {
+            module,
+            desc: Value::Null,
+            nf4: BTreeMap::new(),
+        },
     };
-    Ok((module, desc))
+    if !config.train.freeze.is_empty() {
+        let units = adapted.module.units();
+        adapted.module = with_frozen(adapted.module, &config.train.freeze, &units)?;
+    }
+    Ok(adapted)
 }
 
 #[cfg(test)]
@@ -361,6 +414,28 @@ mod tests {
         let e = t(&["embed_tokens"]).unwrap_err().to_string();
         assert!(e.contains("Embedding"), "{e}");
         assert_eq!(t(&["all-linear"]).unwrap().len(), 6);
+    }
+
+    #[test]
+    fn qlora_quantizes_linear_weights_but_lm_head_in_whole_blocks() {
+        let mut config = Config::default();
+        config.lora.quantize = "nf4".into();
+        let mut all = BTreeMap::new();
+        all.insert("m.layers.0.q_proj".to_string(), linear([64, 64]));
+        all.insert("lm_head".to_string(), linear([64, 9]));
+        let q = quantized(&config, &all).unwrap();
+        assert_eq!(q.keys().collect::<Vec<_>>(), ["m.layers.0.q_proj.weight"]);
+        all.insert("m.layers.0.odd".to_string(), linear([10, 10]));
+        let e = quantized(&config, &all).unwrap_err().to_string();
+        assert!(
+            e.contains("lora.quantize") && e.contains("m.layers.0.odd.weight"),
+            "{e}"
+        );
+        config.lora.quantize = "int3".into();
+        assert!(quantized(&config, &all)
+            .unwrap_err()
+            .to_string()
+            .contains("none, nf4"));
     }
 
     #[test]

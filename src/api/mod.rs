@@ -37,6 +37,7 @@ mod eval;
 mod frozen;
 mod lora;
 mod memory;
+mod nf4;
 mod units;
 
 pub use crate::config::Config;
@@ -320,16 +321,17 @@ impl Trainer {
                 let device = crate::device::for_rank(plan.device, rank, world)?.burn_device();
                 let Fit { model, train, eval } = fit;
                 let name = model.name();
-                let (model, lora) = lora::adapted(model, &self.config)?;
+                let adapted = lora::adapted(model, &self.config)?;
                 let compute = compute_dtype(&self.config, &device)?;
                 let mut model = ModuleModel::new(
-                    model,
+                    adapted.module,
                     comm.clone(),
                     plan.stage == 3,
                     device.autodiff(),
                     compute,
+                    &adapted.nf4,
                 )?;
-                model.desc["lora"] = lora;
+                model.desc["lora"] = adapted.desc;
                 Ok((model, train, eval, plan, name))
             })
         };

@@ -295,6 +295,10 @@ pub struct LoraConfig {
     /// A PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to start
     /// from; `r`, `alpha` and `targets` then come from its config.
     pub init_from: String,
+    /// `"nf4"`: QLoRA — the frozen base's linear weights (all but `lm_head`, as bitsandbytes'
+    /// `load_in_4bit`) stored in 4-bit NF4 blocks of 64 and dequantized per unit for compute;
+    /// `"none"` keeps them in f32.
+    pub quantize: String,
 }
 
 impl Default for LoraConfig {
@@ -305,6 +309,7 @@ impl Default for LoraConfig {
             dropout: 0.0,
             targets: Vec::new(),
             init_from: String::new(),
+            quantize: "none".into(),
         }
     }
 }
