@@ -118,6 +118,48 @@ mod tests {
         assert_eq!(decode(&encode(&exact, [64, 1]), [64, 1]), exact);
     }
 
+    /// bitsandbytes' `quantize_4bit(quant_type="nf4", blocksize=64)` of a torch weight
+    /// (`scripts/make_nf4_fixture.py`): the same levels, absmax values and packed bytes, and
+    /// `dequantize_4bit`'s values exactly.
+    #[test]
+    fn equals_bitsandbytes_byte_for_byte() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/nf4/bnb.json");
+        let bnb: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let f32s = |key: &str| -> Vec<f32> {
+            bnb[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+        };
+        assert_eq!(f32s("levels"), LEVELS);
+        let (d_out, d_in) = (32, 64);
+        let torch = f32s("weight");
+        // burn's [in, out] layout of torch's [out, in] weight.
+        let burn: Vec<f32> = (0..d_in)
+            .flat_map(|i| (0..d_out).map(move |o| (i, o)))
+            .map(|(i, o)| torch[o * d_in + i])
+            .collect();
+        let stored = encode(&burn, [d_in, d_out]);
+        let blocks = d_in * d_out / BLOCK;
+        assert_eq!(stored[..blocks], f32s("absmax")[..]);
+        let bytes: Vec<u8> = stored[blocks..]
+            .iter()
+            .flat_map(|w| w.to_bits().to_le_bytes())
+            .collect();
+        let packed: Vec<u8> = bnb["packed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(bytes, packed);
+        let back = decode(&stored, [d_in, d_out]);
+        let want = f32s("dequantized");
+        for i in 0..d_in {
+            for o in 0..d_out {
+                assert_eq!(back[i * d_out + o], want[o * d_in + i], "[{o}, {i}]");
+            }
+        }
+    }
+
     #[test]
     fn codes_pack_high_nibble_first() {
         let mut w = vec![0.0f32; 64];
