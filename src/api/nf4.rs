@@ -127,7 +127,12 @@ mod tests {
         let bnb: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let f32s = |key: &str| -> Vec<f32> {
-            bnb[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+            bnb[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect()
         };
         assert_eq!(f32s("levels"), LEVELS);
         let (d_out, d_in) = (32, 64);
