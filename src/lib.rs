@@ -21,6 +21,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod flat;
+pub mod halves;
 pub mod hf;
 pub mod init;
 pub mod launch;

@@ -278,3 +278,45 @@ fn unsupported_precision_settings_are_one_line_exit_2() {
     assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("fp16"));
 }
+
+/// ZeRO-3 gathers carry the compute dtype: a bf16 run's all-gathers of step 2 move half the
+/// bytes of an f32 run's, as the flight records show (rank 1 stalls at step 4, so the
+/// watchdog writes them; `comm.timeout_s = 3`).
+#[test]
+fn bf16_halves_the_bytes_zero3_gathers() {
+    let scratch = Scratch::new("bf16-gathers");
+    let gathered = |precision: &str| -> u64 {
+        let dir = scratch.path(precision);
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.args(["train", "--quiet", "--simulate", "2"])
+            .env("KILN_LOG", "off")
+            .env("KILN_FAULT", "stall:1:3");
+        let p = format!("train.precision=\"{precision}\"");
+        let out = format!("output.dir={}", dir.display());
+        let extra = [
+            "train.steps=5",
+            "parallel.stage=3",
+            "parallel.persist_threshold=0",
+            "comm.timeout_s=3",
+            &p,
+            &out,
+        ];
+        for s in sets("llama", &extra) {
+            cmd.args(["--set", &s]);
+        }
+        let done = cmd.output().unwrap();
+        assert!(!done.status.success(), "the stall should end the run");
+        let text = std::fs::read_to_string(dir.join("flight/rank-0.json")).unwrap();
+        let record: Value = serde_json::from_str(&text).unwrap();
+        record["collectives"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["step"] == 1 && e["op"].as_str().unwrap().starts_with("all_gather(len"))
+            .map(|e| e["bytes"].as_u64().unwrap())
+            .sum()
+    };
+    let (f32, bf16) = (gathered("f32"), gathered("bf16"));
+    assert!(f32 > 0);
+    assert_eq!(2 * bf16, f32);
+}

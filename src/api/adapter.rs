@@ -14,6 +14,7 @@ use super::units::{find_params, split, Found};
 use super::TrainModule;
 use crate::comm::Communicator;
 use crate::error::{KilnError, Result};
+use crate::halves::Half;
 use crate::model::{
     Activation, FrozenParam, Init, Metrics, ModelUnits, Param, ParamRef, ParamSpec, UnitModel,
 };
@@ -149,8 +150,8 @@ impl<M: TrainModule> ModuleModel<M> {
             frozen: Frozen::new(comm, sharded, frozen_values, |path| {
                 match (nf4.get(path), compute) {
                     (Some(&dims), _) => Storage::Nf4(dims),
-                    (None, DType::BF16) => Storage::Bf16,
-                    (None, DType::F16) => Storage::F16,
+                    (None, DType::BF16) => Storage::Half(Half::Bf16),
+                    (None, DType::F16) => Storage::Half(Half::F16),
                     (None, _) => Storage::F32,
                 }
             }),

@@ -19,8 +19,8 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Storage {
     F32,
-    Bf16,
-    F16,
+    /// The compute dtype, two values to a word.
+    Half(crate::halves::Half),
     /// QLoRA: NF4 blocks of a weight of burn's `[d_in, d_out]`.
     Nf4([usize; 2]),
 }
@@ -28,19 +28,9 @@ pub(crate) enum Storage {
 impl Storage {
     /// `values` as stored, in f32 words.
     fn encode(self, values: &[f32]) -> Vec<f32> {
-        let halves = |bits: fn(f32) -> u16| -> Vec<f32> {
-            values
-                .chunks(2)
-                .map(|p| {
-                    let hi = p.get(1).map_or(0, |&x| bits(x));
-                    f32::from_bits(u32::from(bits(p[0])) | (u32::from(hi) << 16))
-                })
-                .collect()
-        };
         match self {
             Storage::F32 => values.to_vec(),
-            Storage::Bf16 => halves(|x| half::bf16::from_f32(x).to_bits()),
-            Storage::F16 => halves(|x| half::f16::from_f32(x).to_bits()),
+            Storage::Half(h) => h.pack(values),
             Storage::Nf4(dims) => super::nf4::encode(values, dims),
         }
     }
@@ -48,20 +38,13 @@ impl Storage {
     /// The `numel` values `stored` holds, widened to f32 (exactly: a half or an NF4 level times
     /// its absmax is what the compute dtype would have read).
     fn decode(self, stored: &[f32], numel: usize) -> Vec<f32> {
-        let halves = |value: fn(u16) -> f32| -> Vec<f32> {
-            stored
-                .iter()
-                .flat_map(|w| {
-                    let b = w.to_bits();
-                    [value(b as u16), value((b >> 16) as u16)]
-                })
-                .take(numel)
-                .collect()
-        };
         match self {
             Storage::F32 => stored.to_vec(),
-            Storage::Bf16 => halves(|b| half::bf16::from_bits(b).to_f32()),
-            Storage::F16 => halves(|b| half::f16::from_bits(b).to_f32()),
+            Storage::Half(h) => {
+                let mut out = vec![0.0; numel];
+                h.unpack_into(stored, &mut out);
+                out
+            }
             Storage::Nf4(dims) => super::nf4::decode(stored, dims),
         }
     }

@@ -19,6 +19,11 @@
 //! A unit that reads another unit's parameters (tied embeddings: the head reads `wte`) gathers
 //! that unit too while it runs, and releases it with itself.
 //!
+//! Under `train.precision = "bf16"`/`"fp16"` the gathers carry each shard rounded to the
+//! compute dtype, two values to a word (`halves`): half the bytes, and the same bits in the
+//! forward and backward, which cast the unit's parameters to that dtype anyway. The final
+//! parameters are gathered in f32 (the masters).
+//!
 //! Every element gets the same arithmetic as in DDP (same parameters, the same bitwise
 //! recompute and released-weight matmuls, the same rank-ordered sums, norm and AdamW), so stage 3
 //! is bitwise equal to the other stages at the same world size.
@@ -28,6 +33,7 @@ use super::{MemoryReport, MicroStep, ParamsHeld, Reduction, StateView, StepStats
 use crate::comm::{Communicator, Pending};
 use crate::error::Result;
 use crate::flat::ModelLayout;
+use crate::halves::Half;
 use crate::init::InitSource;
 use crate::model::ModelUnits;
 
@@ -38,7 +44,7 @@ use std::sync::Arc;
 enum Gathered {
     /// Only this rank's shard is here.
     Released,
-    /// An all-gather is in flight.
+    /// An all-gather is in flight (of halves, when `Zero3::gather_in` says so).
     InFlight(Pending),
     /// The full (padded) parameters.
     Full(Vec<f32>),
@@ -71,6 +77,8 @@ pub struct Zero3 {
     in_graph: Vec<bool>,
     /// Per unit: released after its forward, its graph keeping no copy of its parameters.
     released: Vec<bool>,
+    /// The compute dtype the gathers round to (`train.precision`), if not f32.
+    gather_in: Option<Half>,
 }
 
 impl Zero3 {
@@ -125,6 +133,7 @@ impl Zero3 {
             in_graph: vec![false; regathers.len()],
             regathers,
             released,
+            gather_in: Half::of_precision(&plan.config.train.precision),
         })
     }
 
@@ -133,14 +142,47 @@ impl Zero3 {
         if !matches!(self.gathered[unit], Gathered::Released) {
             return;
         }
-        let world = self.comm.world();
+        let (rank, world) = (self.comm.rank(), self.comm.world());
         let layout = &self.layout.units[unit];
-        let mut buf = self.spare.pop().unwrap_or_default();
-        buf.clear();
-        buf.resize(layout.padded_len, 0.0);
-        buf[layout.shard(self.comm.rank(), world).range()].copy_from_slice(&self.shards[unit]);
+        let buf = match self.gather_in {
+            Some(h) => {
+                let words = h.pack(&self.shards[unit]);
+                let mut buf = vec![0.0f32; world * words.len()];
+                buf[rank * words.len()..(rank + 1) * words.len()].copy_from_slice(&words);
+                buf
+            }
+            None => {
+                let mut buf = self.spare.pop().unwrap_or_default();
+                buf.clear();
+                buf.resize(layout.padded_len, 0.0);
+                buf[layout.shard(rank, world).range()].copy_from_slice(&self.shards[unit]);
+                buf
+            }
+        };
         self.comm.set_serves(&format!("the gather of unit {unit}"));
         self.gathered[unit] = Gathered::InFlight(self.comm.all_gather(buf));
+    }
+
+    /// The whole (padded) unit from what its gather brought: f32 as is, or each rank's halves
+    /// widened into their shard's place.
+    fn widen(&mut self, unit: usize, got: Vec<f32>) -> Vec<f32> {
+        let Some(h) = self.gather_in else {
+            return got;
+        };
+        let layout = &self.layout.units[unit];
+        let world = self.comm.world();
+        let shard_len = layout.padded_len / world;
+        let words = got.len() / world;
+        let mut full = self.spare.pop().unwrap_or_default();
+        full.clear();
+        full.resize(layout.padded_len, 0.0);
+        for q in 0..world {
+            h.unpack_into(
+                &got[q * words..(q + 1) * words],
+                &mut full[q * shard_len..(q + 1) * shard_len],
+            );
+        }
+        full
     }
 
     /// Makes `unit` whole, then starts gathering the units after it in `order`.
@@ -152,7 +194,8 @@ impl Zero3 {
             else {
                 unreachable!()
             };
-            self.gathered[unit] = Gathered::Full(p.wait()?);
+            let got = p.wait()?;
+            self.gathered[unit] = Gathered::Full(self.widen(unit, got));
         }
         for u in next.take(self.prefetch) {
             self.start_gather(u);
@@ -291,12 +334,25 @@ impl Strategy for Zero3 {
     }
 
     fn full_params(&mut self) -> Result<Vec<Vec<f32>>> {
+        // Gathers still in flight finish as they started (every rank has the same ones).
+        for u in 0..self.layout.units.len() {
+            if matches!(self.gathered[u], Gathered::InFlight(_)) {
+                self.gather(u, std::iter::empty())?;
+            }
+        }
+        // The f32 masters, whatever the gathers round to.
+        let gather_in = self.gather_in.take();
         let mut out = Vec::with_capacity(self.layout.units.len());
         for u in 0..self.layout.units.len() {
+            let kept = std::mem::replace(&mut self.gathered[u], Gathered::Released);
             self.gather(u, std::iter::empty())?;
             out.push(self.unit_params(u)[..self.layout.units[u].numel].to_vec());
-            self.release(u);
+            self.gathered[u] = Gathered::Released;
+            if self.persistent[u] {
+                self.gathered[u] = kept;
+            }
         }
+        self.gather_in = gather_in;
         Ok(out)
     }
 
