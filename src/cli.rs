@@ -63,6 +63,10 @@ enum Command {
         /// With `--format hf`, a LoRA run's adapters added into their weights.
         #[arg(long)]
         merge: bool,
+        /// With `--format hf`, the weights' precision: `f32`, `bf16` or `f16` (rounded to
+        /// nearest even); config.json says it.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
         /// Checkpoint directory (a step directory, or a checkpoint.dir to take its latest).
         checkpoint: PathBuf,
         /// Output: a directory for `hf`, a .safetensors file for `kiln`.
@@ -214,9 +218,10 @@ pub fn main() -> i32 {
         Command::Export {
             format,
             merge,
+            dtype,
             checkpoint,
             out,
-        } => crate::checkpoint::export_command(&format, merge, &checkpoint, &out),
+        } => crate::checkpoint::export_command(&format, merge, &dtype, &checkpoint, &out),
         Command::Sample(args) => crate::sample::run_command(&args),
         Command::PrepareData(args) => crate::data::prepare::run(&args),
         Command::DumpData { recipe, out } => recipe.load().and_then(|cfg| dump_data(&cfg, &out)),

@@ -51,12 +51,23 @@ pub struct TensorFileWriter {
 }
 
 impl TensorFileWriter {
-    /// Creates `path` (which must not exist) holding `tensors` (name, shape) in this order, and
-    /// writes the header. The data is zero until written.
+    /// Creates `path` (which must not exist) holding `tensors` (name, shape) in this order as
+    /// f32, and writes the header. The data is zero until written.
     pub fn create(
         path: &Path,
         tensors: &[(String, Vec<usize>)],
         metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
+        Self::create_as(path, tensors, metadata, StoredDtype::F32)
+    }
+
+    /// [`create`](Self::create) storing every tensor as `dtype`; [`write`](Self::write) still
+    /// takes f32 values and narrows them.
+    pub fn create_as(
+        path: &Path,
+        tensors: &[(String, Vec<usize>)],
+        metadata: &BTreeMap<String, String>,
+        dtype: StoredDtype,
     ) -> Result<Self> {
         let mut header = Map::new();
         if !metadata.is_empty() {
@@ -65,10 +76,10 @@ impl TensorFileWriter {
         let mut offset = 0usize;
         let mut spans = Vec::new();
         for (name, shape) in tensors {
-            let bytes = shape.iter().product::<usize>() * 4;
+            let bytes = shape.iter().product::<usize>() * dtype.size();
             header.insert(
                 name.clone(),
-                json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+                json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + bytes]}),
             );
             spans.push((name.clone(), shape.clone(), offset));
             offset += bytes;
@@ -100,7 +111,7 @@ impl TensorFileWriter {
                         shape,
                         start: data_start + off as u64,
                         elems,
-                        dtype: StoredDtype::F32,
+                        dtype,
                     },
                 )
             })
@@ -116,8 +127,19 @@ impl TensorFileWriter {
     pub fn write(&self, name: &str, at: usize, data: &[f32]) -> Result<()> {
         let e = &self.entries[name];
         assert!(at + data.len() <= e.elems, "write past the end of {name}");
+        let narrow: fn(f32) -> u16 = match e.dtype {
+            StoredDtype::F32 => {
+                return self
+                    .file
+                    .write_all_at(as_bytes(data), e.start + (at * 4) as u64)
+                    .map_err(|err| KilnError::io(&self.path, err));
+            }
+            StoredDtype::BF16 => |x| half::bf16::from_f32(x).to_bits(),
+            StoredDtype::F16 => |x| half::f16::from_f32(x).to_bits(),
+        };
+        let bytes: Vec<u8> = data.iter().flat_map(|&x| narrow(x).to_le_bytes()).collect();
         self.file
-            .write_all_at(as_bytes(data), e.start + (at * 4) as u64)
+            .write_all_at(&bytes, e.start + (at * 2) as u64)
             .map_err(|err| KilnError::io(&self.path, err))
     }
 
@@ -266,16 +288,21 @@ impl TensorFileReader {
     }
 }
 
-/// The element types kiln reads from a safetensors file; every one widens to f32 exactly.
+/// The element types kiln reads from a safetensors file (every one widens to f32 exactly) and
+/// writes (narrowing from f32 rounds to nearest even, as PyTorch's casts do).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StoredDtype {
+pub enum StoredDtype {
+    /// IEEE single.
     F32,
+    /// bfloat16.
     BF16,
+    /// IEEE half.
     F16,
 }
 
 impl StoredDtype {
-    fn parse(name: &str) -> Option<Self> {
+    /// `F32`, `BF16` or `F16`, as safetensors headers spell them.
+    pub fn parse(name: &str) -> Option<Self> {
         match name {
             "F32" => Some(StoredDtype::F32),
             "BF16" => Some(StoredDtype::BF16),
@@ -284,7 +311,8 @@ impl StoredDtype {
         }
     }
 
-    fn name(self) -> &'static str {
+    /// The safetensors header's name.
+    pub fn name(self) -> &'static str {
         match self {
             StoredDtype::F32 => "F32",
             StoredDtype::BF16 => "BF16",

@@ -7,7 +7,7 @@ mod common;
 use common::{bitwise_equal, kiln, output_text, Scratch};
 use kiln::train::RunOutcome;
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::{decoder_run as run_with, hf_fixture as fixture, hf_reference as reference};
 
@@ -319,4 +319,55 @@ fn bf16_halves_the_bytes_zero3_gathers() {
     let (f32, bf16) = (gathered("f32"), gathered("bf16"));
     assert!(f32 > 0);
     assert_eq!(2 * bf16, f32);
+}
+
+/// `kiln export --format hf --dtype bf16` of an unmoved checkpoint: every tensor is the
+/// fixture's, rounded to nearest-even bf16, stored as BF16; config.json says `bfloat16`.
+#[test]
+fn export_dtype_bf16_writes_the_weights_rounded() {
+    let scratch = Scratch::new("export-bf16");
+    let ck = scratch.path("ck").display().to_string();
+    let out = scratch.path("hf");
+    common::train_process(sets(
+        "llama",
+        &[
+            "train.steps=1",
+            "train.lr=1e-30",
+            &format!("checkpoint.dir={ck}"),
+            &format!("output.dir={}", scratch.path("run").display()),
+        ],
+    ));
+    let args = [
+        "export",
+        "--format",
+        "hf",
+        "--dtype",
+        "bf16",
+        &ck,
+        out.to_str().unwrap(),
+    ];
+    let done = kiln(&args);
+    assert!(done.status.success(), "{}", output_text(&done));
+    let open = |p: PathBuf| kiln::tensor_file::TensorFileReader::open(&p).unwrap();
+    let (mine, theirs) = (
+        open(out.join("model.safetensors")),
+        open(fixture("llama").join("model.safetensors")),
+    );
+    let names: Vec<String> = theirs.names().map(str::to_string).collect();
+    assert_eq!(mine.names().count(), names.len());
+    for name in &names {
+        assert_eq!(mine.dtype(name), Some("BF16"), "{name}");
+        let n: usize = theirs.shape(name).unwrap().iter().product();
+        let (mut a, mut b) = (vec![0.0f32; n], vec![0.0f32; n]);
+        mine.read(name, 0, &mut a).unwrap();
+        theirs.read(name, 0, &mut b).unwrap();
+        let rounded: Vec<f32> = b
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect();
+        assert!(bitwise_equal(&a, &rounded), "{name}");
+    }
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dtype"], "bfloat16");
 }

@@ -8,6 +8,7 @@ use super::TensorFileWriter;
 use crate::error::{KilnError, Result};
 use crate::flat::ModelLayout;
 use crate::model::FrozenParam;
+use crate::tensor_file::StoredDtype;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -106,18 +107,39 @@ fn write_tmp(
 /// checkpoint (a step directory, or a checkpoint.dir to take its latest) as a Hugging Face
 /// directory (`--merge`: LoRA adapters added into their weights), as a PEFT adapter
 /// directory, or as one safetensors file with kiln's names (`kiln consolidate`).
-pub fn export_command(format: &str, merge: bool, checkpoint: &Path, out: &Path) -> Result<()> {
+pub fn export_command(
+    format: &str,
+    merge: bool,
+    dtype: &str,
+    checkpoint: &Path,
+    out: &Path,
+) -> Result<()> {
     let dir = super::locate(
         &checkpoint.display().to_string(),
         &crate::config::CheckpointConfig::default(),
     )?;
+    let dtype = match dtype {
+        "f32" => StoredDtype::F32,
+        "bf16" => StoredDtype::BF16,
+        "f16" => StoredDtype::F16,
+        other => {
+            return Err(KilnError::config(format!(
+                "--dtype: `{other}` is not one of f32, bf16, f16"
+            )))
+        }
+    };
+    if dtype != StoredDtype::F32 && format != "hf" {
+        return Err(KilnError::config(format!(
+            "--dtype: writes an hf export's weights in another precision; --format is {format}"
+        )));
+    }
     if merge && format != "hf" {
         return Err(KilnError::config(format!(
             "--merge: adds LoRA adapters into the weights of an hf export; --format is {format}"
         )));
     }
     match format {
-        "hf" => export_hf(&dir, merge, out)?,
+        "hf" => export_hf(&dir, merge, dtype, out)?,
         "peft" => export_peft(&dir, out)?,
         "kiln" => super::consolidate(&dir, out)?,
         other => {
@@ -130,7 +152,7 @@ pub fn export_command(format: &str, merge: bool, checkpoint: &Path, out: &Path) 
     Ok(())
 }
 
-fn export_hf(dir: &Path, merge: bool, out: &Path) -> Result<()> {
+fn export_hf(dir: &Path, merge: bool, dtype: StoredDtype, out: &Path) -> Result<()> {
     let manifest = super::verify(dir)?;
     let mut values = ModelValues::open(dir, &manifest)?;
     if values.adapters().is_some() && !merge {
@@ -147,10 +169,10 @@ fn export_hf(dir: &Path, merge: bool, out: &Path) -> Result<()> {
     match manifest.model["model"].get("hf_config") {
         Some(config) => {
             let name = |p: &str, s: &[usize]| Ok(crate::hf::decoder_name(p, s));
-            crate::hf::write_hf_dir(out, config, &params, name, read)?;
+            crate::hf::write_hf_dir(out, config, &params, dtype, name, read)?;
             copy_beside(Path::new(&manifest.config.model.init_from), out)
         }
-        None => crate::hf::export_hf(out, &manifest.gpt(dir)?, &params, read),
+        None => crate::hf::export_hf(out, &manifest.gpt(dir)?, &params, dtype, read),
     }
 }
 

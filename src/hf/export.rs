@@ -8,7 +8,7 @@ use super::config::config_json;
 use super::names::{hf_name, Transform};
 use crate::error::{KilnError, Result};
 use crate::model::GptConfig;
-use crate::tensor_file::TensorFileWriter;
+use crate::tensor_file::{StoredDtype, TensorFileWriter};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,6 +22,7 @@ pub fn export_hf(
     out_dir: &Path,
     model: &GptConfig,
     params: &[(String, Vec<usize>)],
+    dtype: StoredDtype,
     read: impl FnMut(&str, &[usize]) -> Result<Vec<f32>>,
 ) -> Result<()> {
     let name = |path: &str, _shape: &[usize]| {
@@ -31,16 +32,17 @@ pub fn export_hf(
             ))
         })
     };
-    write_hf_dir(out_dir, &config_json(model), params, name, read)
+    write_hf_dir(out_dir, &config_json(model), params, dtype, name, read)
 }
 
-/// Writes a Hugging Face directory for any architecture: `config`, and each of `params`
-/// (path, shape; values from `read(path, shape)`, one parameter in memory at a time) under the
-/// name and in the layout `name(path, shape)` gives it.
+/// Writes a Hugging Face directory for any architecture: `config` (its dtype set to `dtype`'s),
+/// and each of `params` (path, shape; values from `read(path, shape)`, one parameter in memory
+/// at a time) as `dtype`, under the name and in the layout `name(path, shape)` gives it.
 pub fn write_hf_dir(
     out_dir: &Path,
     config: &Value,
     params: &[(String, Vec<usize>)],
+    dtype: StoredDtype,
     name: impl Fn(&str, &[usize]) -> Result<(String, Transform)>,
     mut read: impl FnMut(&str, &[usize]) -> Result<Vec<f32>>,
 ) -> Result<()> {
@@ -66,7 +68,7 @@ pub fn write_hf_dir(
     // transformers refuses a safetensors file whose metadata has no `format`.
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let written = (|| {
-        let writer = TensorFileWriter::create(&tmp, &tensors, &metadata)?;
+        let writer = TensorFileWriter::create_as(&tmp, &tensors, &metadata, dtype)?;
         for ((path, shape), (hf, transform)) in params.iter().zip(&names) {
             writer.write(hf, 0, &transform.to_hf(shape, &read(path, shape)?))?;
         }
@@ -78,7 +80,7 @@ pub fn write_hf_dir(
         return written;
     }
     let config_path = out_dir.join("config.json");
-    let text = serde_json::to_string_pretty(config).expect("JSON serialises");
+    let text = serde_json::to_string_pretty(&with_dtype(config, dtype)).expect("JSON serialises");
     let tmp = out_dir.join(".config.json.tmp");
     std::fs::write(&tmp, text + "\n")
         .and_then(|()| std::fs::rename(&tmp, &config_path))
@@ -86,4 +88,23 @@ pub fn write_hf_dir(
             let _ = std::fs::remove_file(&tmp);
             KilnError::io(&config_path, e)
         })
+}
+
+/// `config` saying the weights are `dtype` (transformers' `dtype`, or the older `torch_dtype`
+/// where the config has that key), so that `from_pretrained` loads them as written.
+fn with_dtype(config: &Value, dtype: StoredDtype) -> Value {
+    let torch = match dtype {
+        StoredDtype::F32 => "float32",
+        StoredDtype::BF16 => "bfloat16",
+        StoredDtype::F16 => "float16",
+    };
+    let mut config = config.clone();
+    if let Some(c) = config.as_object_mut() {
+        let key = match c.contains_key("torch_dtype") && !c.contains_key("dtype") {
+            true => "torch_dtype",
+            false => "dtype",
+        };
+        c.insert(key.into(), Value::String(torch.into()));
+    }
+    config
 }
