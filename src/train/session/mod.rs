@@ -21,6 +21,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 mod report;
+mod scaling;
+
+use scaling::Scaling;
 
 const MIB: f64 = (1u64 << 20) as f64;
 
@@ -53,7 +56,7 @@ pub(super) struct Session<'p, B: 'static, A: Activation> {
     /// Whether the ranks have compared their first micro-batch's shape.
     shapes_agreed: bool,
     /// fp16's loss scale (`train.precision = "fp16"`).
-    scaler: Option<crate::optim::LossScaler>,
+    scaling: Scaling,
 }
 
 /// What one step measured, for its metrics line and the log.
@@ -100,18 +103,7 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
             strategy::build(plan, comm.clone(), &layout, model.as_ref()),
         )?;
         let (first_step, resumed_scale) = resume(plan, opts, comm.as_ref(), strategy.as_mut())?;
-        let scaler = match plan.config.train.precision.as_str() {
-            "fp16" => Some(match resumed_scale {
-                Some(s) => s,
-                None => crate::optim::LossScaler::new(&plan.config.fp16)?,
-            }),
-            _ => None,
-        };
-        if fault.is_some_and(|f| f.needs_loss_scaling()) && scaler.is_none() {
-            return Err(KilnError::config(
-                "KILN_FAULT=overflow: only a run with train.precision = \"fp16\" (loss scaling) can overflow",
-            ));
-        }
+        let scaling = Scaling::start(plan, resumed_scale, fault)?;
         let mut engine = Engine::new(model, layout.clone(), rank_device.burn_device(), false)
             .with_recompute_units(plan.recompute.clone());
         // VmHWM is per process: with --simulate only rank 0 meters it (memory::phases), and
@@ -150,7 +142,7 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
             val_log: ValLog::default(),
             run_phase_peak: PhasePeaks::default(),
             last_checkpoint: None,
-            scaler,
+            scaling,
             shapes_agreed: false,
             comm,
         };
@@ -190,25 +182,19 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
         }
         let step_start = Instant::now();
         let faults_before = crate::memory::allocator::minor_page_faults();
-        let grad_scale = self.scaler.as_ref().map(|s| s.scale);
-        if let Some(scale) = grad_scale {
-            let injected = self.fault.is_some_and(|f| f.overflows(self.rank, step));
-            let scale = if injected {
-                f32::INFINITY
-            } else {
-                scale as f32
-            };
+        if let Some(scale) = self.scaling.loss_scale(self.fault, self.rank, step) {
             self.engine.set_loss_scale(scale);
         }
         let loss_sum = self.micro_steps(step)?;
-        // Steps skipped for overflow advance neither the schedule nor AdamW's step count
-        // (DeepSpeed's engine does not step its LR scheduler on overflow either).
-        let applied = step - self.scaler.as_ref().map_or(0, |s| s.skipped);
+        let applied = self.scaling.applied(step);
         let lr = plan.schedule.at(applied);
         self.engine.phases().enter(Phase::Optimizer);
+        let grad_scale = self.scaling.grad_scale();
         let stats = self.strategy.step(applied, lr, grad_scale)?;
         self.engine.phases().enter(Phase::Other);
-        self.update_loss_scale(step, stats.skipped);
+        let bar = &self.bar;
+        let say = |line: String| bar.suspend(|| tracing::warn!("{line}"));
+        self.scaling.update(step, stats.skipped, self.lead, say);
         let (loss, stop) = self.agree_on_loss(loss_sum, step)?;
         let ms = step_start.elapsed().as_secs_f64() * 1e3;
         let transfer_ms = self.engine.take_transfer_ms();
@@ -234,24 +220,6 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
         };
         self.record_step(step, &times, val_loss)?;
         Ok(stop)
-    }
-
-    /// fp16: the scale after step `step`, which overflowed if `skipped` (on every rank alike).
-    fn update_loss_scale(&mut self, step: u64, skipped: bool) {
-        let Some(scaler) = self.scaler.as_mut() else {
-            return;
-        };
-        let before = scaler.scale;
-        scaler.update(skipped);
-        if skipped && self.lead {
-            let after = scaler.scale;
-            self.bar.suspend(|| {
-                tracing::warn!(
-                    "step {}: the gradients overflowed at loss scale {before}; every rank skipped the step; loss scale now {after}",
-                    step + 1
-                )
-            });
-        }
     }
 
     /// This rank's micro-batches of `step` through the engine; the sum of their mean losses.
@@ -311,7 +279,7 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
             .wait()?;
         let loss = sums[0] / (plan.world * plan.grad_accum) as f32;
         // Under fp16 loss scaling a non-finite loss is an overflow: the step is skipped.
-        if !loss.is_finite() && self.scaler.is_none() {
+        if !loss.is_finite() && self.scaling.scaler().is_none() {
             return Err(KilnError::config(format!("the loss became {loss} at step {step}; lower `train.lr` or enable `train.clip_grad`")));
         }
         // A request during the last step changes nothing: the run ends there anyway.
@@ -326,7 +294,7 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
             self.strategy.as_mut(),
             done,
             &self.source.describe(),
-            self.scaler.as_ref(),
+            self.scaling.scaler(),
         )?;
         self.last_checkpoint = Some(dir);
         self.engine.phases().enter(Phase::Other);
@@ -355,7 +323,7 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
                 loss: t.loss,
                 lr: t.lr,
                 grad_norm: t.stats.grad_norm,
-                loss_scale: self.scaler.as_ref().map(|s| s.scale),
+                loss_scale: self.scaling.grad_scale(),
                 skipped: t.stats.skipped,
                 val_loss,
                 step_ms: t.ms,
