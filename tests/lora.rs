@@ -415,3 +415,33 @@ fn qlora_keeps_the_base_in_nf4_and_trains_as_lora_does() {
     assert!((b - a).abs() / a <= 0.02, "QLoRA {b} vs LoRA {a}");
     assert!(b < 4.5, "QLoRA did not learn: {b}");
 }
+
+/// The shipped recipe `configs/qlora.toml` trains (two steps, 2 ranks) and its checkpoint
+/// exports as a PEFT adapter with the recipe's rank and scale.
+#[test]
+fn the_qlora_recipe_trains_and_exports_an_adapter() {
+    let scratch = Scratch::new("qlora-recipe");
+    let ck = scratch.path("ck").display().to_string();
+    let out = format!("output.dir={}", scratch.path("run").display());
+    let done = kiln(&[
+        "train",
+        "--quiet",
+        "--simulate",
+        "2",
+        "--config",
+        "configs/qlora.toml",
+        "--set",
+        "train.steps=2",
+        "--set",
+        &format!("checkpoint.dir={ck}"),
+        "--set",
+        &out,
+    ]);
+    assert!(done.status.success(), "{}", output_text(&done));
+    let adapter = scratch.path("adapter");
+    let done = kiln(&["export", "--format", "peft", &ck, adapter.to_str().unwrap()]);
+    assert!(done.status.success(), "{}", output_text(&done));
+    let opened = kiln::hf::peft::PeftAdapter::open(&adapter).unwrap();
+    assert_eq!((opened.shape.r, opened.shape.alpha), (16, 32.0));
+    assert_eq!(opened.shape.targets, ["all-linear"]);
+}
