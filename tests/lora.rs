@@ -445,3 +445,36 @@ fn the_qlora_recipe_trains_and_exports_an_adapter() {
     assert_eq!((opened.shape.r, opened.shape.alpha), (16, 32.0));
     assert_eq!(opened.shape.targets, ["all-linear"]);
 }
+
+/// QLoRA in bf16 with everything else kiln has: ZeRO-3 with the optimizer state offloaded to
+/// the host or to files, and recompute, equal DDP bit for bit (the adapters and the losses).
+#[test]
+fn qlora_in_bf16_with_offload_and_recompute_equals_ddp() {
+    let scratch = Scratch::new("qlora-matrix");
+    let nvme = format!("offload.nvme_path={}", scratch.str());
+    let with = |extra: &[&str]| {
+        let mut e = vec![
+            "train.steps=4",
+            "train.precision=\"bf16\"",
+            "lora.quantize=\"nf4\"",
+        ];
+        e.extend(extra);
+        run("llama", 2, &e)
+    };
+    let ddp = with(&["parallel.stage=0"]);
+    for extra in [
+        vec!["parallel.stage=3", "offload.optimizer=\"cpu\""],
+        vec![
+            "parallel.stage=3",
+            "offload.optimizer=\"nvme\"",
+            nvme.as_str(),
+        ],
+        vec!["parallel.stage=3", "train.recompute=true"],
+    ] {
+        let other = with(&extra);
+        assert_eq!(other.losses, ddp.losses, "{extra:?}");
+        for (a, b) in other.params.iter().zip(&ddp.params) {
+            assert!(bitwise_equal(a, b), "{extra:?}");
+        }
+    }
+}
