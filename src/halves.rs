@@ -23,14 +23,24 @@ impl Half {
         }
     }
 
-    fn bits(self, x: f32) -> u16 {
+    /// The burn dtype of this format.
+    pub fn float_dtype(self) -> burn::tensor::FloatDType {
+        match self {
+            Half::Bf16 => burn::tensor::FloatDType::BF16,
+            Half::F16 => burn::tensor::FloatDType::F16,
+        }
+    }
+
+    /// `x` rounded to nearest even, as bits.
+    pub fn narrow(self, x: f32) -> u16 {
         match self {
             Half::Bf16 => half::bf16::from_f32(x).to_bits(),
             Half::F16 => half::f16::from_f32(x).to_bits(),
         }
     }
 
-    fn value(self, b: u16) -> f32 {
+    /// The value of bits `b`, exactly.
+    pub fn widen(self, b: u16) -> f32 {
         match self {
             Half::Bf16 => half::bf16::from_bits(b).to_f32(),
             Half::F16 => half::f16::from_bits(b).to_f32(),
@@ -42,8 +52,8 @@ impl Half {
         values
             .chunks(2)
             .map(|p| {
-                let hi = p.get(1).map_or(0, |&x| self.bits(x));
-                f32::from_bits(u32::from(self.bits(p[0])) | (u32::from(hi) << 16))
+                let hi = p.get(1).map_or(0, |&x| self.narrow(x));
+                f32::from_bits(u32::from(self.narrow(p[0])) | (u32::from(hi) << 16))
             })
             .collect()
     }
@@ -52,9 +62,9 @@ impl Half {
     pub fn unpack_into(self, words: &[f32], out: &mut [f32]) {
         for (pair, w) in out.chunks_mut(2).zip(words) {
             let b = w.to_bits();
-            pair[0] = self.value(b as u16);
+            pair[0] = self.widen(b as u16);
             if let Some(second) = pair.get_mut(1) {
-                *second = self.value((b >> 16) as u16);
+                *second = self.widen((b >> 16) as u16);
             }
         }
     }

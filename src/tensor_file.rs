@@ -127,17 +127,16 @@ impl TensorFileWriter {
     pub fn write(&self, name: &str, at: usize, data: &[f32]) -> Result<()> {
         let e = &self.entries[name];
         assert!(at + data.len() <= e.elems, "write past the end of {name}");
-        let narrow: fn(f32) -> u16 = match e.dtype {
-            StoredDtype::F32 => {
-                return self
-                    .file
-                    .write_all_at(as_bytes(data), e.start + (at * 4) as u64)
-                    .map_err(|err| KilnError::io(&self.path, err));
-            }
-            StoredDtype::BF16 => |x| half::bf16::from_f32(x).to_bits(),
-            StoredDtype::F16 => |x| half::f16::from_f32(x).to_bits(),
+        let Some(h) = e.dtype.half() else {
+            return self
+                .file
+                .write_all_at(as_bytes(data), e.start + (at * 4) as u64)
+                .map_err(|err| KilnError::io(&self.path, err));
         };
-        let bytes: Vec<u8> = data.iter().flat_map(|&x| narrow(x).to_le_bytes()).collect();
+        let bytes: Vec<u8> = data
+            .iter()
+            .flat_map(|&x| h.narrow(x).to_le_bytes())
+            .collect();
         self.file
             .write_all_at(&bytes, e.start + (at * 2) as u64)
             .map_err(|err| KilnError::io(&self.path, err))
@@ -272,12 +271,9 @@ impl TensorFileReader {
         self.file
             .read_exact_at(as_bytes_mut_u16(&mut half), start)
             .map_err(io)?;
-        let widen: fn(u16) -> f32 = match e.dtype {
-            StoredDtype::BF16 => |h| half::bf16::from_bits(h).to_f32(),
-            _ => |h| half::f16::from_bits(h).to_f32(),
-        };
-        for (o, &h) in out.iter_mut().zip(&half) {
-            *o = widen(h);
+        let h = e.dtype.half().expect("not F32");
+        for (o, &b) in out.iter_mut().zip(&half) {
+            *o = h.widen(b);
         }
         Ok(())
     }
@@ -317,6 +313,15 @@ impl StoredDtype {
             StoredDtype::F32 => "F32",
             StoredDtype::BF16 => "BF16",
             StoredDtype::F16 => "F16",
+        }
+    }
+
+    /// The 16-bit format, for BF16 and F16.
+    fn half(self) -> Option<crate::halves::Half> {
+        match self {
+            StoredDtype::F32 => None,
+            StoredDtype::BF16 => Some(crate::halves::Half::Bf16),
+            StoredDtype::F16 => Some(crate::halves::Half::F16),
         }
     }
 

@@ -19,7 +19,7 @@ use crate::model::{
     Activation, FrozenParam, Init, Metrics, ModelUnits, Param, ParamRef, ParamSpec, UnitModel,
 };
 use burn::module::{ModuleMapper, Param as BurnParam};
-use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,8 +45,9 @@ pub(crate) struct ModuleModel<M: TrainModule> {
     frozen: Frozen,
     /// The device the unit's parameters are made on (the engine's autodiff device).
     device: Device,
-    /// The dtype units compute in (`train.precision`); the strategy's values stay f32.
-    compute: DType,
+    /// The 16-bit format units compute in (`train.precision`; `None`: f32); the strategy's
+    /// values stay f32.
+    compute: Option<Half>,
     /// Per unit: whether its first forward has been checked for reads of other units' values.
     checked: Vec<AtomicBool>,
     /// The model's description for checkpoint manifests.
@@ -62,7 +63,7 @@ impl<M: TrainModule> ModuleModel<M> {
         comm: Arc<dyn Communicator>,
         sharded: bool,
         device: Device,
-        compute: DType,
+        compute: Option<Half>,
         nf4: &BTreeMap<String, [usize; 2]>,
     ) -> Result<Self> {
         // `train()` applies burn's configured gradient settings (no_grad, freeze_group) on an
@@ -150,9 +151,8 @@ impl<M: TrainModule> ModuleModel<M> {
             frozen: Frozen::new(comm, sharded, frozen_values, |path| {
                 match (nf4.get(path), compute) {
                     (Some(&dims), _) => Storage::Nf4(dims),
-                    (None, DType::BF16) => Storage::Half(Half::Bf16),
-                    (None, DType::F16) => Storage::Half(Half::F16),
-                    (None, _) => Storage::F32,
+                    (None, Some(h)) => Storage::Half(h),
+                    (None, None) => Storage::F32,
                 }
             }),
             device,
@@ -176,8 +176,8 @@ impl<M: TrainModule> ModuleModel<M> {
             .map(|s| &s.path)
             .chain(plan.borrowed.iter().map(|(_, p)| p));
         let compute = |t: Tensor<1>| match self.compute {
-            DType::F32 => t,
-            dtype => t.cast(FloatDType::from(dtype)),
+            Some(h) => t.cast(h.float_dtype()),
+            None => t,
         };
         for (path, p) in paths.zip(params) {
             tensors.insert(path.clone(), compute(p.tensor()));

@@ -47,6 +47,7 @@ pub use crate::train::{BatchSource, RunOptions, RunOutcome};
 pub use units::Unit;
 
 use crate::comm::Communicator;
+use crate::halves::Half;
 use crate::model::UnitModel;
 use crate::plan::Plan;
 use crate::train::Job;
@@ -177,22 +178,17 @@ fn agree_everywhere(comm: &dyn Communicator, what: &str, value: &str) -> Result<
     )))
 }
 
-/// The dtype `train.precision` computes in, if `device` computes it: burn's wgpu backend
-/// accepts bf16 tensors and computes garbage from them, so ask before choosing.
-fn compute_dtype(config: &Config, device: &burn::tensor::Device) -> Result<burn::tensor::DType> {
-    use burn::tensor::DType;
-    let dtype = match config.train.precision.as_str() {
-        "bf16" => DType::BF16,
-        "fp16" => DType::F16,
-        _ => DType::F32,
-    };
-    if !device.supports_dtype(dtype) {
+/// The 16-bit format `train.precision` computes in (`None`: f32), if `device` computes it:
+/// burn's wgpu backend accepts bf16 tensors and computes garbage from them, so ask first.
+fn compute_dtype(config: &Config, device: &burn::tensor::Device) -> Result<Option<Half>> {
+    let half = Half::of_precision(&config.train.precision);
+    if let Some(h) = half.filter(|h| !device.supports_dtype(h.float_dtype())) {
         return Err(KilnError::config(format!(
-            "key `train.precision` = {}: this rank's device ({device:?}) does not compute it",
+            "key `train.precision` = {}: this rank's device ({device:?}) does not compute {h:?}",
             config.train.precision
         )));
     }
-    Ok(dtype)
+    Ok(half)
 }
 
 /// PEFT's `print_trainable_parameters()` line for a model description.
