@@ -307,15 +307,7 @@ fn bad_lora_settings_are_one_line_exit_2() {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = kiln(&args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "{extra:?}: {}",
-            output_text(&out)
-        );
-        assert_eq!(err.trim().lines().count(), 1, "{extra:?}: {err}");
-        assert!(err.contains(needle), "{extra:?}: {err}");
+        common::assert_refused(&out, needle, &format!("{extra:?}"));
     }
     // The built-in GPT keeps its own layout: LoRA is refused there, naming the key.
     let out = kiln(&["train", "--set", "lora.r=4", "--set", "train.steps=1"]);
@@ -380,11 +372,7 @@ fn qlora_keeps_the_base_in_nf4_and_trains_as_lora_does() {
             &format!("output.export={}", export.display()),
         ]);
         assert!(out.status.success(), "{name}: {}", output_text(&out));
-        let lines: Vec<Value> = std::fs::read_to_string(scratch.path(&name).join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines = common::metrics_lines(&scratch.path(&name));
         let frozen = lines[0]["memory"]["frozen_params"].as_u64().unwrap();
         let losses = lines.iter().map(|l| l["loss"].as_f64().unwrap()).collect();
         (losses, std::fs::read(export).unwrap(), frozen)

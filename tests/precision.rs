@@ -157,14 +157,6 @@ fn train_with_fault(fault: Option<&str>, extra: &[&str]) -> std::process::Output
     cmd.output().expect("kiln runs")
 }
 
-fn metrics(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// fp16 with dynamic loss scaling: rank 1's gradients overflow at step 3 (`KILN_FAULT`); every
 /// rank skips that step — the parameters after it are those after step 2, bit for bit — and
 /// the scale halves (hysteresis 1); the run continues, at stage 3 as at DDP, bit for bit; and a
@@ -194,7 +186,7 @@ fn an_fp16_overflow_skips_the_step_on_every_rank_and_training_continues() {
     let two = run(None, "two", &["train.steps=2"]);
     let three = run(overflow, "three", &["train.steps=3"]);
     assert!(two == three, "the skipped step changed the parameters");
-    let lines = metrics(&scratch.path("three"));
+    let lines = common::metrics_lines(&scratch.path("three"));
     assert_eq!(lines[2]["skipped"], Value::Bool(true));
     assert_eq!(lines[1]["loss_scale"].as_f64(), Some(4096.0));
     assert_eq!(lines[2]["loss_scale"].as_f64(), Some(2048.0));
@@ -203,7 +195,7 @@ fn an_fp16_overflow_skips_the_step_on_every_rank_and_training_continues() {
     let zero3 = run(overflow, "zero3", &["train.steps=6", "parallel.stage=3"]);
     assert!(ddp == zero3, "stage 3 differs from DDP across the skip");
     let losses = |name: &str| -> Vec<f64> {
-        let lines = metrics(&scratch.path(name));
+        let lines = common::metrics_lines(&scratch.path(name));
         lines.iter().map(|l| l["loss"].as_f64().unwrap()).collect()
     };
     assert!(losses("ddp").iter().all(|l| l.is_finite()));
@@ -264,15 +256,7 @@ fn unsupported_precision_settings_are_one_line_exit_2() {
             args.extend(["--set", s]);
         }
         let out = kiln(&args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "{sets:?}: {}",
-            output_text(&out)
-        );
-        assert_eq!(err.trim().lines().count(), 1, "{sets:?}: {err}");
-        assert!(err.contains(needle), "{sets:?}: {err}");
+        common::assert_refused(&out, needle, &format!("{sets:?}"));
     }
     let out = train_with_fault(Some("overflow:0:0"), &["train.steps=1"]);
     assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));

@@ -251,3 +251,21 @@ pub fn decoder_run(sets: &[String], world: usize) -> RunOutcome {
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     kiln::llama::train(&config(&sets), Some(world), QUIET).expect("run")
 }
+
+/// Asserts the bad-input contract: exit code 2 and one line on stderr containing `needle`
+/// (`what` names the case in a failure).
+pub fn assert_refused(out: &std::process::Output, needle: &str, what: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{what}: {}", output_text(out));
+    assert_eq!(err.trim().lines().count(), 1, "{what}: {err}");
+    assert!(err.contains(needle), "{what}: {err}");
+}
+
+/// The records of `dir/metrics.jsonl`, one per step.
+pub fn metrics_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
