@@ -217,15 +217,15 @@ def decoder_model(arch):
     return Qwen2ForCausalLM(cfg)
 
 
-def kiln_rows(kiln, tokens, steps, masked=False):
-    """kiln's rows for `steps` steps of DECODER_TRAIN on `tokens` (step-major): the data depend
-    on the data settings only, so a GPT of the same vocab and seq_len cuts them. With `masked`,
-    also the rows' label masks."""
+def kiln_rows(kiln, tokens, steps, masked=False, train=None):
+    """kiln's rows for `steps` steps of `train` (DECODER_TRAIN by default) on `tokens`
+    (step-major): the data depend on the data settings only, so a GPT of the same vocab and
+    seq_len cuts them. With `masked`, also the rows' label masks."""
     with tempfile.TemporaryDirectory() as tmp:
         rows_path = os.path.join(tmp, "rows.bin")
         cmd = [kiln, "dump-data", "--out", rows_path, "--set", f"model.vocab={VOCAB}",
                "--set", f"model.max_seq_len={POSITIONS}", "--set", f"data.path={tokens}"]
-        for k, v in DECODER_TRAIN.items():
+        for k, v in (train or DECODER_TRAIN).items():
             if k.startswith(("data.", "model.seq_len", "train.steps", "train.global_batch", "train.micro_batch")):
                 cmd += ["--set", f"{k}={json.dumps(v)}"]
         subprocess.run(cmd, check=True)

@@ -1,11 +1,19 @@
 //! Flat parameter layout (docs/ARCHITECTURE.md, "Contracts"): each unit's parameters live in one
-//! contiguous f32 buffer in module-path order, padded to a multiple of the world size so that it
-//! splits into equal shards. Index spaces are named so that an offset's meaning is never guessed.
+//! contiguous f32 buffer in module-path order, padded to a multiple of `world ×` [`SHARD_GRAIN`]
+//! so that it splits into equal shards whose boundaries fall on the same grid at every world
+//! size. Index spaces are named so that an offset's meaning is never guessed.
 
 use crate::model::{Init, ModelUnits, ParamSpec};
 use crate::rng::{hash_str, Rng};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
+
+/// Every shard's length is a multiple of this many elements, so shard boundaries sit at unit
+/// offsets that are multiples of it whatever the world size. 8-bit optimizer state is quantized
+/// in blocks of this size (`optim::quant8::BLOCK`): the blocks are then the same at every world
+/// size and at every stage, which is what makes a quantized checkpoint reshard exactly. The
+/// padding costs at most `world × 256` elements per unit.
+pub const SHARD_GRAIN: usize = 256;
 
 /// An element offset inside one unit's flat buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -68,7 +76,7 @@ pub struct UnitLayout {
     pub params: Vec<ParamEntry>,
     /// Elements actually used by parameters.
     pub numel: usize,
-    /// Buffer length: `numel` rounded up to a multiple of the world size.
+    /// Buffer length: `numel` rounded up to a multiple of `world ×` [`SHARD_GRAIN`].
     pub padded_len: usize,
 }
 
@@ -94,7 +102,7 @@ impl UnitLayout {
             name,
             params,
             numel: offset,
-            padded_len: offset.div_ceil(world) * world,
+            padded_len: offset.div_ceil(world * SHARD_GRAIN) * world * SHARD_GRAIN,
         }
     }
 

@@ -5,7 +5,7 @@ use crate::config::{Config, ModelConfig, TrainConfig};
 use crate::error::{KilnError, Result};
 use crate::model::{GptConfig, ModelUnits};
 use crate::offload::Tier;
-use crate::optim::{AdamWConfig, DsSchedule, LrSchedule, ScheduleKind, WarmupShape};
+use crate::optim::{AdamWConfig, DsSchedule, LrSchedule, OptimizerKind, ScheduleKind, WarmupShape};
 
 /// The validated, resolved run.
 #[derive(Debug, Clone)]
@@ -32,6 +32,8 @@ pub struct Plan {
     pub schedule: LrSchedule,
     /// AdamW hyper-parameters.
     pub adamw: AdamWConfig,
+    /// `train.optimizer`.
+    pub optimizer: OptimizerKind,
     /// Gradient clipping threshold (0 = off).
     pub clip_grad: f64,
     /// ZeRO stage (0 = DDP).
@@ -202,6 +204,10 @@ impl Plan {
                 beta2: t.beta2,
                 eps: t.eps,
                 weight_decay: t.weight_decay,
+            },
+            optimizer: {
+                crate::config::check_choice("train.optimizer", &t.optimizer, OptimizerKind::NAMES)?;
+                OptimizerKind::parse(&t.optimizer).expect("checked just above")
             },
             clip_grad: t.clip_grad,
             stage: p.stage,

@@ -2,7 +2,8 @@
 //! shape and offset is known up front), then data lands at its offset in any order — so a rank
 //! streams its optimizer state straight from the nvme tier into its checkpoint file, and
 //! `consolidate` writes one unit at a time. Reading parses the header and reads ranges with
-//! `pread`, never the whole file. Only f32 tensors, little-endian, as the format specifies.
+//! `pread`, never the whole file. f32 tensors (narrowed to bf16/f16 on request), and byte
+//! tensors (8-bit optimizer codes), little-endian, as the format specifies.
 
 use crate::error::{KilnError, Result};
 use serde_json::{json, Map, Value};
@@ -69,19 +70,33 @@ impl TensorFileWriter {
         metadata: &BTreeMap<String, String>,
         dtype: StoredDtype,
     ) -> Result<Self> {
+        let typed: Vec<_> = tensors
+            .iter()
+            .map(|(name, shape)| (name.clone(), shape.clone(), dtype))
+            .collect();
+        Self::create_typed(path, &typed, metadata)
+    }
+
+    /// [`create`](Self::create) with a dtype per tensor: `U8` tensors are written with
+    /// [`write_bytes`](Self::write_bytes), the others with [`write`](Self::write).
+    pub fn create_typed(
+        path: &Path,
+        tensors: &[(String, Vec<usize>, StoredDtype)],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
         let mut header = Map::new();
         if !metadata.is_empty() {
             header.insert("__metadata__".into(), json!(metadata));
         }
         let mut offset = 0usize;
         let mut spans = Vec::new();
-        for (name, shape) in tensors {
+        for (name, shape, dtype) in tensors {
             let bytes = shape.iter().product::<usize>() * dtype.size();
             header.insert(
                 name.clone(),
                 json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + bytes]}),
             );
-            spans.push((name.clone(), shape.clone(), offset));
+            spans.push((name.clone(), shape.clone(), offset, *dtype));
             offset += bytes;
         }
         let mut text = serde_json::to_vec(&Value::Object(header)).expect("header serialises");
@@ -103,7 +118,7 @@ impl TensorFileWriter {
         file.set_len(data_start + offset as u64).map_err(io)?;
         let entries = spans
             .into_iter()
-            .map(|(name, shape, off)| {
+            .map(|(name, shape, off, dtype)| {
                 let elems = shape.iter().product();
                 (
                     name,
@@ -127,6 +142,10 @@ impl TensorFileWriter {
     pub fn write(&self, name: &str, at: usize, data: &[f32]) -> Result<()> {
         let e = &self.entries[name];
         assert!(at + data.len() <= e.elems, "write past the end of {name}");
+        assert!(
+            e.dtype != StoredDtype::U8,
+            "{name} is a byte tensor: write_bytes"
+        );
         let Some(h) = e.dtype.half() else {
             return self
                 .file
@@ -139,6 +158,16 @@ impl TensorFileWriter {
             .collect();
         self.file
             .write_all_at(&bytes, e.start + (at * 2) as u64)
+            .map_err(|err| KilnError::io(&self.path, err))
+    }
+
+    /// Writes `data` into byte tensor `name` from element `at` on.
+    pub fn write_bytes(&self, name: &str, at: usize, data: &[u8]) -> Result<()> {
+        let e = &self.entries[name];
+        assert!(at + data.len() <= e.elems, "write past the end of {name}");
+        assert!(e.dtype == StoredDtype::U8, "{name} is not a byte tensor");
+        self.file
+            .write_all_at(data, e.start + at as u64)
             .map_err(|err| KilnError::io(&self.path, err))
     }
 
@@ -195,7 +224,7 @@ impl TensorFileReader {
             let elems: usize = shape.iter().product();
             let dtype = StoredDtype::parse(dtype).ok_or_else(|| {
                 bad(&format!(
-                    "tensor {name}: dtype {dtype} is not one kiln reads (F32, BF16, F16)"
+                    "tensor {name}: dtype {dtype} is not one kiln reads (F32, BF16, F16, U8)"
                 ))
             })?;
             if offsets[1] < offsets[0] || offsets[1] - offsets[0] != (elems * dtype.size()) as u64 {
@@ -243,19 +272,45 @@ impl TensorFileReader {
         self.entries.get(name).map(|e| e.shape.as_slice())
     }
 
-    /// Reads elements `at..at + out.len()` of tensor `name`.
-    pub fn read(&self, name: &str, at: usize, out: &mut [f32]) -> Result<()> {
+    /// The entry of tensor `name`, if it holds elements `at..at + len`.
+    fn entry(&self, name: &str, at: usize, len: usize) -> Result<&Entry> {
         let e = self
             .entries
             .get(name)
             .ok_or_else(|| KilnError::file(&self.path, format!("has no tensor `{name}`")))?;
-        if at + out.len() > e.elems {
+        if at + len > e.elems {
             return Err(KilnError::file(
                 &self.path,
                 format!(
                     "tensor `{name}` has {} elements, fewer than expected",
                     e.elems
                 ),
+            ));
+        }
+        Ok(e)
+    }
+
+    /// Reads elements `at..at + out.len()` of byte tensor `name`.
+    pub fn read_bytes(&self, name: &str, at: usize, out: &mut [u8]) -> Result<()> {
+        let e = self.entry(name, at, out.len())?;
+        if e.dtype != StoredDtype::U8 {
+            return Err(KilnError::file(
+                &self.path,
+                format!("tensor `{name}` is {}, not U8", e.dtype.name()),
+            ));
+        }
+        self.file
+            .read_exact_at(out, e.start + at as u64)
+            .map_err(|err| KilnError::io(&self.path, err))
+    }
+
+    /// Reads elements `at..at + out.len()` of tensor `name`.
+    pub fn read(&self, name: &str, at: usize, out: &mut [f32]) -> Result<()> {
+        let e = self.entry(name, at, out.len())?;
+        if e.dtype == StoredDtype::U8 {
+            return Err(KilnError::file(
+                &self.path,
+                format!("tensor `{name}` is U8 (quantized), not a float tensor"),
             ));
         }
         let start = e.start + (at * e.dtype.size()) as u64;
@@ -294,15 +349,18 @@ pub enum StoredDtype {
     BF16,
     /// IEEE half.
     F16,
+    /// Bytes (8-bit optimizer codes); never widened to f32.
+    U8,
 }
 
 impl StoredDtype {
-    /// `F32`, `BF16` or `F16`, as safetensors headers spell them.
+    /// `F32`, `BF16`, `F16` or `U8`, as safetensors headers spell them.
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "F32" => Some(StoredDtype::F32),
             "BF16" => Some(StoredDtype::BF16),
             "F16" => Some(StoredDtype::F16),
+            "U8" => Some(StoredDtype::U8),
             _ => None,
         }
     }
@@ -313,13 +371,14 @@ impl StoredDtype {
             StoredDtype::F32 => "F32",
             StoredDtype::BF16 => "BF16",
             StoredDtype::F16 => "F16",
+            StoredDtype::U8 => "U8",
         }
     }
 
     /// The 16-bit format, for BF16 and F16.
     fn half(self) -> Option<crate::halves::Half> {
         match self {
-            StoredDtype::F32 => None,
+            StoredDtype::F32 | StoredDtype::U8 => None,
             StoredDtype::BF16 => Some(crate::halves::Half::Bf16),
             StoredDtype::F16 => Some(crate::halves::Half::F16),
         }
@@ -329,6 +388,7 @@ impl StoredDtype {
         match self {
             StoredDtype::F32 => 4,
             StoredDtype::BF16 | StoredDtype::F16 => 2,
+            StoredDtype::U8 => 1,
         }
     }
 }

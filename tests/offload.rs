@@ -7,7 +7,8 @@ mod common;
 use common::Scratch;
 use kiln::config::OffloadConfig;
 use kiln::launch;
-use kiln::offload::{Access, HostStore, NvmeStore, StateStore, Tier};
+use kiln::offload::{Access, HostStore, NvmeStore, StateFormat, StateStore, Tier};
+use kiln::optim::OptimizerKind;
 
 #[test]
 fn every_tier_is_bitwise_equal_to_none_for_every_stage() {
@@ -62,70 +63,130 @@ fn nvme_config(dir: &str, chunk_mb: f64, buffer_count: usize) -> OffloadConfig {
     }
 }
 
-/// Writes a known pattern, updates it, reads it back.
-fn exercise(store: &mut dyn StateStore) -> (Vec<f32>, Vec<f32>) {
+/// Every lane of a store, whole, in lane order: f32 lanes, byte lanes, scale lanes.
+#[derive(Debug, PartialEq)]
+struct Lanes {
+    floats: Vec<Vec<f32>>,
+    codes: Vec<Vec<u8>>,
+    scales: Vec<Vec<f32>>,
+}
+
+/// Reads every lane of `store`.
+fn read_all(store: &mut dyn StateStore, format: StateFormat) -> Lanes {
+    let mut all = Lanes {
+        floats: vec![Vec::new(); format.floats],
+        codes: vec![Vec::new(); format.quantized],
+        scales: vec![Vec::new(); format.quantized],
+    };
+    store
+        .stream(Access::Read, &mut |_, chunk| {
+            let extend = |to: &mut Vec<Vec<f32>>, from: &[&mut [f32]]| {
+                to.resize(from.len(), Vec::new());
+                to.iter_mut()
+                    .zip(from)
+                    .for_each(|(t, f)| t.extend_from_slice(f));
+            };
+            extend(&mut all.floats, &chunk.floats);
+            extend(&mut all.scales, &chunk.scales);
+            all.codes.resize(chunk.codes.len(), Vec::new());
+            all.codes
+                .iter_mut()
+                .zip(&chunk.codes)
+                .for_each(|(t, f)| t.extend_from_slice(f));
+            Ok(())
+        })
+        .unwrap();
+    all
+}
+
+/// Writes a known pattern into every lane, updates it, reads it back.
+fn exercise(store: &mut dyn StateStore, format: StateFormat) -> Lanes {
     let len = store.len();
+    let block = StateFormat::BLOCK;
     let mut next = 0;
     store
-        .stream(Access::ReadWrite, &mut |r, m, v| {
+        .stream(Access::ReadWrite, &mut |r, chunk| {
             assert_eq!(r.start, next, "ranges in order, no gaps");
-            assert_eq!((m.len(), v.len()), (r.len(), r.len()));
+            assert_eq!(chunk.floats.len(), format.floats);
+            assert_eq!(chunk.codes.len(), format.quantized);
             next = r.end;
-            for (i, (m, v)) in r.zip(m.iter_mut().zip(v.iter_mut())) {
-                *m = i as f32;
-                *v = -(i as f32);
+            for (k, lane) in chunk.floats.into_iter().enumerate() {
+                assert_eq!(lane.len(), r.len());
+                for (i, x) in r.clone().zip(lane.iter_mut()) {
+                    *x = i as f32 + k as f32 * 0.25;
+                }
+            }
+            for (k, lane) in chunk.codes.into_iter().enumerate() {
+                assert_eq!(lane.len(), r.len());
+                for (i, x) in r.clone().zip(lane.iter_mut()) {
+                    *x = (i * 7 + k) as u8;
+                }
+            }
+            for (k, lane) in chunk.scales.into_iter().enumerate() {
+                assert_eq!(lane.len(), r.len() / block);
+                for (b, x) in lane.iter_mut().enumerate() {
+                    *x = (r.start / block + b) as f32 * 0.5 + k as f32;
+                }
             }
             Ok(())
         })
         .unwrap();
     assert_eq!(next, len);
     store
-        .stream(Access::ReadWrite, &mut |_, m, v| {
-            m.iter_mut().for_each(|x| *x += 0.5);
-            v.iter_mut().for_each(|x| *x *= 2.0);
+        .stream(Access::ReadWrite, &mut |_, chunk| {
+            for lane in chunk.floats {
+                lane.iter_mut().for_each(|x| *x += 0.5);
+            }
+            for lane in chunk.codes {
+                lane.iter_mut().for_each(|x| *x = x.wrapping_add(1));
+            }
+            for lane in chunk.scales {
+                lane.iter_mut().for_each(|x| *x *= 2.0);
+            }
             Ok(())
         })
         .unwrap();
-    let (mut ms, mut vs) = (Vec::new(), Vec::new());
-    store
-        .stream(Access::Read, &mut |_, m, v| {
-            ms.extend_from_slice(m);
-            vs.extend_from_slice(v);
-            Ok(())
-        })
-        .unwrap();
-    (ms, vs)
+    read_all(store, format)
 }
 
 #[test]
 fn nvme_store_streams_every_element_once_whatever_the_chunking() {
     let scratch = Scratch::new("store");
-    for len in [0, 1, 1023, 1024, 1025, 5000, 70_000] {
-        let mut host = HostStore::new(Tier::Cpu, len);
-        let expected = exercise(&mut host);
-        for (chunk_mb, buffers) in [(0.001, 1), (0.001, 2), (0.02, 4), (16.0, 4)] {
-            let mut nvme =
-                NvmeStore::create(&nvme_config(scratch.str(), chunk_mb, buffers), 0, len).unwrap();
-            let got = exercise(&mut nvme);
-            assert!(
-                common::bitwise_equal(&got.0, &expected.0)
-                    && common::bitwise_equal(&got.1, &expected.1),
-                "len {len} chunk_mb {chunk_mb} buffers {buffers}"
-            );
-            assert!(nvme.resident_bytes() <= buffers * 2 * nvme.chunk_len() * 4);
-            // A read-only pass does not write back (the callback's changes are scratch).
-            nvme.stream(Access::Read, &mut |_, m, _| {
-                m.fill(f32::NAN);
-                Ok(())
-            })
-            .unwrap();
-            let mut after = Vec::new();
-            nvme.stream(Access::Read, &mut |_, m, _| {
-                after.extend_from_slice(m);
-                Ok(())
-            })
-            .unwrap();
-            assert!(common::bitwise_equal(&after, &expected.0));
+    for kind in [
+        OptimizerKind::AdamW,
+        OptimizerKind::Lion,
+        OptimizerKind::AdamW8bit,
+    ] {
+        let format = kind.format();
+        // Quantized lanes come in whole blocks (every StateLayout's length is a multiple).
+        let lens: &[usize] = if format.quantized > 0 {
+            &[0, 256, 1024, 5120, 300_032]
+        } else {
+            &[0, 1, 1023, 1024, 1025, 5000, 70_000]
+        };
+        for &len in lens {
+            let mut host = HostStore::new(Tier::Cpu, len, format);
+            let expected = exercise(&mut host, format);
+            assert_eq!(host.resident_bytes(), format.bytes(len));
+            for (chunk_mb, buffers) in [(0.001, 1), (0.001, 2), (0.02, 4), (16.0, 4)] {
+                let config = nvme_config(scratch.str(), chunk_mb, buffers);
+                let mut nvme = NvmeStore::create(&config, 0, len, format).unwrap();
+                let what = format!(
+                    "{} len {len} chunk_mb {chunk_mb} buffers {buffers}",
+                    kind.name()
+                );
+                assert_eq!(exercise(&mut nvme, format), expected, "{what}");
+                assert!(nvme.resident_bytes() <= buffers * format.bytes(nvme.chunk_len()));
+                assert_eq!(nvme.offloaded_bytes(), format.bytes(len), "{what}");
+                // A read-only pass does not write back (the callback's changes are scratch).
+                nvme.stream(Access::Read, &mut |_, chunk| {
+                    chunk.floats.into_iter().for_each(|l| l.fill(f32::NAN));
+                    chunk.codes.into_iter().for_each(|l| l.fill(0));
+                    Ok(())
+                })
+                .unwrap();
+                assert_eq!(read_all(&mut nvme, format), expected, "{what}");
+            }
         }
     }
 }
@@ -156,7 +217,9 @@ fn takes_direct_io(dir: &std::path::Path) -> bool {
 #[test]
 fn nvme_store_uses_direct_io_where_the_filesystem_allows_and_removes_its_file() {
     let scratch = Scratch::new("direct");
-    let mut store = NvmeStore::create(&nvme_config(scratch.str(), 1.0, 4), 3, 100_000).unwrap();
+    let format = OptimizerKind::AdamW.format();
+    let mut store =
+        NvmeStore::create(&nvme_config(scratch.str(), 1.0, 4), 3, 100_000, format).unwrap();
     let path = store.path().to_path_buf();
     assert!(path.exists());
     assert_eq!(
@@ -166,8 +229,8 @@ fn nvme_store_uses_direct_io_where_the_filesystem_allows_and_removes_its_file() 
         path.display()
     );
     // Either way the state round-trips (buffered I/O is the fallback, not a failure).
-    let (m, _) = exercise(&mut store);
-    assert_eq!(m[99_999], 99_999.5);
+    let lanes = exercise(&mut store, OptimizerKind::AdamW.format());
+    assert_eq!(lanes.floats[0][99_999], 99_999.5);
     drop(store);
     assert!(!path.exists(), "the state file is removed at a clean exit");
 }
@@ -175,7 +238,9 @@ fn nvme_store_uses_direct_io_where_the_filesystem_allows_and_removes_its_file() 
 #[test]
 fn a_truncated_state_file_is_an_error_naming_it() {
     let scratch = Scratch::new("truncated");
-    let mut store = NvmeStore::create(&nvme_config(scratch.str(), 0.01, 2), 0, 10_000).unwrap();
+    let format = OptimizerKind::AdamW.format();
+    let mut store =
+        NvmeStore::create(&nvme_config(scratch.str(), 0.01, 2), 0, 10_000, format).unwrap();
     let path = store.path().to_path_buf();
     std::fs::OpenOptions::new()
         .write(true)
@@ -184,7 +249,7 @@ fn a_truncated_state_file_is_an_error_naming_it() {
         .set_len(4096)
         .unwrap();
     let err = store
-        .stream(Access::ReadWrite, &mut |_, _, _| Ok(()))
+        .stream(Access::ReadWrite, &mut |_, _| Ok(()))
         .unwrap_err()
         .to_string();
     assert!(err.contains(&path.display().to_string()), "{err}");
@@ -216,7 +281,7 @@ fn a_missing_or_non_directory_path_is_a_config_error_naming_it() {
 fn an_unwritable_directory_is_an_error_naming_the_file() {
     // sysfs refuses new files even to root, so this holds wherever the tests run.
     let config = nvme_config("/sys", 1.0, 4);
-    let msg = NvmeStore::create(&config, 0, 1000)
+    let msg = NvmeStore::create(&config, 0, 1000, OptimizerKind::AdamW.format())
         .err()
         .expect("/sys is not writable")
         .to_string();

@@ -10,6 +10,7 @@ use kiln::error::Result;
 use kiln::flat::{init_unit, ModelLayout};
 use kiln::model::{Gpt, GptConfig, ModelUnits, Param, UnitModel};
 use kiln::offload::{HostStore, StateLayout, Tier};
+use kiln::optim::OptimizerKind;
 use kiln::strategy::{MemoryReport, MicroStep, ParamsHeld, StateView, StepStats, Strategy};
 
 /// A strategy that only records the gradients it is handed.
@@ -43,7 +44,7 @@ impl Recorder {
             order: Vec::new(),
             layout: layout.clone(),
             state: StateLayout::new(layout, 0..0),
-            store: HostStore::new(Tier::None, 0),
+            store: HostStore::new(Tier::None, 0, OptimizerKind::AdamW.format()),
         }
     }
 }
@@ -87,6 +88,7 @@ impl Strategy for Recorder {
             params: &mut self.params,
             held: ParamsHeld::FullUnits,
             state: &self.state,
+            optimizer: OptimizerKind::AdamW,
             store: &mut self.store,
         }
     }

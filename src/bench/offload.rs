@@ -6,7 +6,7 @@ use crate::config::OffloadConfig;
 use crate::error::{KilnError, Result};
 use crate::offload::aligned::AlignedBuf;
 use crate::offload::{Access, NvmeStore, StateStore};
-use crate::optim::{adamw_step, AdamWConfig, StepScalars};
+use crate::optim::{AdamWConfig, OptimizerKind, StepScalars};
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
@@ -59,7 +59,8 @@ pub fn disk_bandwidth(dir: &Path, bytes: usize, chunk_bytes: usize) -> Result<(f
 /// m and v, apply the fused AdamW to each chunk, write back. Returns GB/s of state moved (bytes
 /// read + bytes written) per second of step, the median of `repeats` steps after one warm-up.
 pub fn tier_throughput(config: &OffloadConfig, len: usize, repeats: usize) -> Result<f64> {
-    let mut store = NvmeStore::create(config, 0, len)?;
+    let kind = OptimizerKind::AdamW;
+    let mut store = NvmeStore::create(config, 0, len, kind.format())?;
     let mut params: Vec<f32> = (0..len).map(|i| (i % 97) as f32 * 1e-3).collect();
     let grads: Vec<f32> = (0..len).map(|i| (i % 89) as f32 * 1e-4).collect();
     let adamw = AdamWConfig {
@@ -72,8 +73,9 @@ pub fn tier_throughput(config: &OffloadConfig, len: usize, repeats: usize) -> Re
     for t in 0..=repeats {
         let scalars = StepScalars::new(&adamw, t as u64 + 1, 1e-3, 1.0);
         let start = Instant::now();
-        store.stream(Access::ReadWrite, &mut |r, m, v| {
-            adamw_step(&mut params[r.clone()], &grads[r], m, v, &scalars, true);
+        store.stream(Access::ReadWrite, &mut |r, lanes| {
+            let whole = [(0..r.len(), true)];
+            kind.update(&mut params[r.clone()], &grads[r], lanes, &whole, &scalars);
             Ok(())
         })?;
         if t > 0 {

@@ -178,6 +178,16 @@ impl Manifest {
                 ),
             ));
         }
+        if plan.optimizer.name() != self.config.train.optimizer {
+            return Err(KilnError::file(
+                &path,
+                format!(
+                    "written with train.optimizer = \"{}\", which keeps other state than \"{}\" here; resume with the same optimizer",
+                    self.config.train.optimizer,
+                    plan.optimizer.name()
+                ),
+            ));
+        }
         // The global batch is compared resolved: the keys that give it (any two of
         // global_batch, micro_batch, grad_accum) may legitimately change with the world size.
         let diff = differing_keys(&to_json(config), &to_json(&self.config), "");

@@ -191,13 +191,18 @@ pub struct TrainConfig {
     /// `warmup_cosine`: learning rate at the start of warmup as a fraction of `lr` (default 0;
     /// DeepSpeed's warmup_min_ratio).
     pub warmup_min_ratio: Option<f64>,
+    /// The optimizer: `adamw` (PyTorch's AdamW; 8 bytes of state per parameter), `adamw8bit`
+    /// (bitsandbytes' AdamW8bit: m and v quantized to 8 bits in blocks of 256; about 2 bytes
+    /// per parameter) or `lion` (Lion: one moment, sign updates; 4 bytes per parameter — use
+    /// a learning rate 3–10× smaller than AdamW's, and beta2 = 0.99).
+    pub optimizer: String,
     /// Decoupled weight decay (not applied to biases and LayerNorm gains).
     pub weight_decay: f64,
-    /// AdamW beta1.
+    /// beta1: the decay of the first moment (Lion: the interpolation of the update).
     pub beta1: f64,
-    /// AdamW beta2.
+    /// beta2: the decay of the second moment (Lion: of its one moment).
     pub beta2: f64,
-    /// AdamW epsilon.
+    /// AdamW epsilon (unused by Lion).
     pub eps: f64,
     /// Seed of the parameter initialisation.
     pub seed: u64,
@@ -257,6 +262,7 @@ impl Default for TrainConfig {
             warmup_type: None,
             warmup_min_lr: None,
             warmup_min_ratio: None,
+            optimizer: "adamw".into(),
             weight_decay: 0.01,
             beta1: 0.9,
             beta2: 0.999,

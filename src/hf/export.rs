@@ -97,6 +97,7 @@ fn with_dtype(config: &Value, dtype: StoredDtype) -> Value {
         StoredDtype::F32 => "float32",
         StoredDtype::BF16 => "bfloat16",
         StoredDtype::F16 => "float16",
+        StoredDtype::U8 => "uint8",
     };
     let mut config = config.clone();
     if let Some(c) = config.as_object_mut() {

@@ -23,8 +23,12 @@ pub fn rank_model_states(plan: &Plan, layout: &ModelLayout) -> MemoryReport {
     // rank's shards have the same length).
     let shards = if plan.stage == 0 { 0..world } else { 0..1 };
     let state = StateLayout::new(layout, shards);
-    let (optimizer, optimizer_offloaded) =
-        optimizer_bytes(plan.offload, &plan.config.offload, state.len);
+    let (optimizer, optimizer_offloaded) = optimizer_bytes(
+        plan.offload,
+        &plan.config.offload,
+        state.len,
+        plan.optimizer.format(),
+    );
     let grads = grad_bytes(&buckets, pooled, &shard_lens);
     let comm_buffers = if pooled {
         pool_buffer_bytes(&buckets)

@@ -1,22 +1,25 @@
-//! Tiers `none` and `cpu`: m and v as two vectors in this process's memory.
+//! Tiers `none` and `cpu`: the optimizer state's lanes as vectors in this process's memory.
 
-use super::{Access, ChunkFn, StateStore, Tier};
+use super::{Access, ChunkFn, StateFormat, StateStore, Tier};
 use crate::error::Result;
 
 /// Optimizer state in host memory.
 pub struct HostStore {
     tier: Tier,
-    m: Vec<f32>,
-    v: Vec<f32>,
+    len: usize,
+    format: StateFormat,
+    /// One vector of 4-byte words per lane (`StateFormat::lane_words`).
+    lanes: Vec<Vec<f32>>,
 }
 
 impl HostStore {
-    /// Zeroed state of `len` elements.
-    pub fn new(tier: Tier, len: usize) -> Self {
+    /// Zeroed state of `len` elements in `format`.
+    pub fn new(tier: Tier, len: usize, format: StateFormat) -> Self {
         HostStore {
             tier,
-            m: vec![0.0; len],
-            v: vec![0.0; len],
+            len,
+            format,
+            lanes: format.lane_words(len).map(|w| vec![0.0; w]).collect(),
         }
     }
 }
@@ -27,15 +30,16 @@ impl StateStore for HostStore {
     }
 
     fn len(&self) -> usize {
-        self.m.len()
+        self.len
     }
 
     fn stream(&mut self, _access: Access, f: &mut ChunkFn<'_>) -> Result<()> {
         // One chunk: the update's own rayon split is the parallelism.
-        f(0..self.m.len(), &mut self.m, &mut self.v)
+        let lanes = self.lanes.iter_mut().map(|l| l.as_mut_slice()).collect();
+        f(0..self.len, self.format.chunk(lanes, self.len))
     }
 
     fn resident_bytes(&self) -> usize {
-        (self.m.len() + self.v.len()) * std::mem::size_of::<f32>()
+        self.format.bytes(self.len)
     }
 }

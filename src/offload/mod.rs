@@ -1,7 +1,8 @@
-//! The `StateStore` seam: where a rank's AdamW moments (m and v) live between steps, one tier per
-//! run (`offload.optimizer`, DeepSpeed's names):
+//! The `StateStore` seam: where a rank's optimizer state (AdamW's m and v, Lion's m, 8-bit
+//! AdamW's quantized blocks) lives between steps, one tier per run (`offload.optimizer`,
+//! DeepSpeed's names):
 //!
-//! | tier | where m and v are | resident in this process |
+//! | tier | where the state is | resident in this process |
 //! |---|---|---|
 //! | `none` | host memory, owned by the strategy | all of it |
 //! | `cpu` | host memory | all of it |
@@ -11,10 +12,12 @@
 //! GPU backend `cpu` is the tier that moves the states off the device; here it only names the
 //! placement. `nvme` is the one that frees host memory.
 //!
-//! Strategies see the state as one flat array per rank, laid out segment after segment by a
-//! `StateLayout`, and reach it only through `StateStore::stream`, which hands it over in order,
-//! one chunk at a time. The strategy's update therefore never knows the tier, and every tier
-//! applies the same element-wise arithmetic to the same elements: results are bitwise equal.
+//! Strategies see the state as flat arrays per rank ([`StateFormat`]'s lanes), laid out segment
+//! after segment by a `StateLayout`, and reach it only through `StateStore::stream`, which hands
+//! it over in order, one chunk at a time. The strategy's update therefore never knows the tier,
+//! and every tier applies the same element-wise arithmetic to the same elements: results are
+//! bitwise equal. Which lanes exist is the optimizer's business (`optim::OptimizerKind::format`);
+//! the stores only size and move them.
 
 pub(crate) mod aligned;
 mod host;
@@ -69,14 +72,123 @@ pub enum Access {
     ReadWrite,
 }
 
-/// The callback of `StateStore::stream`: a range of the flat state and its m and v.
-pub type ChunkFn<'a> = dyn FnMut(Range<usize>, &mut [f32], &mut [f32]) -> Result<()> + 'a;
+/// The arrays an optimizer keeps per element of the flat state: `floats` f32 lanes (one value
+/// per element: AdamW's m and v), and `quantized` lanes of one byte per element, each with one
+/// f32 scale per [`StateFormat::BLOCK`] elements (8-bit AdamW's codes and block absmax).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateFormat {
+    /// f32 lanes.
+    pub floats: usize,
+    /// Byte lanes, each with its lane of block scales.
+    pub quantized: usize,
+}
 
-/// A rank's AdamW moments, wherever they live.
+impl StateFormat {
+    /// Elements per scale of a quantized lane: the flat layout's shard grain, so that blocks
+    /// never straddle a shard boundary (`flat::SHARD_GRAIN`).
+    pub const BLOCK: usize = crate::flat::SHARD_GRAIN;
+
+    /// The 4-byte words each lane takes for `len` elements, in lane order: the f32 lanes, the
+    /// byte lanes (four codes per word), then their scale lanes. `len` is a multiple of
+    /// [`StateFormat::BLOCK`] when there are byte lanes (every `StateLayout`'s is).
+    pub fn lane_words(&self, len: usize) -> impl Iterator<Item = usize> {
+        let floats = std::iter::repeat_n(len, self.floats);
+        let codes = std::iter::repeat_n(len.div_ceil(4), self.quantized);
+        let scales = std::iter::repeat_n(len.div_ceil(Self::BLOCK), self.quantized);
+        floats.chain(codes).chain(scales)
+    }
+
+    /// Bytes of state for `len` elements.
+    pub fn bytes(&self, len: usize) -> usize {
+        self.lane_words(len).sum::<usize>() * 4
+    }
+
+    /// Elements per chunk of the nvme tier: about `chunk_mb` MiB of state, at most `len`
+    /// rounded up, and a multiple of the grain that keeps every lane's bytes — so every
+    /// transfer's offset and length — a multiple of `aligned::ALIGN` (O_DIRECT's rule).
+    pub fn chunk_len(&self, chunk_mb: f64, len: usize) -> usize {
+        let grain = if self.quantized > 0 {
+            // A scale lane has 4 bytes per BLOCK elements.
+            aligned::ALIGN / 4 * Self::BLOCK
+        } else if self.floats > 0 {
+            aligned::ALIGN / 4
+        } else {
+            return 0;
+        };
+        let per_grain = self.bytes(grain);
+        let wanted = (chunk_mb * (1 << 20) as f64 / per_grain as f64) as usize;
+        wanted.max(1).min(len.div_ceil(grain).max(1)) * grain
+    }
+
+    /// Splits lane storage (`lane_words(len)` words each, in order) into a chunk's typed views
+    /// of its first `n` elements.
+    pub fn chunk<'a>(&self, lanes: Vec<&'a mut [f32]>, n: usize) -> StateChunk<'a> {
+        let mut lanes = lanes.into_iter();
+        let floats = lanes
+            .by_ref()
+            .take(self.floats)
+            .map(|l| &mut l[..n])
+            .collect();
+        let codes = lanes
+            .by_ref()
+            .take(self.quantized)
+            .map(|l| &mut f32s_as_bytes_mut(l)[..n])
+            .collect();
+        let scales = lanes.map(|l| &mut l[..n.div_ceil(Self::BLOCK)]).collect();
+        StateChunk {
+            floats,
+            codes,
+            scales,
+        }
+    }
+}
+
+/// One chunk of the flat state, lane by lane (a [`StateFormat`]'s): element `i` of the chunk is
+/// `floats[k][i]` and `codes[k][i]`, with scale `scales[k][i / BLOCK]`.
+pub struct StateChunk<'a> {
+    /// The f32 lanes.
+    pub floats: Vec<&'a mut [f32]>,
+    /// The byte lanes.
+    pub codes: Vec<&'a mut [u8]>,
+    /// One scale per block of each byte lane.
+    pub scales: Vec<&'a mut [f32]>,
+}
+
+impl StateChunk<'_> {
+    /// The elements `r` of every lane (`r` starts on a block boundary when there are byte
+    /// lanes).
+    pub fn slice(&mut self, r: Range<usize>) -> StateChunk<'_> {
+        let block = StateFormat::BLOCK;
+        debug_assert!(self.codes.is_empty() || r.start % block == 0);
+        let blocks = r.start / block..r.end.div_ceil(block);
+        StateChunk {
+            floats: self.floats.iter_mut().map(|l| &mut l[r.clone()]).collect(),
+            codes: self.codes.iter_mut().map(|l| &mut l[r.clone()]).collect(),
+            scales: self
+                .scales
+                .iter_mut()
+                .map(|l| &mut l[blocks.clone()])
+                .collect(),
+        }
+    }
+}
+
+/// A lane of words viewed as its bytes (a byte lane's codes).
+fn f32s_as_bytes_mut(words: &mut [f32]) -> &mut [u8] {
+    // SAFETY: f32 has no padding and alignment ≥ u8's; any byte pattern is a valid f32.
+    unsafe {
+        std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, std::mem::size_of_val(words))
+    }
+}
+
+/// The callback of `StateStore::stream`: a range of the flat state and its lanes.
+pub type ChunkFn<'a> = dyn FnMut(Range<usize>, StateChunk<'_>) -> Result<()> + 'a;
+
+/// A rank's optimizer state, wherever it lives.
 pub trait StateStore: Send {
     /// The tier.
     fn tier(&self) -> Tier;
-    /// Number of elements in m (and in v).
+    /// Number of elements of the flat state (of each lane).
     fn len(&self) -> usize;
     /// Whether there is no state at all.
     fn is_empty(&self) -> bool {
@@ -92,16 +204,17 @@ pub trait StateStore: Send {
     }
 }
 
-/// Opens the store of `tier` for `len` elements of m and v on `rank`, all zero.
+/// Opens the store of `tier` for `len` elements of state in `format` on `rank`, all zero.
 pub fn open(
     tier: Tier,
     config: &OffloadConfig,
     rank: usize,
     len: usize,
+    format: StateFormat,
 ) -> Result<Box<dyn StateStore>> {
     Ok(match tier {
-        Tier::None | Tier::Cpu => Box::new(HostStore::new(tier, len)),
-        Tier::Nvme => Box::new(NvmeStore::create(config, rank, len)?),
+        Tier::None | Tier::Cpu => Box::new(HostStore::new(tier, len, format)),
+        Tier::Nvme => Box::new(NvmeStore::create(config, rank, len, format)?),
     })
 }
 

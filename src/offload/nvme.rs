@@ -2,15 +2,17 @@
 //! buffers at every step (ZeRO-Infinity's optimizer offload; DeepSpeed's `offload_optimizer`
 //! with `device: nvme`).
 //!
-//! The file is a sequence of chunks, chunk k holding m then v of state elements
-//! `[k·chunk, (k+1)·chunk)`, so each chunk is one sequential transfer each way. `stream` runs a
+//! The file is a sequence of chunks, chunk k holding every lane of state elements
+//! `[k·chunk, (k+1)·chunk)` one after the other (AdamW's m then v; 8-bit AdamW's codes then
+//! their block scales: the quantized blocks as they are), so each chunk is one sequential
+//! transfer each way. `stream` runs a
 //! reader thread and a writer thread around the caller: while the caller updates chunk k, the
 //! reader fills chunk k+1 (and beyond, while buffers are free) and the writer drains chunk k−1.
 //! Only `buffer_count` chunks are ever in memory. Transfers use O_DIRECT where the filesystem
 //! takes it, so the state does not pass through (or evict) the page cache.
 
 use super::aligned::{AlignedBuf, ALIGN};
-use super::{Access, ChunkFn, StateStore, Tier};
+use super::{Access, ChunkFn, StateFormat, StateStore, Tier};
 use crate::config::OffloadConfig;
 use crate::error::{KilnError, Result};
 use std::fs::{File, OpenOptions};
@@ -19,25 +21,31 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver};
 
-/// Elements per chunk are a multiple of this, so every chunk's bytes and offset are aligned.
-const CHUNK_GRAIN: usize = ALIGN / std::mem::size_of::<f32>();
-
 /// Optimizer state in a file.
 pub struct NvmeStore {
     path: PathBuf,
     file: File,
     len: usize,
-    /// Elements of m (and of v) per chunk.
+    format: StateFormat,
+    /// Elements per chunk.
     chunk: usize,
+    /// 4-byte words of one chunk, every lane.
+    chunk_words: usize,
     buffer_count: usize,
-    /// Buffers kept between steps (each holds one chunk of m and one of v).
+    /// Buffers kept between steps (each holds one chunk).
     idle: Vec<AlignedBuf>,
     direct: bool,
 }
 
 impl NvmeStore {
-    /// Creates rank `rank`'s zeroed file of `len` elements of m and v under `offload.nvme_path`.
-    pub fn create(config: &OffloadConfig, rank: usize, len: usize) -> Result<Self> {
+    /// Creates rank `rank`'s zeroed file of `len` elements of state in `format` under
+    /// `offload.nvme_path`.
+    pub fn create(
+        config: &OffloadConfig,
+        rank: usize,
+        len: usize,
+        format: StateFormat,
+    ) -> Result<Self> {
         let dir = Path::new(&config.nvme_path);
         if !dir.is_dir() {
             return Err(KilnError::file(
@@ -46,18 +54,17 @@ impl NvmeStore {
             ));
         }
         let path = dir.join(format!("kiln-{}-rank{rank}.optim", std::process::id()));
-        let wanted = (config.chunk_mb * (1 << 20) as f64 / 8.0) as usize;
-        let chunk = (wanted / CHUNK_GRAIN)
-            .max(1)
-            .min(len.div_ceil(CHUNK_GRAIN).max(1))
-            * CHUNK_GRAIN;
-        let bytes = (len.div_ceil(chunk) * chunk * 8) as u64;
+        let chunk = format.chunk_len(config.chunk_mb, len);
+        let chunk_words = format.lane_words(chunk).sum::<usize>();
+        let bytes = (len.div_ceil(chunk.max(1)) * chunk_words * 4) as u64;
         let (file, direct_at_open) = open_new(&path)?;
         let mut store = NvmeStore {
             path,
             file,
             len,
+            format,
             chunk,
+            chunk_words,
             buffer_count: config.buffer_count.max(1),
             idle: Vec::new(),
             direct: direct_at_open,
@@ -97,12 +104,15 @@ impl NvmeStore {
         &self.path
     }
 
-    /// Elements of m (and of v) per chunk.
+    /// Elements of state per chunk.
     pub fn chunk_len(&self) -> usize {
         self.chunk
     }
 
     fn chunks(&self) -> usize {
+        if self.chunk == 0 {
+            return 0;
+        }
         self.len.div_ceil(self.chunk)
     }
 
@@ -150,7 +160,7 @@ impl NvmeStore {
 
     /// Some filesystems accept O_DIRECT at open and refuse the transfers.
     fn direct_io_works(&self) -> bool {
-        let mut probe = AlignedBuf::zeroed(CHUNK_GRAIN);
+        let mut probe = AlignedBuf::zeroed(ALIGN / 4);
         self.file.write_all_at(probe.bytes(), 0).is_ok()
             && self.file.read_exact_at(probe.bytes_mut(), 0).is_ok()
     }
@@ -212,7 +222,7 @@ impl StateStore for NvmeStore {
         }
         let count = self.buffer_count.min(n);
         while self.idle.len() < count {
-            self.idle.push(AlignedBuf::zeroed(2 * self.chunk));
+            self.idle.push(AlignedBuf::zeroed(self.chunk_words));
         }
         let (free_tx, free_rx) = sync_channel::<AlignedBuf>(count);
         for b in self.idle.drain(..) {
@@ -221,7 +231,8 @@ impl StateStore for NvmeStore {
         let (full_tx, full_rx) = sync_channel::<(usize, AlignedBuf)>(count);
         let (done_tx, done_rx) = sync_channel::<(usize, AlignedBuf)>(count);
         let (file, path, chunk, len) = (&self.file, self.path.as_path(), self.chunk, self.len);
-        let bytes_at = |k: usize| (k * chunk * 8) as u64;
+        let (format, chunk_words) = (self.format, self.chunk_words);
+        let bytes_at = |k: usize| (k * chunk_words * 4) as u64;
 
         let (updated, read, written) = std::thread::scope(|s| {
             let reader = s.spawn(move || -> (Result<()>, Receiver<AlignedBuf>) {
@@ -257,8 +268,14 @@ impl StateStore for NvmeStore {
                 };
                 let lo = k * chunk;
                 let hi = (lo + chunk).min(len);
-                let (m, v) = b.as_mut_slice().split_at_mut(chunk);
-                if let Err(e) = f(lo..hi, &mut m[..hi - lo], &mut v[..hi - lo]) {
+                let mut rest = b.as_mut_slice();
+                let mut lanes = Vec::new();
+                for words in format.lane_words(chunk) {
+                    let (lane, tail) = rest.split_at_mut(words);
+                    lanes.push(lane);
+                    rest = tail;
+                }
+                if let Err(e) = f(lo..hi, format.chunk(lanes, hi - lo)) {
                     updated = Err(e);
                     break;
                 }
@@ -277,11 +294,11 @@ impl StateStore for NvmeStore {
     }
 
     fn resident_bytes(&self) -> usize {
-        self.buffer_count.min(self.chunks()) * 2 * self.chunk * std::mem::size_of::<f32>()
+        self.buffer_count.min(self.chunks()) * self.chunk_words * 4
     }
 
     fn offloaded_bytes(&self) -> usize {
-        2 * self.len * std::mem::size_of::<f32>()
+        self.format.bytes(self.len)
     }
 }
 

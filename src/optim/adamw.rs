@@ -9,7 +9,8 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-/// AdamW hyper-parameters.
+/// The optimizer's hyper-parameters (`train.beta1`, `beta2`, `eps`, `weight_decay`): AdamW's,
+/// and Lion's, which has no ε.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
     /// β1.
@@ -22,19 +23,22 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
-/// The per-step scalars of the update, computed once in f64 and rounded to f32.
+/// The per-step scalars of the update (AdamW's, 8-bit AdamW's and Lion's), computed once in f64
+/// and rounded to f32.
 #[derive(Debug, Clone, Copy)]
 pub struct StepScalars {
-    beta1: f32,
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
+    /// The learning rate (Lion's step).
+    pub(super) lr: f32,
+    pub(super) beta1: f32,
+    pub(super) one_minus_beta1: f32,
+    pub(super) beta2: f32,
+    pub(super) one_minus_beta2: f32,
     step_size: f32,
     bias_correction2_sqrt: f32,
     eps: f32,
-    decay_factor: f32,
+    pub(super) decay_factor: f32,
     /// Multiplies every gradient before use (the clipping factor).
-    grad_scale: f32,
+    pub(super) grad_scale: f32,
 }
 
 impl StepScalars {
@@ -44,6 +48,7 @@ impl StepScalars {
         let bc1 = 1.0 - cfg.beta1.powi(t as i32);
         let bc2 = 1.0 - cfg.beta2.powi(t as i32);
         StepScalars {
+            lr: lr as f32,
             beta1: cfg.beta1 as f32,
             one_minus_beta1: (1.0 - cfg.beta1) as f32,
             beta2: cfg.beta2 as f32,

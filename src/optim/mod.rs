@@ -1,11 +1,16 @@
-//! The optimizer pieces that every strategy shares: the fused flat AdamW kernel, the learning-rate
-//! schedule, and the global gradient norm.
+//! The optimizer pieces that every strategy shares: the flat update kernels (AdamW, 8-bit AdamW,
+//! Lion) behind [`OptimizerKind`], the learning-rate schedule, and the global gradient norm.
 
 mod adamw;
+mod kind;
+mod lion;
 mod loss_scale;
+pub mod quant8;
 mod schedule;
 
 pub use adamw::{adamw_step, AdamWConfig, StepScalars};
+pub use kind::OptimizerKind;
+pub use lion::lion_step;
 pub use loss_scale::LossScaler;
 pub use schedule::{DsSchedule, LrSchedule, ScheduleKind, WarmupShape};
 

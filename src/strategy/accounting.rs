@@ -5,7 +5,7 @@
 
 use super::{BucketPlan, Reduction, POOL_BUFFERS};
 use crate::flat::ModelLayout;
-use crate::offload::{aligned::ALIGN, Tier};
+use crate::offload::{StateFormat, Tier};
 use crate::plan::Plan;
 
 /// Bytes of one f32 element.
@@ -66,23 +66,25 @@ pub fn expected_bucket_plan(layout: &ModelLayout, bucket_bytes: usize) -> Bucket
     BucketPlan::build(&arrivals, layout.units.len(), bucket_bytes, layout.world)
 }
 
-/// Optimizer-state bytes (resident, offloaded) of `len` elements of m and v in `tier`: the
-/// same arithmetic as `HostStore::resident_bytes` and `NvmeStore` (`create`'s chunk size,
+/// Optimizer-state bytes (resident, offloaded) of `len` elements of state in `format` in `tier`:
+/// the same arithmetic as `HostStore::resident_bytes` and `NvmeStore` (`create`'s chunk size,
 /// `resident_bytes`, `offloaded_bytes`), which live with the stores.
 pub fn optimizer_bytes(
     tier: Tier,
     config: &crate::config::OffloadConfig,
     len: usize,
+    format: StateFormat,
 ) -> (usize, usize) {
     match tier {
-        Tier::None | Tier::Cpu => (2 * len * F32, 0),
+        Tier::None | Tier::Cpu => (format.bytes(len), 0),
         Tier::Nvme => {
-            let grain = ALIGN / F32;
-            let wanted = (config.chunk_mb * (1 << 20) as f64 / 8.0) as usize;
-            let chunk = (wanted / grain).max(1).min(len.div_ceil(grain).max(1)) * grain;
+            let chunk = format.chunk_len(config.chunk_mb, len);
+            if chunk == 0 {
+                return (0, 0);
+            }
             let chunks = len.div_ceil(chunk);
-            let resident = config.buffer_count.max(1).min(chunks) * 2 * chunk * F32;
-            (resident, 2 * len * F32)
+            let resident = config.buffer_count.max(1).min(chunks) * format.bytes(chunk);
+            (resident, format.bytes(len))
         }
     }
 }

@@ -132,7 +132,7 @@ pub trait Strategy {
     }
 }
 
-/// What a checkpoint reads and writes of a rank: parameters and AdamW moments.
+/// What a checkpoint reads and writes of a rank: parameters and optimizer state.
 pub struct StateView<'a> {
     /// The flat layout at this world size.
     pub layout: &'a ModelLayout,
@@ -142,6 +142,8 @@ pub struct StateView<'a> {
     pub held: ParamsHeld,
     /// Which shards the optimizer state covers.
     pub state: &'a StateLayout,
+    /// The optimizer, which names the state's lanes.
+    pub optimizer: crate::optim::OptimizerKind,
     /// The optimizer state.
     pub store: &'a mut dyn StateStore,
 }

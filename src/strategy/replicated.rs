@@ -184,6 +184,7 @@ impl Strategy for Replicated {
             params: &mut self.params,
             held: ParamsHeld::FullUnits,
             state: &self.optim.state,
+            optimizer: self.optim.kind,
             store: self.optim.store.as_mut(),
         }
     }

@@ -1,5 +1,5 @@
 //! The optimizer side every strategy shares (docs/ARCHITECTURE.md, "The seams"): gradient
-//! buckets reduced as gradients arrive, the AdamW moments of the shards this rank updates in a
+//! buckets reduced as gradients arrive, the optimizer state of the shards this rank updates in a
 //! state store, and the step that ends the reduction, clips and updates. One implementation for
 //! every stage, so every element gets the same arithmetic at every stage — the stages are
 //! bitwise equal because this is the same code.
@@ -9,19 +9,21 @@ use crate::comm::Communicator;
 use crate::error::Result;
 use crate::flat::{ModelLayout, ShardRange, UnitOffset};
 use crate::offload::{self, Access, StateLayout, StateStore};
-use crate::optim::{AdamWConfig, StepScalars};
+use crate::optim::{AdamWConfig, OptimizerKind, StepScalars};
 use crate::plan::Plan;
 use std::ops::Range;
 use std::sync::Arc;
 
-/// Gradient buckets, AdamW state and the step, for the shards `shards` of every unit.
+/// Gradient buckets, optimizer state and the step, for the shards `shards` of every unit.
 pub(crate) struct ShardedOptimizer {
     /// The gradients, reduced bucket by bucket.
     pub grads: GradBuckets,
-    /// Which shards the AdamW moments cover.
+    /// Which shards the optimizer state covers.
     pub state: StateLayout,
-    /// The AdamW moments, in their offload tier.
+    /// The optimizer state, in its offload tier.
     pub store: Box<dyn StateStore>,
+    /// The optimizer whose state the store holds.
+    pub kind: OptimizerKind,
     adamw: AdamWConfig,
     clip_grad: f64,
     /// world × grad_accum: gradients are sums of per-micro-batch means over this many.
@@ -37,7 +39,8 @@ pub struct StepAt {
 }
 
 impl ShardedOptimizer {
-    /// Buckets reducing with `reduction`, and AdamW state for `shards` in `plan`'s tier.
+    /// Buckets reducing with `reduction`, and `plan.optimizer`'s state for `shards` in `plan`'s
+    /// tier.
     pub fn new(
         plan: &Plan,
         comm: &Arc<dyn Communicator>,
@@ -46,7 +49,13 @@ impl ShardedOptimizer {
         shards: Range<usize>,
     ) -> Result<Self> {
         let state = StateLayout::new(layout, shards);
-        let store = offload::open(plan.offload, &plan.config.offload, comm.rank(), state.len)?;
+        let store = offload::open(
+            plan.offload,
+            &plan.config.offload,
+            comm.rank(),
+            state.len,
+            plan.optimizer.format(),
+        )?;
         let grads = GradBuckets::new(
             comm.clone(),
             layout,
@@ -59,6 +68,7 @@ impl ShardedOptimizer {
             grads,
             state,
             store,
+            kind: plan.optimizer,
             adamw: plan.adamw,
             clip_grad: plan.clip_grad,
             grad_divisor: (plan.world * plan.grad_accum) as f32,
@@ -66,7 +76,7 @@ impl ShardedOptimizer {
     }
 
     /// Ends the step's gradient reduction, takes the global norm over this rank's shards (in
-    /// rank order, `strategy::norm`), derives the AdamW scalars with the clip factor and
+    /// rank order, `strategy::norm`), derives the step's scalars with the clip factor and
     /// updates `params` (held as `held` says) from the state store.
     pub fn step(
         &mut self,
@@ -103,15 +113,7 @@ impl ShardedOptimizer {
             lr,
             crate::optim::clip_factor(grad_norm, self.clip_grad),
         );
-        let optimizer_ms = adamw_over_store(
-            self.store.as_mut(),
-            &self.state,
-            layout,
-            params,
-            held,
-            &self.grads,
-            &scalars,
-        )?;
+        let optimizer_ms = self.update(layout, params, held, &scalars)?;
         Ok(StepStats {
             grad_norm,
             comm_wait_ms,
@@ -119,55 +121,63 @@ impl ShardedOptimizer {
             skipped: false,
         })
     }
-}
 
-/// The AdamW step over a rank's optimizer state: streams the store chunk by chunk (whatever its
-/// tier) and updates, for every element of state, the parameter element it belongs to. Chunk
-/// boundaries do not matter: the update is element-wise, so every tier gives the same bits.
-/// Returns the time it took, ms.
-fn adamw_over_store(
-    store: &mut dyn StateStore,
-    state: &StateLayout,
-    layout: &ModelLayout,
-    params: &mut [Vec<f32>],
-    held: ParamsHeld,
-    grads: &GradBuckets,
-    s: &StepScalars,
-) -> Result<f64> {
-    let started = std::time::Instant::now();
-    let world = layout.world;
-    store.stream(Access::ReadWrite, &mut |chunk, m, v| {
-        for (seg, sub) in state.split(chunk.clone()) {
-            let g = grads.shard(seg.unit, seg.shard);
-            if g.is_empty() {
-                continue;
-            }
-            let unit = &layout.units[seg.unit];
-            let shard = unit.shard(seg.shard, world);
-            let touched = ShardRange {
-                start: UnitOffset(shard.start.0 + sub.start),
-                end: UnitOffset(shard.start.0 + sub.end),
-            };
-            let params_base = match held {
-                ParamsHeld::FullUnits => shard.start.0,
-                ParamsHeld::OwnShards => 0,
-            };
-            for (piece, decay) in unit.pieces_in(touched) {
-                // Offsets of the piece inside the shard, the parameter buffer and the chunk.
-                let local = piece.start - shard.start.0..piece.end - shard.start.0;
+    /// The optimizer step over a rank's optimizer state: streams the store chunk by chunk
+    /// (whatever its tier) and updates, for every element of state, the parameter element it
+    /// belongs to. Chunk boundaries do not matter: the update is element-wise (8-bit AdamW's
+    /// block-wise, and chunks and shards start on block boundaries), so every tier gives the
+    /// same bits. Returns the time it took, ms.
+    fn update(
+        &mut self,
+        layout: &ModelLayout,
+        params: &mut [Vec<f32>],
+        held: ParamsHeld,
+        s: &StepScalars,
+    ) -> Result<f64> {
+        let ShardedOptimizer {
+            grads,
+            state,
+            store,
+            kind,
+            ..
+        } = self;
+        let kind = *kind;
+        let started = std::time::Instant::now();
+        let world = layout.world;
+        store.stream(Access::ReadWrite, &mut |chunk, mut lanes| {
+            for (seg, sub) in state.split(chunk.clone()) {
+                let g = grads.shard(seg.unit, seg.shard);
+                if g.is_empty() {
+                    continue;
+                }
+                let unit = &layout.units[seg.unit];
+                let shard = unit.shard(seg.shard, world);
+                // The window: elements `sub` of the shard, as unit offsets.
+                let window = shard.start.0 + sub.start..shard.start.0 + sub.end;
+                let touched = ShardRange {
+                    start: UnitOffset(window.start),
+                    end: UnitOffset(window.end),
+                };
+                let pieces: Vec<_> = unit
+                    .pieces_in(touched)
+                    .map(|(r, decay)| (r.start - window.start..r.end - window.start, decay))
+                    .collect();
+                let params_base = match held {
+                    ParamsHeld::FullUnits => shard.start.0,
+                    ParamsHeld::OwnShards => 0,
+                };
                 let in_chunk =
-                    seg.start + local.start - chunk.start..seg.start + local.end - chunk.start;
-                crate::optim::adamw_step(
-                    &mut params[seg.unit][params_base + local.start..params_base + local.end],
-                    &g[local],
-                    &mut m[in_chunk.clone()],
-                    &mut v[in_chunk],
+                    seg.start + sub.start - chunk.start..seg.start + sub.end - chunk.start;
+                kind.update(
+                    &mut params[seg.unit][params_base + sub.start..params_base + sub.end],
+                    &g[sub],
+                    lanes.slice(in_chunk),
+                    &pieces,
                     s,
-                    decay,
                 );
             }
-        }
-        Ok(())
-    })?;
-    Ok(started.elapsed().as_secs_f64() * 1e3)
+            Ok(())
+        })?;
+        Ok(started.elapsed().as_secs_f64() * 1e3)
+    }
 }

@@ -362,6 +362,7 @@ impl Strategy for Zero3 {
             params: &mut self.shards,
             held: ParamsHeld::OwnShards,
             state: &self.optim.state,
+            optimizer: self.optim.kind,
             store: self.optim.store.as_mut(),
         }
     }

@@ -12,12 +12,14 @@ impl Reader {
             None => return Err(self.error("optimizer.type", "missing; expected Adam or AdamW")),
         };
         let adam = kind.eq_ignore_ascii_case("adam");
-        if !adam && !kind.eq_ignore_ascii_case("adamw") {
+        let lion = kind.eq_ignore_ascii_case("lion");
+        if !adam && !lion && !kind.eq_ignore_ascii_case("adamw") {
             return Err(self.error(
                 "optimizer.type",
-                format!("`{kind}` is not implemented; kiln's optimizer is AdamW (Adam, AdamW)"),
+                format!("`{kind}` is not implemented; kiln maps Adam, AdamW (train.optimizer = \"adamw\") and Lion (\"lion\")"),
             ));
         }
+        self.set("train.optimizer", if lion { "lion" } else { "adamw" });
         let empty = Map::new();
         let params = match o.get("params") {
             Some(v) => self.object("optimizer.params", v)?,
