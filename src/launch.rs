@@ -79,15 +79,16 @@ fn lower_this_thread_priority() {
 /// Trains with `world` ranks as threads of this process; returns every rank's outcome.
 pub fn simulate(config: &Config, world: usize, opts: &RunOptions) -> Result<Vec<RunOutcome>> {
     check_simulated(config, world)?;
-    let plan = Plan::resolve(config, world)?;
+    let mut plan = Plan::resolve(config, world)?;
     // All `world` ranks share this process's memory.
-    memory::preflight(
-        &plan,
-        Residency {
-            process: memory::Process::Threads(world),
-            processes_here: 1,
-        },
-    )?;
+    let residency = Residency {
+        process: memory::Process::Threads(world),
+        processes_here: 1,
+    };
+    if let Some(choice) = memory::choose_micro_batch(&mut plan, residency)? {
+        tracing::info!("{}", choice.describe());
+    }
+    memory::preflight(&plan, residency)?;
     simulate_ranks(config, world, &|comm| train::run(&plan, comm, opts))
 }
 
@@ -167,17 +168,50 @@ pub fn collect<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
     Err(errors.swap_remove(root))
 }
 
-/// Preflight of one rank per process, `local_ranks` processes on this machine. Machines may
-/// differ, so every rank checks its own and they agree on the outcome: the lowest rank that
-/// does not fit reports it, the others exit with its code and print nothing.
-fn preflight_process(plan: &Plan, comm: &dyn Communicator, local_ranks: usize) -> Result<()> {
-    let mine = memory::preflight(
-        plan,
-        Residency {
-            process: memory::Process::running(comm),
-            processes_here: local_ranks,
-        },
-    );
+/// Preflight of one rank per process, `local_ranks` processes on this machine, after choosing
+/// `train.micro_batch = "auto"`. Machines may differ, so every rank checks its own and they
+/// agree on the outcome: the lowest rank that does not fit reports it, the others exit with its
+/// code and print nothing; an automatic micro-batch is the smallest any rank chose.
+fn preflight_process(plan: &mut Plan, comm: &dyn Communicator, local_ranks: usize) -> Result<()> {
+    let residency = Residency {
+        process: memory::Process::running(comm),
+        processes_here: local_ranks,
+    };
+    let share = plan.micro_batch * plan.grad_accum;
+    let chosen = memory::choose_micro_batch(plan, residency);
+    if plan.micro_batch_auto && comm.world() > 1 {
+        // Every rank takes part, whatever it found: a rank without a choice (no readable limit,
+        // or an error reported below) constrains nothing.
+        let mine = match &chosen {
+            Ok(Some(choice)) => choice.micro as u64,
+            _ => u64::MAX,
+        };
+        let all = comm.all_gather_bytes(&mine.to_le_bytes())?;
+        let least = all
+            .iter()
+            .map(|b| u64::from_le_bytes(b[..8].try_into().expect("8 bytes")))
+            .min()
+            .unwrap_or(u64::MAX);
+        if least != u64::MAX {
+            plan.micro_batch = least as usize;
+            plan.grad_accum = share / plan.micro_batch;
+        }
+    }
+    if let (Ok(Some(choice)), 0) = (&chosen, comm.rank()) {
+        tracing::info!(
+            "{}{}",
+            choice.describe(),
+            if plan.micro_batch < choice.micro {
+                format!(
+                    "; {} on every rank, the smallest any rank chose",
+                    plan.micro_batch
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    let mine = chosen.and_then(|_| memory::preflight(plan, residency));
     if comm.world() == 1 {
         return mine;
     }
@@ -195,12 +229,12 @@ pub fn run_process(config: &Config, opts: &RunOptions) -> Result<RunOutcome> {
         let (rank, world) = (comm.rank(), comm.world());
         let place = comm::placement(rank, world);
         // Every rank validates the same config; rank 0 alone reports the error.
-        let plan = match Plan::resolve(config, world) {
+        let mut plan = match Plan::resolve(config, world) {
             Err(e) if rank == 0 => return Err(e),
             Err(e) => return Err(KilnError::ReportedByAnotherRank(e.exit_code())),
             Ok(plan) => plan,
         };
-        preflight_process(&plan, comm.as_ref(), place.local_ranks)?;
+        preflight_process(&mut plan, comm.as_ref(), place.local_ranks)?;
         train::run(&plan, comm, opts)
     })
 }

@@ -1,7 +1,7 @@
 //! Config as resolved: [`Plan`] is validated once at start-up against the world size and holds
 //! everything the run needs as plain values. Errors name the key and what was expected.
 
-use crate::config::{Config, ModelConfig, TrainConfig};
+use crate::config::{Config, MicroBatch, ModelConfig, TrainConfig};
 use crate::error::{KilnError, Result};
 use crate::model::{GptConfig, ModelUnits};
 use crate::offload::Tier;
@@ -22,6 +22,9 @@ pub struct Plan {
     pub world: usize,
     /// Sequences per micro-batch per rank.
     pub micro_batch: usize,
+    /// `train.micro_batch = "auto"`: `micro_batch` is each rank's whole share of the global
+    /// batch until `memory::auto_micro_batch` chooses the largest that fits.
+    pub micro_batch_auto: bool,
     /// Micro-batches per optimizer step per rank.
     pub grad_accum: usize,
     /// Sequences per optimizer step over all ranks.
@@ -195,6 +198,7 @@ impl Plan {
             model_desc: serde_json::Value::Null,
             world,
             micro_batch: batch.micro,
+            micro_batch_auto: t.micro_batch == Some(MicroBatch::Auto),
             grad_accum: batch.accum,
             global_batch: batch.global,
             steps: t.steps,
@@ -377,9 +381,13 @@ const DEFAULT_MICRO_BATCH: usize = 8;
 /// all three must agree. With fewer, micro_batch defaults to 8, then grad_accum to 1 — except
 /// that with none given the global batch is 8 (kiln's default recipe).
 fn resolve_batch(t: &TrainConfig, world: usize) -> Result<Batch> {
+    let micro_batch = match t.micro_batch {
+        Some(MicroBatch::Auto) => return resolve_auto_batch(t, world),
+        m => m.and_then(MicroBatch::size),
+    };
     for (key, v) in [
         ("train.global_batch", t.global_batch),
-        ("train.micro_batch", t.micro_batch),
+        ("train.micro_batch", micro_batch),
         ("train.grad_accum", t.grad_accum),
     ] {
         positive(key, v)?;
@@ -392,7 +400,7 @@ fn resolve_batch(t: &TrainConfig, world: usize) -> Result<Batch> {
             ),
         )
     };
-    let (global, micro, accum) = match (t.global_batch, t.micro_batch, t.grad_accum) {
+    let (global, micro, accum) = match (t.global_batch, micro_batch, t.grad_accum) {
         (Some(g), Some(m), Some(a)) => {
             if g != m * a * world {
                 return Err(KilnError::config(format!(
@@ -424,6 +432,31 @@ fn resolve_batch(t: &TrainConfig, world: usize) -> Result<Batch> {
         global,
         micro,
         accum,
+    })
+}
+
+/// `train.micro_batch = "auto"`: the global batch (given, or 8) split evenly over the ranks,
+/// one micro-batch each until the memory estimate chooses (`memory::auto_micro_batch`); the
+/// accumulation is then what the choice leaves, so `train.grad_accum` may not be given.
+fn resolve_auto_batch(t: &TrainConfig, world: usize) -> Result<Batch> {
+    if t.grad_accum.is_some() {
+        return Err(bad(
+            "train.grad_accum",
+            "is chosen with train.micro_batch = \"auto\" (micro × accum = each rank's share of train.global_batch); give train.global_batch only",
+        ));
+    }
+    positive("train.global_batch", t.global_batch)?;
+    let global = t.global_batch.unwrap_or(8);
+    if global % world != 0 {
+        return Err(bad(
+            "train.global_batch",
+            format!("{global} is not a multiple of the world size ({world})"),
+        ));
+    }
+    Ok(Batch {
+        global,
+        micro: global / world,
+        accum: 1,
     })
 }
 

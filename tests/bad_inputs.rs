@@ -576,6 +576,25 @@ fn every_bad_input_is_one_line_exit_2_and_writes_nothing() {
         &[&s("afile"), "is a file"],
     );
 
+    // Optimizer and micro-batch choices.
+    case(
+        train(&["train.optimizer=\"adam8\""]),
+        &["train.optimizer", "adam8", "adamw8bit"],
+    );
+    case(
+        train(&["train.micro_batch=\"most\""]),
+        &["train.micro_batch", "most", "\"auto\""],
+    );
+    let llama = common::hf_fixture("llama").display().to_string();
+    case(
+        train(&[
+            &format!("model.init_from={llama}"),
+            &format!("data.path={llama}/tokens.bin"),
+            "train.micro_batch=\"auto\"",
+        ]),
+        &["train.micro_batch", "built-in GPT"],
+    );
+
     // The nvme tier's path.
     let nvme = |path: &str| {
         train(&[

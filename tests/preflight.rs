@@ -403,3 +403,105 @@ fn this_process_limit_is_at_most_the_machine() {
         "{limit:?} vs MemTotal {total} kB"
     );
 }
+
+/// `train.micro_batch = "auto"` on three shapes: against a limit just above micro-batch 4's
+/// estimate plus the margin, it picks 4 — the largest that fits; 8 would not — and a real run
+/// of that choice peaks under the limit.
+#[test]
+fn auto_micro_batch_picks_the_largest_that_fits_and_runs_under_the_limit() {
+    let shapes: [&[&str]; 3] = [
+        &["model.preset=\"tiny\""],
+        &[
+            "model.preset=\"tiny\"",
+            "model.seq_len=256",
+            "model.max_seq_len=256",
+        ],
+        &["model.preset=\"small\"", "model.n_layers=4"],
+    ];
+    for shape in shapes {
+        let with = |micro: &str| {
+            let mut sets: Vec<String> = shape.iter().map(|s| s.to_string()).collect();
+            sets.extend([
+                "train.global_batch=16".into(),
+                format!("train.micro_batch={micro}"),
+            ]);
+            sets
+        };
+        let auto = with("\"auto\"");
+        let four = with("4");
+        let four_refs: Vec<&str> = four.iter().map(String::as_str).collect();
+        let need4 = memory::estimate(&plan(&four_refs, 1), Process::Threads(1)).peak;
+        let limit = MemoryLimit {
+            bytes: (need4 as f64 / (1.0 - memory::AUTO_MARGIN)) as u64 + 1,
+            source: "a test".into(),
+        };
+        let auto_refs: Vec<&str> = auto.iter().map(String::as_str).collect();
+        let one_process = Residency {
+            process: Process::Threads(1),
+            processes_here: 1,
+        };
+        let choice = memory::auto_micro_batch(&plan(&auto_refs, 1), one_process, &limit)
+            .expect("micro-batch 4 fits");
+        assert_eq!((choice.micro, choice.accum), (4, 4), "{shape:?}");
+        let (next, need8) = choice.next.expect("8 is the next size up");
+        assert!(next == 8 && need8 > choice.budget, "{shape:?}: {choice:?}");
+        // The choice, run for real (two steps), stays under the limit.
+        let out = scratch(&format!("auto-{}", shape.len()));
+        let mut sets = four.clone();
+        sets.extend([
+            "train.steps=2".into(),
+            format!("output.dir={}", out.display()),
+        ]);
+        let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let (code, stderr, _) = train(&[], &refs);
+        assert_eq!(code, 0, "{shape:?}: {stderr}");
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())
+                .unwrap();
+        let peak = summary["peak_rss_mb"].as_f64().unwrap() * (1 << 20) as f64;
+        assert!(
+            peak <= limit.bytes as f64,
+            "{shape:?}: measured peak {peak:.0} B over the limit {} B",
+            limit.bytes
+        );
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
+/// `kiln estimate` shows the choice; when nothing fits, one line names the key and what the
+/// smallest needs (and a setting that would fit, where one does: the preflight's suggestion);
+/// accumulation may not be given beside it.
+#[test]
+fn auto_micro_batch_is_shown_by_estimate_and_refused_where_it_cannot_work() {
+    let estimate = |memory: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["estimate", "--memory", memory])
+            .args([
+                "--set",
+                "train.global_batch=16",
+                "--set",
+                "train.micro_batch=\"auto\"",
+            ])
+            .env("KILN_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    let out = estimate("0.3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("train.micro_batch = \"auto\": "), "{text}");
+    let none = estimate("0.01");
+    assert_eq!(none.status.code(), Some(2));
+    let line = one_line(&String::from_utf8_lossy(&none.stderr)).to_string();
+    assert!(
+        line.contains("train.micro_batch") && line.contains("a micro-batch of 1 needs"),
+        "{line}"
+    );
+    let (code, stderr, _) = train(&[], &["train.micro_batch=\"auto\"", "train.grad_accum=2"]);
+    assert_eq!(code, 2);
+    assert!(one_line(&stderr).contains("train.grad_accum"), "{stderr}");
+}

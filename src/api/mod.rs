@@ -314,6 +314,11 @@ impl Trainer {
                     .map(|u| u.name().to_string())
                     .collect();
                 let plan = Plan::resolve_training(&self.config, world, &names)?;
+                if plan.micro_batch_auto {
+                    return Err(KilnError::config(
+                        "key `train.micro_batch`: \"auto\" chooses from the memory estimate's activations, which kiln has for the built-in GPT only; give a number",
+                    ));
+                }
                 let device = crate::device::for_rank(plan.device, rank, world)?.burn_device();
                 let Fit { model, train, eval } = fit;
                 let name = model.name();

@@ -5,11 +5,13 @@
 mod deepspeed;
 mod finetune;
 mod load;
+mod micro_batch;
 mod recompute;
 
 pub use deepspeed::Translation;
 pub use finetune::{Fp16Config, LoraConfig};
 pub use load::{load, load_layers, parse_set};
+pub use micro_batch::MicroBatch;
 pub use recompute::{Recompute, RECOMPUTE_FORMS};
 
 /// The values of `data.source`.
@@ -165,8 +167,11 @@ pub struct TrainConfig {
     /// fewer, micro_batch defaults to 8 and then grad_accum to 1, or global_batch to 8 when
     /// none is given.
     pub global_batch: Option<usize>,
-    /// Sequences per forward/backward on one rank.
-    pub micro_batch: Option<usize>,
+    /// Sequences per forward/backward on one rank, or `"auto"`: the largest that divides each
+    /// rank's share of the global batch and whose memory estimate fits what the process may use
+    /// (with a 15% margin), gradient accumulation making up the rest (the built-in GPT, whose
+    /// activations kiln can estimate).
+    pub micro_batch: Option<MicroBatch>,
     /// Micro-batches per optimizer step on each rank.
     pub grad_accum: Option<usize>,
     /// Peak learning rate.

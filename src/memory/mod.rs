@@ -23,4 +23,6 @@ mod variant;
 pub use estimate::{estimate, Estimate, Process};
 pub use limit::{process_limit, MemoryLimit};
 pub use model_states::rank_model_states;
-pub use preflight::{check, preflight, Residency};
+pub use preflight::{
+    auto_micro_batch, check, choose_micro_batch, preflight, AutoChoice, Residency, AUTO_MARGIN,
+};

@@ -30,6 +30,25 @@ pub fn preflight(plan: &Plan, residency: Residency) -> Result<()> {
     check(plan, residency, &limit)
 }
 
+/// Resolves `train.micro_batch = "auto"` in `plan` against the memory this process may use
+/// ([`auto_micro_batch`]); returns the choice, or `None` when the plan has a fixed micro-batch.
+/// Where no limit can be read the rank's whole share is one micro-batch.
+pub fn choose_micro_batch(plan: &mut Plan, residency: Residency) -> Result<Option<AutoChoice>> {
+    if !plan.micro_batch_auto {
+        return Ok(None);
+    }
+    let Some(limit) = process_limit() else {
+        tracing::warn!(
+            "train.micro_batch = \"auto\": this machine's memory limit cannot be read; using {} (no accumulation)",
+            plan.micro_batch * plan.grad_accum
+        );
+        return Ok(None);
+    };
+    let choice = auto_micro_batch(plan, residency, &limit)?;
+    choice.apply(plan);
+    Ok(Some(choice))
+}
+
 /// [`preflight`] against a given limit.
 pub fn check(plan: &Plan, residency: Residency, limit: &MemoryLimit) -> Result<()> {
     let here = residency.processes_here.max(1);
@@ -61,6 +80,95 @@ pub fn check(plan: &Plan, residency: Residency, limit: &MemoryLimit) -> Result<(
         bytes(limit.bytes as usize),
         limit.source,
         suggestion(plan, residency, limit.bytes)
+    )))
+}
+
+/// The share of the memory limit `train.micro_batch = "auto"` keeps free: the estimate is held
+/// to ±15% of measured peaks (tests/memory_estimate.rs) and mostly errs high; the margin covers
+/// what it misses of allocator fragmentation and the libraries' own buffers.
+pub const AUTO_MARGIN: f64 = 0.15;
+
+/// What `train.micro_batch = "auto"` chose.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoChoice {
+    /// The micro-batch.
+    pub micro: usize,
+    /// Micro-batches per step on each rank.
+    pub accum: usize,
+    /// Its estimate, bytes, for the processes on this machine.
+    pub need: usize,
+    /// What the processes may use, less the margin.
+    pub budget: usize,
+    /// The next size up and its estimate, if there is one.
+    pub next: Option<(usize, usize)>,
+}
+
+impl AutoChoice {
+    /// The log line.
+    pub fn describe(&self) -> String {
+        let next = match self.next {
+            Some((m, need)) => format!("; {m} would need {}", bytes(need)),
+            None => "; no larger one divides the rank's share of the global batch".into(),
+        };
+        format!(
+            "train.micro_batch = \"auto\": {} (× grad_accum {}), estimated {} of the {} left after a {:.0}% margin{next}",
+            self.micro,
+            self.accum,
+            bytes(self.need),
+            bytes(self.budget),
+            AUTO_MARGIN * 100.0
+        )
+    }
+
+    /// Puts the choice into `plan`.
+    pub fn apply(&self, plan: &mut Plan) {
+        plan.micro_batch = self.micro;
+        plan.grad_accum = self.accum;
+    }
+}
+
+/// `train.micro_batch = "auto"`: the largest micro-batch that divides each rank's share of the
+/// global batch and whose estimate fits `limit` less [`AUTO_MARGIN`]. An error names the smallest
+/// micro-batch's need and a setting that would fit.
+pub fn auto_micro_batch(
+    plan: &Plan,
+    residency: Residency,
+    limit: &MemoryLimit,
+) -> Result<AutoChoice> {
+    let here = residency.processes_here.max(1);
+    let share = plan.micro_batch * plan.grad_accum;
+    let budget = (limit.bytes as f64 * (1.0 - AUTO_MARGIN)) as usize;
+    let with = |micro: usize| {
+        let mut p = plan.clone();
+        p.micro_batch = micro;
+        p.grad_accum = share / micro;
+        p
+    };
+    let need = |micro: usize| need_here(&estimate(&with(micro), residency.process), here);
+    let sizes: Vec<usize> = (1..=share).rev().filter(|m| share % m == 0).collect();
+    let mut next = None;
+    for &micro in &sizes {
+        let n = need(micro);
+        if n <= budget {
+            return Ok(AutoChoice {
+                micro,
+                accum: share / micro,
+                need: n,
+                budget,
+                next,
+            });
+        }
+        next = Some((micro, n));
+    }
+    let smallest = with(1);
+    Err(KilnError::config(format!(
+        "key `train.micro_batch`: \"auto\" finds none that fits: a micro-batch of 1 needs about {} but {} may use {} ({}) less a {:.0}% margin; {}",
+        bytes(need(1)),
+        if here > 1 { "the processes on this machine" } else { "this process" },
+        bytes(limit.bytes as usize),
+        limit.source,
+        AUTO_MARGIN * 100.0,
+        suggestion(&smallest, residency, budget as u64)
     )))
 }
 
@@ -116,7 +224,7 @@ fn candidates(plan: &Plan) -> Vec<Candidate> {
                     if micro != m {
                         p.micro_batch = micro;
                         p.grad_accum = plan.grad_accum * (m / micro);
-                        p.config.train.micro_batch = Some(micro);
+                        p.config.train.micro_batch = Some(crate::config::MicroBatch::Size(micro));
                         p.config.train.grad_accum = Some(p.grad_accum);
                         changes.push(format!(
                             "train.micro_batch={micro} (with train.grad_accum={} for the same global batch)",

@@ -207,15 +207,46 @@ pub fn run(
     let mut config = config.clone();
     let t = &mut config.train;
     if t.global_batch.is_none() && t.micro_batch.is_none() && t.grad_accum.is_none() {
-        t.micro_batch = Some(8);
+        t.micro_batch = Some(crate::config::MicroBatch::Size(8));
     }
-    let plan = Plan::resolve(&config, world)?;
+    let mut plan = Plan::resolve(&config, world)?;
     // Without --simulate, a world of one runs without a launcher; more ranks need one.
     let process = if simulate || world == 1 {
         Process::Threads(world)
     } else {
         Process::Launched
     };
+    let memory = || -> Result<u64> {
+        match memory_gib {
+            Some(g) if g.is_finite() && g > 0.0 => Ok((g * (1u64 << 30) as f64) as u64),
+            Some(g) => Err(KilnError::config(format!(
+                "--memory: {g} must be a positive number of GiB"
+            ))),
+            None => Ok(super::process_limit()
+                .ok_or_else(|| {
+                    KilnError::config(
+                        "--memory: this machine's limit cannot be read; give --memory GIB",
+                    )
+                })?
+                .bytes),
+        }
+    };
+    if plan.micro_batch_auto {
+        // As `kiln train` will choose: one process of `world` threads, or one rank per process.
+        let residency = super::Residency {
+            process,
+            processes_here: if simulate { 1 } else { world },
+        };
+        let limit = super::MemoryLimit {
+            bytes: memory()?,
+            source: "--memory, or what this process may use".into(),
+        };
+        let choice = super::auto_micro_batch(&plan, residency, &limit)?;
+        choice.apply(&mut plan);
+        if !json {
+            println!("{}", choice.describe());
+        }
+    }
     if !fit {
         let r = report(&plan, process)?;
         match json {
@@ -227,23 +258,7 @@ pub fn run(
         }
         return Ok(());
     }
-    let memory = match memory_gib {
-        Some(g) if g.is_finite() && g > 0.0 => (g * (1u64 << 30) as f64) as u64,
-        Some(g) => {
-            return Err(KilnError::config(format!(
-                "--memory: {g} must be a positive number of GiB"
-            )))
-        }
-        None => {
-            super::process_limit()
-                .ok_or_else(|| {
-                    KilnError::config(
-                        "--memory: this machine's limit cannot be read; give --memory GIB",
-                    )
-                })?
-                .bytes
-        }
-    };
+    let memory = memory()?;
     let fits = super::fit::fit(&plan, process, memory)?;
     match json {
         true => println!(
