@@ -45,6 +45,8 @@ pub struct Plan {
     pub bucket_bytes: usize,
     /// Where optimizer states live.
     pub offload: Tier,
+    /// Where ZeRO-3 keeps the parameter shards (`offload.param`; `None` below stage 3).
+    pub param_offload: Tier,
     /// `train.device`: which device each rank computes on is chosen where it runs.
     pub device: crate::device::DeviceSetting,
     /// `train.recompute` resolved: one flag per unit, whether it recomputes its forward in
@@ -183,7 +185,22 @@ impl Plan {
         if o.buffer_count == 0 {
             return Err(bad("offload.buffer_count", "must be at least 1"));
         }
-        if offload == Tier::Nvme && o.nvme_path.is_empty() {
+        let param_offload = Tier::parse(&o.param).ok_or_else(|| {
+            bad(
+                "offload.param",
+                format!("`{}` is not one of none, cpu, nvme", o.param),
+            )
+        })?;
+        if param_offload != Tier::None && p.stage != 3 {
+            return Err(bad(
+                "offload.param",
+                format!(
+                    "`{}` needs parallel.stage = 3 (parameters are sharded only there; stage is {})",
+                    o.param, p.stage
+                ),
+            ));
+        }
+        if (offload == Tier::Nvme || param_offload == Tier::Nvme) && o.nvme_path.is_empty() {
             return Err(bad(
                 "offload.nvme_path",
                 "must name a directory for the nvme tier",
@@ -217,6 +234,7 @@ impl Plan {
             stage: p.stage,
             bucket_bytes: (p.bucket_mb * 1024.0 * 1024.0) as usize,
             offload,
+            param_offload,
             device: crate::device::DeviceSetting::parse(&t.device)?,
             recompute: resolve_recompute(&t.recompute, unit_names)?,
         })

@@ -576,7 +576,11 @@ fn every_bad_input_is_one_line_exit_2_and_writes_nothing() {
         &[&s("afile"), "is a file"],
     );
 
-    // Optimizer and micro-batch choices.
+    // Optimizer, micro-batch and parameter-tier choices.
+    case(
+        train(&["offload.param=\"cpu\""]),
+        &["offload.param", "parallel.stage = 3"],
+    );
     case(
         train(&["train.optimizer=\"adam8\""]),
         &["train.optimizer", "adam8", "adamw8bit"],

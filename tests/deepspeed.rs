@@ -205,6 +205,75 @@ fn stage_3_with_nvme_offload_equals_its_recipe() {
     );
 }
 
+/// LLaMA-Factory's `examples/deepspeed/ds_z3_offload_config.json`, as users bring it (ZeRO-3,
+/// optimizer and parameters offloaded to the CPU, "auto" everywhere the Hugging Face Trainer
+/// fills in), runs as is and equals its recipe bit for bit.
+#[test]
+fn llama_factorys_zero3_offload_config_runs_as_is() {
+    let dir = Scratch::new("ds-llama-factory");
+    let text = r#"{
+  "train_batch_size": "auto",
+  "train_micro_batch_size_per_gpu": "auto",
+  "gradient_accumulation_steps": "auto",
+  "gradient_clipping": "auto",
+  "zero_allow_untested_optimizer": true,
+  "fp16": {
+    "enabled": "auto",
+    "loss_scale": 0,
+    "loss_scale_window": 1000,
+    "initial_scale_power": 16,
+    "hysteresis": 2,
+    "min_loss_scale": 1
+  },
+  "bf16": {
+    "enabled": "auto"
+  },
+  "zero_optimization": {
+    "stage": 3,
+    "offload_optimizer": {
+      "device": "cpu",
+      "pin_memory": true
+    },
+    "offload_param": {
+      "device": "cpu",
+      "pin_memory": true
+    },
+    "overlap_comm": false,
+    "contiguous_gradients": true,
+    "sub_group_size": 1e9,
+    "reduce_bucket_size": "auto",
+    "stage3_prefetch_bucket_size": "auto",
+    "stage3_param_persistence_threshold": "auto",
+    "stage3_max_live_parameters": 1e9,
+    "stage3_max_reuse_distance": 1e9,
+    "stage3_gather_16bit_weights_on_model_save": true
+  },
+  "comms_config": {
+    "verbose": false
+  },
+  "monitor_config": {
+    "enabled": true,
+    "tag": "DeepSpeedMonitor",
+    "csv_monitor": {
+      "enabled": false
+    }
+  }
+}"#;
+    let ds = write(&dir, "ds_z3_offload_config.json", text);
+    let mut sets = model_keys();
+    sets.extend(strings(&["train.micro_batch=2"]));
+    let (ds, _) = kiln::plan::load_layers(None, Some(&ds), &sets).expect("runs as is");
+    let recipe = from_recipe(&[
+        "train.micro_batch=2",
+        "train.schedule=\"constant\"", // no scheduler section: DeepSpeed's constant rate
+        "train.warmup_steps=0",
+        "parallel.stage=3",
+        "offload.optimizer=\"cpu\"",
+        "offload.param=\"cpu\"",
+    ]);
+    assert_trains_the_same(&ds, &recipe);
+}
+
 #[test]
 fn auto_values_take_kilns_own() {
     let dir = Scratch::new("ds-auto");
@@ -319,12 +388,12 @@ fn precedence_is_recipe_then_deepspeed_then_set() {
 /// One case per key kiln refuses: (JSON, text the error line must contain).
 const REFUSED: &[(&str, &str)] = &[
     (
-        r#"{"zero_optimization": {"offload_param": {"device": "cpu"}}}"#,
-        "`zero_optimization.offload_param.device`",
+        r#"{"zero_optimization": {"offload_param": {"device": "disk"}}}"#,
+        "`zero_optimization.offload_param.device`: `disk`",
     ),
     (
-        r#"{"zero_optimization": {"offload_param": {"device": "nvme", "nvme_path": "/tmp"}}}"#,
-        "optimizer states only",
+        r#"{"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}, "offload_param": {"device": "nvme", "nvme_path": "/var/tmp"}}}"#,
+        "one offload.nvme_path",
     ),
     (
         r#"{"fp16": {"enabled": true, "fp16_master_weights_and_grads": true}}"#,

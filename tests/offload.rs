@@ -54,12 +54,91 @@ fn every_tier_is_bitwise_equal_to_none_for_every_stage() {
     assert!(left.is_empty(), "state files left behind: {left:?}");
 }
 
+/// `offload.param` at stage 3: `cpu` and `nvme` (alone, and with the nvme optimizer tier:
+/// ZeRO-Infinity) give the bits of `none` at N = 2 and 3, with accumulation, recompute, tied
+/// embeddings and both `reshard_after_forward` settings; the file tier holds one unit's shard
+/// in memory and the rest on disk, and leaves no file behind.
+#[test]
+fn parameter_offload_is_bitwise_equal_to_none_at_stage_3() {
+    let scratch = Scratch::new("param-tiers");
+    let nvme_path = format!("offload.nvme_path={}", scratch.str());
+    let variants: [&[&str]; 4] = [
+        &[],
+        &["train.recompute=true"],
+        &["model.tie_embeddings=true"],
+        &["parallel.reshard_after_forward=false"],
+    ];
+    for (world, accum) in [(2, 1), (3, 2)] {
+        for extra in variants {
+            let none = common::small_run(3, world, accum, extra);
+            for tiers in [
+                &["offload.param=\"cpu\""][..],
+                &["offload.param=\"nvme\""],
+                &["offload.param=\"nvme\"", "offload.optimizer=\"nvme\""],
+            ] {
+                let mut sets = vec![nvme_path.as_str()];
+                sets.extend(extra);
+                sets.extend(tiers);
+                let run = common::small_run(3, world, accum, &sets);
+                let what = format!("{tiers:?} {extra:?} N={world}");
+                assert_eq!(run.losses, none.losses, "{what}: losses");
+                for (u, (a, b)) in run.params.iter().zip(&none.params).enumerate() {
+                    assert!(common::bitwise_equal(a, b), "{what}: unit {u} differs");
+                }
+                let (mem, none_mem) = (run.summary.memory, none.summary.memory);
+                if tiers[0].contains("nvme") {
+                    assert_eq!(mem.params_offloaded, none_mem.param_shards, "{what}");
+                    assert!(mem.param_shards < none_mem.param_shards, "{what}");
+                } else {
+                    assert_eq!(mem.param_shards, none_mem.param_shards, "{what}");
+                }
+            }
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(&scratch.0).unwrap().collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+}
+
+/// Forty steps equal twenty, a checkpoint and twenty more with the parameters in a file; the
+/// checkpoint loads at another world size (the same global batch) without the file tier, close
+/// to an uninterrupted run there.
+#[test]
+fn parameter_offload_resumes_exactly_and_reshards() {
+    let scratch = Scratch::new("param-resume");
+    let ck = format!("checkpoint.dir={}", scratch.path("ck").display());
+    let nvme_path = format!("offload.nvme_path={}", scratch.str());
+    let sets = [
+        "train.steps=40",
+        "offload.param=\"nvme\"",
+        &nvme_path,
+        &ck,
+        "checkpoint.every=20",
+        "checkpoint.keep=0",
+    ];
+    let straight = common::small_run(3, 2, 2, &sets);
+    let at_20 = scratch.path("ck/step_000020");
+    let resumed = common::small_run_resumed(3, 2, 2, &sets, Some(at_20.to_str().unwrap())).unwrap();
+    assert_eq!(resumed.losses, straight.losses[20..]);
+    for (a, b) in resumed.params.iter().zip(&straight.params) {
+        assert!(common::bitwise_equal(a, b), "parameters after resume");
+    }
+    let plain = ["train.steps=40"];
+    let four = common::small_run_resumed(3, 4, 1, &plain, Some(at_20.to_str().unwrap())).unwrap();
+    let reference = common::small_run(3, 4, 1, &plain);
+    let diff = common::rel_l2(&four.params.concat(), &reference.params.concat());
+    assert!(
+        diff <= 1e-5,
+        "2 ranks with nvme parameters → 4 ranks: {diff:e}"
+    );
+}
+
 fn nvme_config(dir: &str, chunk_mb: f64, buffer_count: usize) -> OffloadConfig {
     OffloadConfig {
         optimizer: "nvme".into(),
         nvme_path: dir.into(),
         chunk_mb,
         buffer_count,
+        ..Default::default()
     }
 }
 
@@ -295,13 +374,24 @@ fn an_unwritable_directory_is_an_error_naming_the_file() {
 /// Runs the small preset for 3 steps as its own process and returns (peak RSS MiB, optimizer
 /// bytes in memory if the tier had been `none`).
 fn small_preset_peak_rss(tier: &str, out: &std::path::Path) -> (f64, f64) {
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["train", "--quiet", "--config", "configs/small.toml"])
+    let memory = small_preset_memory(&[&format!("offload.optimizer={tier}")], out);
+    let state =
+        memory.0["optimizer"].as_f64().unwrap() + memory.0["optimizer_offloaded"].as_f64().unwrap();
+    (memory.1, state / (1 << 20) as f64)
+}
+
+/// Three steps of the small preset (micro-batch 1, 64 tokens, one thread) with `sets`: the
+/// summary's memory report and the peak RSS, MiB.
+fn small_preset_memory(sets: &[&str], out: &std::path::Path) -> (serde_json::Value, f64) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.args(["train", "--quiet", "--config", "configs/small.toml"])
         .args(["--set", "train.steps=3", "--set", "train.micro_batch=1"])
         .args(["--set", "train.global_batch=1", "--set", "model.seq_len=64"])
-        .args(["--set", "train.threads=1"])
-        .arg("--set")
-        .arg(format!("offload.optimizer={tier}"))
+        .args(["--set", "train.threads=1"]);
+    for set in sets {
+        cmd.args(["--set", set]);
+    }
+    let status = cmd
         .arg("--set")
         .arg(format!("output.dir={}", out.display()))
         .env("KILN_LOG", "warn")
@@ -311,13 +401,31 @@ fn small_preset_peak_rss(tier: &str, out: &std::path::Path) -> (f64, f64) {
     assert!(status.success());
     let text = std::fs::read_to_string(out.join("summary.json")).unwrap();
     let summary: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let memory = &summary["memory"];
-    let state =
-        memory["optimizer"].as_f64().unwrap() + memory["optimizer_offloaded"].as_f64().unwrap();
     (
+        summary["memory"].clone(),
         summary["peak_rss_mb"].as_f64().unwrap(),
-        state / (1 << 20) as f64,
     )
+}
+
+/// The parameter file tier moves the shards out of memory: at stage 3 (one rank, so its shard
+/// is the whole model) the peak drops by at least 0.8 × the bytes the report moves to the file.
+#[test]
+fn nvme_parameters_lower_peak_rss_by_most_of_the_parameter_bytes() {
+    let scratch = Scratch::new("param-rss");
+    let nvme = format!("offload.nvme_path={}", scratch.str());
+    let (none, none_peak) = small_preset_memory(&["parallel.stage=3"], &scratch.path("none"));
+    let (file, file_peak) = small_preset_memory(
+        &["parallel.stage=3", "offload.param=\"nvme\"", &nvme],
+        &scratch.path("nvme"),
+    );
+    let moved = (none["param_shards"].as_f64().unwrap() - file["param_shards"].as_f64().unwrap())
+        / (1 << 20) as f64;
+    eprintln!("peak RSS: none {none_peak:.1} MiB, nvme {file_peak:.1} MiB, moved {moved:.1} MiB");
+    assert!(
+        none_peak - file_peak >= 0.8 * moved,
+        "the parameter file saves {:.1} MiB of {moved:.1} MiB moved out",
+        none_peak - file_peak
+    );
 }
 
 /// Each run hands freed pages back to the kernel at once (`MIMALLOC_PURGE_DELAY=0`), so its peak

@@ -243,6 +243,21 @@ fn estimated_model_states_equal_the_trainers_report() {
             ));
         }
     }
+    for world in [1, 2, 3] {
+        for optimizer in ["adamw", "adamw8bit", "lion"] {
+            cases.push((
+                3,
+                world,
+                1,
+                vec![
+                    "offload.param=nvme".into(),
+                    "offload.optimizer=nvme".into(),
+                    format!("train.optimizer={optimizer}"),
+                ],
+            ));
+        }
+        cases.push((1, world, 2, vec!["train.optimizer=adamw8bit".into()]));
+    }
     for world in [1, 2] {
         for extra in [
             ["parallel.persist_threshold=2100", "parallel.prefetch=1"],

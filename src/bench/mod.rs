@@ -216,6 +216,7 @@ pub fn run(what: BenchCommand) -> Result<()> {
                 nvme_path: dir.display().to_string(),
                 chunk_mb,
                 buffer_count,
+                ..Default::default()
             };
             let state_bytes = 8 * params;
             let chunk_bytes = (chunk_mb * (1 << 20) as f64) as usize / 4096 * 4096;

@@ -71,12 +71,14 @@ pub fn write_rank_file(path: &Path, view: StateView<'_>, rank: usize, step: u64)
     ]);
     let writer = TensorFileWriter::create_typed(path, &tensors, &metadata)?;
     for (u, unit) in layout.units.iter().enumerate() {
+        let values = params.unit_mut(u)?;
         let own = match held {
-            ParamsHeld::FullUnits => &params[u][unit.shard(rank, world).range()],
-            ParamsHeld::OwnShards => &params[u][..],
+            ParamsHeld::FullUnits => &values[unit.shard(rank, world).range()],
+            ParamsHeld::OwnShards => &values[..],
         };
         writer.write(&tensor_name(PARAM, &unit.name), 0, own)?;
     }
+    params.flush()?;
     store.stream(Access::Read, &mut |chunk, mut chunk_lanes| {
         for (seg, sub) in state.split(chunk.clone()) {
             if seg.shard != rank {
@@ -207,8 +209,9 @@ pub fn load(reader: &CheckpointReader<'_>, view: StateView<'_>, rank: usize) -> 
             ParamsHeld::FullUnits => 0..unit.padded_len,
             ParamsHeld::OwnShards => unit.shard(rank, world).range(),
         };
-        reader.read(PARAM, u, range, &mut params[u])?;
+        reader.read(PARAM, u, range, params.unit_mut(u)?)?;
     }
+    params.flush()?;
     store.stream(Access::ReadWrite, &mut |chunk, mut chunk_lanes| {
         for (seg, sub) in state.split(chunk.clone()) {
             let start = layout.units[seg.unit].shard(seg.shard, world).start.0;

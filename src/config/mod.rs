@@ -323,13 +323,17 @@ impl Default for ParallelConfig {
     }
 }
 
-/// `[offload]`: where optimizer states live.
+/// `[offload]`: where optimizer states and (stage 3) parameters live.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OffloadConfig {
-    /// `none`, `cpu` or `nvme`.
+    /// Optimizer states: `none`, `cpu` or `nvme`.
     pub optimizer: String,
-    /// Directory for the nvme tier's files.
+    /// ZeRO-3's parameter shards (the f32 masters): `none`, `cpu` (on this CPU backend the same
+    /// memory as `none`) or `nvme` (a file per rank, read for each gather, one unit at a time
+    /// in the optimizer step). With `optimizer = "nvme"` this is ZeRO-Infinity.
+    pub param: String,
+    /// Directory for the nvme tiers' files.
     pub nvme_path: String,
     /// nvme: chunk size streamed per I/O, MiB.
     pub chunk_mb: f64,
@@ -341,6 +345,7 @@ impl Default for OffloadConfig {
     fn default() -> Self {
         OffloadConfig {
             optimizer: "none".into(),
+            param: "none".into(),
             nvme_path: "/tmp".into(),
             chunk_mb: 4.0,
             buffer_count: 4,

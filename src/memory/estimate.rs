@@ -102,11 +102,14 @@ pub struct Estimate {
 /// One rank's model states by kind, for a log line: `params …`, `grads …`, `optimizer …`, and
 /// the kinds that are not zero.
 pub fn states_breakdown(s: &MemoryReport) -> Vec<String> {
-    let mut parts = vec![
-        format!("params {}", bytes(s.params_full + s.param_shards)),
+    let mut parts = vec![format!("params {}", bytes(s.params_full + s.param_shards))];
+    if s.params_offloaded > 0 {
+        parts.push(format!("(+{} on disk)", bytes(s.params_offloaded)));
+    }
+    parts.extend([
         format!("grads {}", bytes(s.grads)),
         format!("optimizer {}", bytes(s.optimizer)),
-    ];
+    ]);
     if s.optimizer_offloaded > 0 {
         parts.push(format!("(+{} on disk)", bytes(s.optimizer_offloaded)));
     }

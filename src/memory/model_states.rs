@@ -46,12 +46,14 @@ pub fn rank_model_states(plan: &Plan, layout: &ModelLayout) -> MemoryReport {
         };
     }
     let persistent = persistent_units(layout, plan.config.parallel.persist_threshold);
+    let (param_shards, params_offloaded) = param_shard_bytes(layout, plan.param_offload);
     let regathers = zero3_regather_units(plan, &persistent);
     let buffers =
         zero3_peak_gather_buffers_with(&persistent, &regathers, plan.config.parallel.prefetch);
     MemoryReport {
         params_full: unit_param_bytes(layout, |u| persistent[u]),
-        param_shards: shard_param_bytes(layout),
+        param_shards,
+        params_offloaded,
         grads,
         optimizer,
         optimizer_offloaded,

@@ -19,8 +19,10 @@ pub struct Row {
     pub offload: String,
     /// `train.recompute` as typed (`false`, `true`, `every:2`, or the list).
     pub recompute: String,
-    /// Parameter bytes of one rank (full and shards).
+    /// Parameter bytes of one rank in memory (full and shards).
     pub params_bytes: usize,
+    /// Parameter-shard bytes in files (`offload.param = "nvme"`), not in memory.
+    pub params_offloaded_bytes: usize,
     /// Gradient bytes of one rank.
     pub grads_bytes: usize,
     /// Optimizer-state bytes in memory of one rank.
@@ -51,6 +53,7 @@ impl Row {
             offload: plan.config.offload.optimizer.clone(),
             recompute: recompute_name(&plan.config.train.recompute),
             params_bytes: s.params_full + s.param_shards,
+            params_offloaded_bytes: s.params_offloaded,
             grads_bytes: s.grads,
             optimizer_bytes: s.optimizer,
             optimizer_offloaded_bytes: s.optimizer_offloaded,
@@ -119,6 +122,7 @@ pub fn render(r: &Report) -> String {
     );
     let kinds = [
         ("parameters", c.params_bytes),
+        ("  offloaded to files", c.params_offloaded_bytes),
         ("gradients", c.grads_bytes),
         ("optimizer states", c.optimizer_bytes),
         ("  offloaded to files", c.optimizer_offloaded_bytes),

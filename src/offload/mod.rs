@@ -22,9 +22,11 @@
 pub(crate) mod aligned;
 mod host;
 mod nvme;
+mod params;
 
 pub use host::HostStore;
 pub use nvme::NvmeStore;
+pub use params::{ParamAccess, ParamShards};
 
 use crate::config::OffloadConfig;
 use crate::error::Result;

@@ -20,6 +20,24 @@ pub fn unit_param_bytes(layout: &ModelLayout, keep: impl Fn(usize) -> bool) -> u
     F32 * elems
 }
 
+/// Parameter-shard bytes (resident, in files) of one rank at stage 3 with `offload.param` in
+/// `tier`: the same arithmetic as `offload::ParamShards::resident_bytes` and `offloaded_bytes`
+/// (a file tier holds at most the largest unit's shard in memory).
+pub fn param_shard_bytes(layout: &ModelLayout, tier: Tier) -> (usize, usize) {
+    let all = shard_param_bytes(layout);
+    match tier {
+        Tier::None | Tier::Cpu => (all, 0),
+        Tier::Nvme => {
+            let largest = layout
+                .units
+                .iter()
+                .map(|u| u.padded_len / layout.world)
+                .max();
+            (F32 * largest.unwrap_or(0), all)
+        }
+    }
+}
+
 /// Bytes of one rank's shard of every unit.
 pub fn shard_param_bytes(layout: &ModelLayout) -> usize {
     F32 * layout

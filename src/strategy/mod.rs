@@ -63,11 +63,14 @@ pub struct StepStats {
 pub struct MemoryReport {
     /// Full (unsharded) parameters kept permanently.
     pub params_full: usize,
-    /// Parameter shards.
+    /// Parameter shards in memory (with `offload.param = "nvme"`: the one unit's shard the
+    /// optimizer step and checkpoints hold at a time).
     pub param_shards: usize,
+    /// Parameter shards in files (`offload.param = "nvme"`): not in memory, not part of `total`.
+    pub params_offloaded: usize,
     /// Gradients (full or sharded).
     pub grads: usize,
-    /// Optimizer states (AdamW m and v) in memory.
+    /// Optimizer states (AdamW's m and v, or another optimizer's) in memory.
     pub optimizer: usize,
     /// Optimizer states in files (nvme tier): not in memory, not part of `total`.
     pub optimizer_offloaded: usize,
@@ -136,8 +139,8 @@ pub trait Strategy {
 pub struct StateView<'a> {
     /// The flat layout at this world size.
     pub layout: &'a ModelLayout,
-    /// Parameters, full units or own shards as `held` says.
-    pub params: &'a mut [Vec<f32>],
+    /// Parameters, full units or own shards as `held` says, wherever they live.
+    pub params: &'a mut dyn crate::offload::ParamAccess,
     /// What `params` holds.
     pub held: ParamsHeld,
     /// Which shards the optimizer state covers.

@@ -8,7 +8,7 @@ use super::{global_grad_norm, GradBuckets, ParamsHeld, Reduction, StepStats};
 use crate::comm::Communicator;
 use crate::error::Result;
 use crate::flat::{ModelLayout, ShardRange, UnitOffset};
-use crate::offload::{self, Access, StateLayout, StateStore};
+use crate::offload::{self, Access, ParamAccess, StateLayout, StateStore};
 use crate::optim::{AdamWConfig, OptimizerKind, StepScalars};
 use crate::plan::Plan;
 use std::ops::Range;
@@ -82,7 +82,7 @@ impl ShardedOptimizer {
         &mut self,
         comm: &dyn Communicator,
         layout: &ModelLayout,
-        params: &mut [Vec<f32>],
+        params: &mut dyn ParamAccess,
         held: ParamsHeld,
         at: StepAt,
     ) -> Result<StepStats> {
@@ -130,7 +130,7 @@ impl ShardedOptimizer {
     fn update(
         &mut self,
         layout: &ModelLayout,
-        params: &mut [Vec<f32>],
+        params: &mut dyn ParamAccess,
         held: ParamsHeld,
         s: &StepScalars,
     ) -> Result<f64> {
@@ -168,8 +168,9 @@ impl ShardedOptimizer {
                 };
                 let in_chunk =
                     seg.start + sub.start - chunk.start..seg.start + sub.end - chunk.start;
+                let unit_params = params.unit_mut(seg.unit)?;
                 kind.update(
-                    &mut params[seg.unit][params_base + sub.start..params_base + sub.end],
+                    &mut unit_params[params_base + sub.start..params_base + sub.end],
                     &g[sub],
                     lanes.slice(in_chunk),
                     &pieces,
@@ -178,6 +179,7 @@ impl ShardedOptimizer {
             }
             Ok(())
         })?;
+        params.flush()?;
         Ok(started.elapsed().as_secs_f64() * 1e3)
     }
 }

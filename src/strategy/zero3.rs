@@ -36,6 +36,7 @@ use crate::flat::ModelLayout;
 use crate::halves::Half;
 use crate::init::InitSource;
 use crate::model::ModelUnits;
+use crate::offload::ParamShards;
 
 use crate::plan::Plan;
 use std::sync::Arc;
@@ -54,8 +55,8 @@ enum Gathered {
 pub struct Zero3 {
     comm: Arc<dyn Communicator>,
     layout: ModelLayout,
-    /// This rank's shard of every unit's parameters.
-    shards: Vec<Vec<f32>>,
+    /// This rank's shard of every unit's parameters, in their tier (`offload.param`).
+    shards: ParamShards,
     /// Units kept whole on every rank.
     persistent: Vec<bool>,
     /// Per unit, the other units whose parameters it reads (tied weights).
@@ -93,12 +94,14 @@ impl Zero3 {
         let (rank, world) = (comm.rank(), comm.world());
         let init = InitSource::new(&plan.config.model.init_from, plan.config.train.seed);
         let threshold = plan.config.parallel.persist_threshold;
-        let mut shards = Vec::new();
+        let lens: Vec<usize> = layout.units.iter().map(|u| u.padded_len / world).collect();
+        let mut shards =
+            ParamShards::create(plan.param_offload, &plan.config.offload, rank, &lens)?;
         let mut gathered = Vec::new();
         let mut persistent = Vec::new();
         for (u, unit) in layout.units.iter().enumerate() {
             let full = init.unit(model, u, unit)?;
-            shards.push(full[unit.shard(rank, world).range()].to_vec());
+            shards.set(u, &full[unit.shard(rank, world).range()])?;
             let keep = unit.numel < threshold;
             persistent.push(keep);
             gathered.push(if keep {
@@ -138,15 +141,17 @@ impl Zero3 {
     }
 
     /// Starts gathering `unit` unless it is already here or on its way.
-    fn start_gather(&mut self, unit: usize) {
+    fn start_gather(&mut self, unit: usize) -> Result<()> {
         if !matches!(self.gathered[unit], Gathered::Released) {
-            return;
+            return Ok(());
         }
         let (rank, world) = (self.comm.rank(), self.comm.world());
         let layout = &self.layout.units[unit];
         let buf = match self.gather_in {
             Some(h) => {
-                let words = h.pack(&self.shards[unit]);
+                let mut own = vec![0.0f32; layout.padded_len / world];
+                self.shards.read(unit, &mut own)?;
+                let words = h.pack(&own);
                 let mut buf = vec![0.0f32; world * words.len()];
                 buf[rank * words.len()..(rank + 1) * words.len()].copy_from_slice(&words);
                 buf
@@ -155,12 +160,14 @@ impl Zero3 {
                 let mut buf = self.spare.pop().unwrap_or_default();
                 buf.clear();
                 buf.resize(layout.padded_len, 0.0);
-                buf[layout.shard(rank, world).range()].copy_from_slice(&self.shards[unit]);
+                self.shards
+                    .read(unit, &mut buf[layout.shard(rank, world).range()])?;
                 buf
             }
         };
         self.comm.set_serves(&format!("the gather of unit {unit}"));
         self.gathered[unit] = Gathered::InFlight(self.comm.all_gather(buf));
+        Ok(())
     }
 
     /// The whole (padded) unit from what its gather brought: f32 as is, or each rank's halves
@@ -187,7 +194,7 @@ impl Zero3 {
 
     /// Makes `unit` whole, then starts gathering the units after it in `order`.
     fn gather(&mut self, unit: usize, next: impl Iterator<Item = usize>) -> Result<()> {
-        self.start_gather(unit);
+        self.start_gather(unit)?;
         if let Gathered::InFlight(_) = self.gathered[unit] {
             let Gathered::InFlight(p) =
                 std::mem::replace(&mut self.gathered[unit], Gathered::Released)
@@ -198,7 +205,7 @@ impl Zero3 {
             self.gathered[unit] = Gathered::Full(self.widen(unit, got));
         }
         for u in next.take(self.prefetch) {
-            self.start_gather(u);
+            self.start_gather(u)?;
         }
         self.note_peak();
         Ok(())
@@ -372,10 +379,11 @@ impl Strategy for Zero3 {
     }
 
     fn memory(&self) -> MemoryReport {
-        use super::accounting::{shard_param_bytes, unit_param_bytes};
+        use super::accounting::unit_param_bytes;
         MemoryReport {
             params_full: unit_param_bytes(&self.layout, |u| self.persistent[u]),
-            param_shards: shard_param_bytes(&self.layout),
+            param_shards: self.shards.resident_bytes(),
+            params_offloaded: self.shards.offloaded_bytes(),
             grads: self.optim.grads.grad_bytes(),
             optimizer: self.optim.store.resident_bytes(),
             optimizer_offloaded: self.optim.store.offloaded_bytes(),

@@ -201,21 +201,11 @@ impl Reader {
                         self.set("offload.optimizer", "cpu");
                     }
                 }
-                "offload_param" => {
-                    let dev = match self.object(&key, v)?.get("device") {
-                        Some(d) => self.string(&format!("{key}.device"), d)?,
-                        None => "none".into(),
-                    };
-                    if dev != "none" {
-                        return Err(self.error(&format!("{key}.device"), format!("`{dev}`: kiln offloads optimizer states only; parameters stay in memory (use offload_optimizer)")));
-                    }
-                }
+                "offload_param" => self.offload_param(self.object(&key, v)?)?,
                 "cpu_offload_params" => {
+                    // Before offload_param existed, stage 3 took this flag.
                     if self.boolean(&key, v)? == Some(true) {
-                        return Err(self.error(
-                            &key,
-                            "kiln offloads optimizer states only; parameters stay in memory",
-                        ));
+                        self.set("offload.param", "cpu");
                     }
                 }
                 "zero_quantized_weights"
@@ -268,6 +258,45 @@ impl Reader {
                             &key,
                             "partial offload is not built; the whole optimizer state moves (1.0)",
                         ));
+                    }
+                }
+                _ => self.ignore(&key),
+            }
+        }
+        Ok(())
+    }
+
+    fn offload_param(&mut self, o: &Map<String, Value>) -> Result<()> {
+        for (k, v) in o {
+            let key = format!("zero_optimization.offload_param.{k}");
+            match k.as_str() {
+                "device" => {
+                    let dev = self.string(&key, v)?;
+                    if !["none", "cpu", "nvme"].contains(&dev.as_str()) {
+                        return Err(
+                            self.error(&key, format!("`{dev}` is not one of none, cpu, nvme"))
+                        );
+                    }
+                    self.set("offload.param", dev);
+                }
+                "nvme_path" => {
+                    let p = self.string(&key, v)?;
+                    let other = self
+                        .out
+                        .sets
+                        .iter()
+                        .rev()
+                        .find(|(k, _)| k == "offload.nvme_path");
+                    if let Some((_, set)) = other {
+                        if set.as_str() != Some(p.as_str()) {
+                            return Err(self.error(&key, format!("`{p}` differs from offload_optimizer.nvme_path; kiln keeps both tiers' files under one offload.nvme_path")));
+                        }
+                    }
+                    self.set("offload.nvme_path", p);
+                }
+                "pin_memory" => {
+                    if self.boolean(&key, v)? == Some(true) {
+                        self.warn(&key, "= true: pinned memory only speeds up GPU transfers; kiln's cpu tier is ordinary host memory");
                     }
                 }
                 _ => self.ignore(&key),
