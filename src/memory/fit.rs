@@ -33,6 +33,8 @@ pub struct Fit {
     pub stage: u8,
     /// Optimizer-state tier.
     pub offload: String,
+    /// Parameter tier (`offload.param`; `nvme` only on the extra stage-3 row).
+    pub param: String,
     /// The largest member that fits, `None` when not even the smallest does.
     pub model: Option<String>,
     /// Its parameter count.
@@ -41,13 +43,16 @@ pub struct Fit {
     pub predicted_peak_rss_bytes: Option<usize>,
 }
 
-/// For each stage 0–3 and tier none/cpu/nvme, the largest member of [`FAMILY`] whose estimate
-/// with `process` is at most `memory` bytes.
+/// For each stage 0–3 and tier none/cpu/nvme — and stage 3 with the parameters in files
+/// (ZeRO-Infinity) — the largest member of [`FAMILY`] whose estimate with `process` is at most
+/// `memory` bytes.
 pub fn fit(plan: &Plan, process: Process, memory: u64) -> Result<Vec<Fit>> {
     let mut out = Vec::new();
-    for stage in 0..=3 {
+    let rows = (0..=3).map(|s| (s, Tier::None)).chain([(3, Tier::Nvme)]);
+    for (stage, param) in rows {
         for tier in [Tier::None, Tier::Cpu, Tier::Nvme] {
-            let base = variant(plan, stage, tier, plan.config.train.recompute.clone())?;
+            let mut base = variant(plan, stage, tier, plan.config.train.recompute.clone())?;
+            base.config.offload.param = param.name().into();
             let mut best = None;
             for &(name, d, layers, heads) in FAMILY {
                 // Resolved afresh: the per-unit recompute flags follow the depth.
@@ -66,6 +71,7 @@ pub fn fit(plan: &Plan, process: Process, memory: u64) -> Result<Vec<Fit>> {
             out.push(Fit {
                 stage,
                 offload: tier.name().into(),
+                param: param.name().into(),
                 model: best.map(|b| b.0.to_string()),
                 num_params: best.map(|b| b.1),
                 predicted_peak_rss_bytes: best.map(|b| b.2),
@@ -91,13 +97,19 @@ pub fn render(plan: &Plan, process: Process, memory: u64, fits: &[Fit]) -> Strin
         recompute_name(&plan.config.train.recompute)
     );
     out += &format!(
-        "{:>5} {:>28} {:>28} {:>28}\n",
-        "stage", "none", "cpu", "nvme"
+        "{:>18} {:>28} {:>28} {:>28}\n",
+        "stage \\ optimizer", "none", "cpu", "nvme"
     );
-    for stage in 0..=3u8 {
+    for (stage, param, label) in [
+        (0, "none", "0".to_string()),
+        (1, "none", "1".into()),
+        (2, "none", "2".into()),
+        (3, "none", "3".into()),
+        (3, "nvme", "3 + params on nvme".into()),
+    ] {
         let cells: Vec<String> = fits
             .iter()
-            .filter(|f| f.stage == stage)
+            .filter(|f| f.stage == stage && f.param == param)
             .map(
                 |f| match (&f.model, f.num_params, f.predicted_peak_rss_bytes) {
                     (Some(n), Some(p), Some(b)) => {
@@ -108,7 +120,7 @@ pub fn render(plan: &Plan, process: Process, memory: u64, fits: &[Fit]) -> Strin
             )
             .collect();
         out += &format!(
-            "{stage:>5} {:>28} {:>28} {:>28}\n",
+            "{label:>18} {:>28} {:>28} {:>28}\n",
             cells[0], cells[1], cells[2]
         );
     }

@@ -183,9 +183,9 @@ struct Candidate {
 }
 
 /// Candidates in the order they are offered: every combination of a higher ZeRO stage, the nvme
-/// tier (on this CPU backend `cpu` holds the states in the same memory as `none`), recompute
-/// and a smaller micro-batch, preferring (in that order) the stage, the tier, recompute, and a
-/// micro-batch as large as possible.
+/// tier (on this CPU backend `cpu` holds the states in the same memory as `none`), at stage 3
+/// the parameters in files too, recompute and a smaller micro-batch, preferring (in that
+/// order) the stage, the tiers, recompute, and a micro-batch as large as possible.
 fn candidates(plan: &Plan) -> Vec<Candidate> {
     let m = plan.micro_batch;
     let micros: Vec<usize> = (1..=m).rev().filter(|d| m % d == 0).collect();
@@ -199,11 +199,22 @@ fn candidates(plan: &Plan) -> Vec<Candidate> {
     } else {
         vec![false, true]
     };
+    let params = if plan.param_offload == Tier::Nvme {
+        vec![false]
+    } else {
+        vec![false, true]
+    };
     let mut out = Vec::new();
     for &micro in &micros {
         for &recompute in &recomputes {
-            for &nvme in &tiers {
+            for (&nvme, &param_nvme) in tiers
+                .iter()
+                .flat_map(|t| params.iter().map(move |p| (t, p)))
+            {
                 for stage in plan.stage..=3 {
+                    if param_nvme && stage != 3 {
+                        continue;
+                    }
                     let mut p = plan.clone();
                     let mut changes = Vec::new();
                     if stage != plan.stage {
@@ -215,6 +226,11 @@ fn candidates(plan: &Plan) -> Vec<Candidate> {
                         p.offload = Tier::Nvme;
                         p.config.offload.optimizer = "nvme".into();
                         changes.push("offload.optimizer=nvme".into());
+                    }
+                    if param_nvme {
+                        p.param_offload = Tier::Nvme;
+                        p.config.offload.param = "nvme".into();
+                        changes.push("offload.param=nvme".into());
                     }
                     if recompute {
                         p.config.train.recompute = crate::config::Recompute::All;
@@ -254,7 +270,7 @@ fn suggestion(plan: &Plan, residency: Residency, limit: u64) -> String {
     {
         return format!("this would fit: --set {}", c.changes.join(" --set "));
     }
-    let tried = "no setting of parallel.stage, offload.optimizer, train.recompute or train.micro_batch fits";
+    let tried = "no setting of parallel.stage, offload.optimizer, offload.param, train.recompute or train.micro_batch fits";
     // The leanest setting, one rank per process and one process per machine, at growing world
     // sizes: ZeRO-3 divides the model states, not the unit a rank computes on.
     let mut lean = candidates(plan)
@@ -269,7 +285,7 @@ fn suggestion(plan: &Plan, residency: Residency, limit: u64) -> String {
         lean.world = world;
         if fits(&lean, Process::Launched, 1) {
             return format!(
-                "{tried}; use more ranks (about {world} with one process per machine like this one, at parallel.stage=3 with offload.optimizer=nvme, train.recompute=true and train.micro_batch=1) or a smaller model"
+                "{tried}; use more ranks (about {world} with one process per machine like this one, at parallel.stage=3 with offload.optimizer=nvme, offload.param=nvme, train.recompute=true and train.micro_batch=1) or a smaller model"
             );
         }
     }

@@ -16,10 +16,14 @@ pub fn recompute_name(r: &Recompute) -> String {
     }
 }
 
-/// `plan` with another stage, tier and recompute setting.
+/// `plan` with another stage, tier and recompute setting (below stage 3 the parameters stay in
+/// memory: `offload.param` is a stage-3 tier).
 pub fn variant(plan: &Plan, stage: u8, tier: Tier, recompute: Recompute) -> Result<Plan> {
     let mut config = plan.config.clone();
     config.parallel.stage = stage;
+    if stage != 3 {
+        config.offload.param = Tier::None.name().into();
+    }
     config.offload.optimizer = tier.name().into();
     config.train.recompute = recompute;
     Plan::resolve(&config, plan.world)
