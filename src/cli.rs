@@ -295,6 +295,8 @@ fn train(
     let opts = RunOptions {
         quiet,
         no_outputs: false,
+        // Only the export reads the final parameters.
+        no_final_params: cfg.output.export.is_empty(),
         resume,
         // Before the ranks start (and before MPI_Init): from here on a signal stops the run at
         // a step boundary rather than killing it.

@@ -19,6 +19,7 @@ use kiln::train::{RunOptions, RunOutcome};
 const OPTS: RunOptions = RunOptions {
     quiet: true,
     no_outputs: true,
+    no_final_params: false,
     resume: None,
     stop: kiln::signals::StopRequest::NEVER,
 };

@@ -29,6 +29,10 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Don't write metrics, summary or export (tests that only want the numbers).
     pub no_outputs: bool,
+    /// Don't gather the final parameters into [`RunOutcome::params`]: at ZeRO-3 that gathers
+    /// every unit on every rank, the whole model at once at the end of a run that never held it.
+    /// `kiln train` sets it unless `output.export` needs them.
+    pub no_final_params: bool,
     /// `--resume`: a checkpoint directory, a `checkpoint.dir`, or `latest`.
     pub resume: Option<String>,
     /// Polled once per step: when any rank sees it, every rank stops after that step (and
@@ -46,14 +50,14 @@ pub struct RunOutcome {
     /// Global gradient norm of every step.
     pub grad_norms: Vec<f64>,
     /// Final parameters of every unit, without padding (empty when a stop request ended the
-    /// run: the checkpoint holds them).
+    /// run — the checkpoint holds them — or with `RunOptions::no_final_params`).
     pub params: Vec<Vec<f32>>,
     /// The step a stop request ended the run after, before `train.steps`.
     pub stopped_at: Option<u64>,
     /// The layout the parameters follow.
     pub layout: ModelLayout,
     /// Parameters outside the layout (a user model's frozen ones) as (path, shape, values);
-    /// empty when a stop request ended the run.
+    /// empty when `params` is.
     pub frozen: Vec<crate::model::FrozenParam>,
     /// Rank 0's summary.
     pub summary: Summary,

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 pub const QUIET: RunOptions = RunOptions {
     quiet: true,
     no_outputs: true,
+    no_final_params: false,
     resume: None,
     stop: kiln::signals::StopRequest::NEVER,
 };

@@ -372,10 +372,12 @@ impl<'p, B: 'static, A: Activation> Session<'p, B, A> {
     }
 
     /// Gathers the final parameters (not after a stop request: the checkpoint holds them, and
-    /// the grace period is short), writes the summary and the export, logs the end.
+    /// the grace period is short; not when the caller has no use for them), writes the summary
+    /// and the export, logs the end.
     pub fn finish(mut self, stopped_at: Option<u64>) -> Result<RunOutcome> {
         self.bar.finish_and_clear();
         let (params, frozen) = match stopped_at {
+            _ if self.opts.no_final_params => (Vec::new(), Vec::new()),
             Some(_) => (Vec::new(), Vec::new()),
             None => (
                 self.strategy.full_params()?,
