@@ -12,26 +12,26 @@
 //!   log-softmax and their gradients); the embedding's graph is one [b, t, d] sum, counted with
 //!   the inputs.
 //! - **coefficients**: fitted by weighted least squares (relative error) to the measured peak
-//!   resident set (VmHWM, `peak_rss_mb` in summary.json) of 192 two-step runs on a 2-core
-//!   machine, with the fused ops (`scripts/memory_matrix.py --raw`, refitted by
-//!   `scripts/memory_fit.py`; the runs are `scripts/memory_runs.jsonl`): tiny and small × stages
-//!   0–3 × offload none/nvme × recompute off/on/every:2 at 1, 2 and 4 simulated ranks, 2 ranks
-//!   under mpirun; and d_model 1024, vocab 8192, seq_len 512, 12 layers of d_model 128, and
-//!   gpt2-124m at seq_len 256, at stages 0 and 3, recompute off/on, 1 and 2 ranks. Stages 0–2
-//!   were run on 2026-11-23; the 58 stage-3 runs again on 2026-11-24, when ZeRO-3 began to
-//!   regather instead of recomputing. The fit: activations 0.88 × the graphs above; 0.54 × the
-//!   parameter tensors the graphs hold (the engine's per-unit tensors); 0.98 × the model's
-//!   parameter bytes Ψ per rank, even under ZeRO-3 (the engine computes on whole units, and the
-//!   allocator keeps what a step freed); 35.3 MiB per rank (its threads, their stacks and
-//!   allocator arenas, burn's buffers); 27.9 MiB per process (binary, runtime); 13.6 MiB more
-//!   under a launcher (the MPI library's buffers and progress thread). Over the 192 runs: median
-//!   error 2.9%, max 12.4%, five runs outside ±10% — the worst is small at micro-batch 1 under
-//!   ZeRO-3, whose activations are a small part of the total (at micro-batch 4, it is predicted
-//!   within 3% with and without recompute: 1011 vs 1041 MiB, 691 vs 704). Refitted without one
-//!   of the five extra shapes at a time, the fit predicts it within 12% (gpt2-124m within 7%);
-//!   without tiny or small, within 20%. Identical runs differ by up to 13% here (138, 140 and
-//!   156 MiB for one run of 12 layers of d_model 128 repeated, in an earlier fit's runs), which
-//!   bounds what any such fit can promise.
+//!   resident set (VmHWM, `peak_rss_mb` in summary.json) of 191 two-step runs on a 2-core
+//!   machine (`scripts/memory_matrix.py --raw`, refitted by `scripts/memory_fit.py`; the runs
+//!   are `scripts/memory_runs.jsonl`): tiny and small × stages 0–3 × offload none/nvme ×
+//!   recompute off/on/every:2 at 1, 2 and 4 simulated ranks, 2 ranks under mpirun; and d_model
+//!   1024, vocab 8192, seq_len 512, 12 layers of d_model 128, and gpt2-124m at seq_len 256, at
+//!   stages 0 and 3, recompute off/on, 1 and 2 ranks. Run again on 2026-12-07, when `kiln train`
+//!   stopped gathering the final parameters it had no use for (the earlier fit's 0.98 × Ψ per
+//!   rank was mostly that copy, at the end of the run). The fit: activations 0.85 × the graphs
+//!   above; 0.98 × the parameter tensors the graphs hold (the engine's per-unit tensors); 0.55
+//!   × the model's parameter bytes Ψ per rank, even under ZeRO-3 (the engine computes on whole
+//!   units, and the allocator keeps some of what a step freed); 41.1 MiB per rank (its threads,
+//!   their stacks and allocator arenas, burn's buffers); 26.8 MiB per process (binary,
+//!   runtime); 11.8 MiB more under a launcher (the MPI library's buffers and progress thread).
+//!   Over the 191 runs: median error 2.4%, max 17.1%, four runs outside ±10%, all
+//!   under-predictions with recompute (d_model 1024 at ZeRO-3: −17.1% at 2 ranks, −10.9% at 1;
+//!   seq_len 512: −13.0%, −10.9%). Refitted without one shape at a time, the fit predicts it
+//!   within 4–18% (gpt2-124m within 10.4%); without tiny or small, within 16% and 19%.
+//!   Identical runs differ by up to 13% here (138, 140 and 156 MiB for one run of 12 layers of
+//!   d_model 128 repeated, in an earlier fit's runs), which bounds what any such fit can
+//!   promise.
 
 use super::model_states::{plan_layout, rank_model_states, unit_param_bytes};
 use crate::model::{Gpt, ModelUnits};
@@ -42,15 +42,12 @@ use serde::Serialize;
 const MIB: f64 = (1 << 20) as f64;
 
 /// The fitted coefficients (module doc).
-const ACTIVATIONS: f64 = 0.883;
-const PARAMS_IN_GRAPHS: f64 = 0.543;
-const WHOLE_MODEL: f64 = 0.984;
-const PER_RANK_MIB: f64 = 35.3;
-// Fitted as 26.5 (scripts/memory_fit.py); 1.4 MiB more since the tokenizers and minijinja
-// crates are linked: a larger binary's relocated static tables are resident in every process
-// (measured 2026-12-06: `kiln config` 13.7 → 14.9 MiB, a 3-step tiny run 184.3 → 185.7 MiB).
-const PER_PROCESS_MIB: f64 = 27.9;
-const LAUNCHER_MIB: f64 = 13.6;
+const ACTIVATIONS: f64 = 0.852;
+const PARAMS_IN_GRAPHS: f64 = 0.980;
+const WHOLE_MODEL: f64 = 0.546;
+const PER_RANK_MIB: f64 = 41.1;
+const PER_PROCESS_MIB: f64 = 26.8;
+const LAUNCHER_MIB: f64 = 11.8;
 
 /// The process an estimate is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

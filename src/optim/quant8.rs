@@ -153,40 +153,6 @@ pub fn adamw8bit_step(
     let [sm, sv] = &mut state.scales[..] else {
         panic!("8-bit AdamW state has two scale lanes")
     };
-    let work =
-        |k: usize, p: &mut [f32], qm: &mut [u8], qv: &mut [u8], sm: &mut [f32], sv: &mut [f32]| {
-            let lo = k * SPAN;
-            let n = p.len();
-            let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
-            dequantize(qm, sm, &mut m, Codebook::signed());
-            dequantize(qv, sv, &mut v, Codebook::unsigned());
-            // Elements in no piece are padding, whose state is zero by definition: zeroed
-            // here rather than trusted, so that a padding code read back from a checkpoint (the
-            // reader fills padding with code 0, which is not the code of zero) cannot move the
-            // block's maximum.
-            let mut covered = 0;
-            for (r, decay) in pieces {
-                let (a, b) = (r.start.max(lo), r.end.min(lo + n));
-                if a < b {
-                    let (a, b) = (a - lo, b - lo);
-                    m[covered..a].fill(0.0);
-                    v[covered..a].fill(0.0);
-                    covered = b;
-                    adamw_step(
-                        &mut p[a..b],
-                        &g[lo + a..lo + b],
-                        &mut m[a..b],
-                        &mut v[a..b],
-                        s,
-                        *decay,
-                    );
-                }
-            }
-            m[covered..].fill(0.0);
-            v[covered..].fill(0.0);
-            quantize(&m, qm, sm, Codebook::signed());
-            quantize(&v, qv, sv, Codebook::unsigned());
-        };
     let per_span = SPAN / BLOCK;
     p.par_chunks_mut(SPAN)
         .zip(qm.par_chunks_mut(SPAN))
@@ -195,5 +161,64 @@ pub fn adamw8bit_step(
         .zip(sv.par_chunks_mut(per_span))
         .enumerate()
         .with_max_len(1)
-        .for_each(|(k, ((((p, qm), qv), sm), sv))| work(k, p, qm, qv, sm, sv));
+        .for_each(|(k, ((((p, qm), qv), sm), sv))| {
+            let span = Span {
+                lo: k * SPAN,
+                p,
+                qm,
+                qv,
+                sm,
+                sv,
+            };
+            span.step(g, pieces, s)
+        });
+}
+
+/// [`SPAN`] elements of a window: their parameters, codes and block scales.
+struct Span<'a> {
+    /// Offset of the first element in the window.
+    lo: usize,
+    p: &'a mut [f32],
+    qm: &'a mut [u8],
+    qv: &'a mut [u8],
+    sm: &'a mut [f32],
+    sv: &'a mut [f32],
+}
+
+impl Span<'_> {
+    /// Dequantizes m and v, runs AdamW on the pieces' elements, quantizes them back.
+    fn step(self, g: &[f32], pieces: &[(Range<usize>, bool)], s: &StepScalars) {
+        let Span {
+            lo,
+            p,
+            qm,
+            qv,
+            sm,
+            sv,
+        } = self;
+        let n = p.len();
+        let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
+        dequantize(qm, sm, &mut m, Codebook::signed());
+        dequantize(qv, sv, &mut v, Codebook::unsigned());
+        // Elements in no piece are padding, whose state is zero by definition: zeroed here
+        // rather than trusted, so that a padding code read back from a checkpoint (the reader
+        // fills padding with code 0, which is not the code of zero) cannot move the block's
+        // maximum.
+        let mut covered = 0;
+        for (r, decay) in pieces {
+            let (a, b) = (r.start.max(lo), r.end.min(lo + n));
+            if a < b {
+                let (a, b) = (a - lo, b - lo);
+                m[covered..a].fill(0.0);
+                v[covered..a].fill(0.0);
+                covered = b;
+                let (p, g) = (&mut p[a..b], &g[lo + a..lo + b]);
+                adamw_step(p, g, &mut m[a..b], &mut v[a..b], s, *decay);
+            }
+        }
+        m[covered..].fill(0.0);
+        v[covered..].fill(0.0);
+        quantize(&m, qm, sm, Codebook::signed());
+        quantize(&v, qv, sv, Codebook::unsigned());
+    }
 }

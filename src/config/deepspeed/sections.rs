@@ -233,25 +233,7 @@ impl Reader {
         for (k, v) in o {
             let key = format!("zero_optimization.offload_optimizer.{k}");
             match k.as_str() {
-                "device" => {
-                    let dev = self.string(&key, v)?;
-                    if !["none", "cpu", "nvme"].contains(&dev.as_str()) {
-                        return Err(
-                            self.error(&key, format!("`{dev}` is not one of none, cpu, nvme"))
-                        );
-                    }
-                    self.set("offload.optimizer", dev);
-                }
-                "nvme_path" => {
-                    let p = self.string(&key, v)?;
-                    self.set("offload.nvme_path", p);
-                }
                 "buffer_count" => self.int_to(&key, v, "offload.buffer_count")?,
-                "pin_memory" => {
-                    if self.boolean(&key, v)? == Some(true) {
-                        self.warn(&key, "= true: pinned memory only speeds up GPU transfers; kiln's cpu tier is ordinary host memory");
-                    }
-                }
                 "ratio" => {
                     if self.number(&key, v)?.is_some_and(|r| r != 1.0) {
                         return Err(self.error(
@@ -260,7 +242,7 @@ impl Reader {
                         ));
                     }
                 }
-                _ => self.ignore(&key),
+                _ => self.offload_key(&key, k, v, "offload.optimizer")?,
             }
         }
         Ok(())
@@ -269,38 +251,43 @@ impl Reader {
     fn offload_param(&mut self, o: &Map<String, Value>) -> Result<()> {
         for (k, v) in o {
             let key = format!("zero_optimization.offload_param.{k}");
-            match k.as_str() {
-                "device" => {
-                    let dev = self.string(&key, v)?;
-                    if !["none", "cpu", "nvme"].contains(&dev.as_str()) {
-                        return Err(
-                            self.error(&key, format!("`{dev}` is not one of none, cpu, nvme"))
-                        );
-                    }
-                    self.set("offload.param", dev);
+            self.offload_key(&key, k, v, "offload.param")?;
+        }
+        Ok(())
+    }
+
+    /// A key both offload sections have: `device` (to `tier_key`), `nvme_path` (kiln has one
+    /// for both tiers), `pin_memory`; anything else is ignored with a warning.
+    fn offload_key(&mut self, key: &str, k: &str, v: &Value, tier_key: &str) -> Result<()> {
+        match k {
+            "device" => {
+                let dev = self.string(key, v)?;
+                if !["none", "cpu", "nvme"].contains(&dev.as_str()) {
+                    return Err(self.error(key, format!("`{dev}` is not one of none, cpu, nvme")));
                 }
-                "nvme_path" => {
-                    let p = self.string(&key, v)?;
-                    let other = self
-                        .out
-                        .sets
-                        .iter()
-                        .rev()
-                        .find(|(k, _)| k == "offload.nvme_path");
-                    if let Some((_, set)) = other {
-                        if set.as_str() != Some(p.as_str()) {
-                            return Err(self.error(&key, format!("`{p}` differs from offload_optimizer.nvme_path; kiln keeps both tiers' files under one offload.nvme_path")));
-                        }
-                    }
-                    self.set("offload.nvme_path", p);
-                }
-                "pin_memory" => {
-                    if self.boolean(&key, v)? == Some(true) {
-                        self.warn(&key, "= true: pinned memory only speeds up GPU transfers; kiln's cpu tier is ordinary host memory");
-                    }
-                }
-                _ => self.ignore(&key),
+                self.set(tier_key, dev);
             }
+            "nvme_path" => {
+                let p = self.string(key, v)?;
+                let earlier = self
+                    .out
+                    .sets
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| k == "offload.nvme_path");
+                if let Some((_, set)) = earlier {
+                    if set.as_str() != Some(p.as_str()) {
+                        return Err(self.error(key, format!("`{p}` differs from the other offload section's nvme_path; kiln keeps both tiers' files under one offload.nvme_path")));
+                    }
+                }
+                self.set("offload.nvme_path", p);
+            }
+            "pin_memory" => {
+                if self.boolean(key, v)? == Some(true) {
+                    self.warn(key, "= true: pinned memory only speeds up GPU transfers; kiln's cpu tier is ordinary host memory");
+                }
+            }
+            _ => self.ignore(key),
         }
         Ok(())
     }
