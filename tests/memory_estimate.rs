@@ -406,7 +406,11 @@ fn estimate_prints_the_table_json_and_fit() {
     ]);
     assert!(o.status.success(), "{}", output_text(&o));
     let fits: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(fits.len(), 12);
+    assert_eq!(
+        fits.len(),
+        15,
+        "stages 0-3 and stage 3 with parameters on nvme, × 3 tiers"
+    );
     let family = kiln::memory::fit::FAMILY;
     for f in &fits {
         let name = f["model"].as_str().unwrap();
@@ -414,9 +418,11 @@ fn estimate_prints_the_table_json_and_fit() {
         assert!(f["predicted_peak_rss_bytes"].as_u64().unwrap() <= 16 << 30);
         if let Some(&(_, d, l, h)) = family.get(i + 1) {
             let (stage, tier) = (f["stage"].to_string(), f["offload"].as_str().unwrap());
+            let param = f["param"].as_str().unwrap();
             let sets = [
                 format!("parallel.stage={stage}"),
                 format!("offload.optimizer={tier}"),
+                format!("offload.param={param}"),
                 format!("model.d_model={d}"),
                 format!("model.n_layers={l}"),
                 format!("model.n_heads={h}"),
@@ -433,7 +439,7 @@ fn estimate_prints_the_table_json_and_fit() {
     }
     let at = |s: u64, t: &str| {
         fits.iter()
-            .find(|f| f["stage"] == s && f["offload"] == t)
+            .find(|f| f["stage"] == s && f["offload"] == t && f["param"] == "none")
             .unwrap()["num_params"]
             .as_u64()
             .unwrap()
