@@ -24,6 +24,10 @@
 //! forward and backward, which cast the unit's parameters to that dtype anyway. The final
 //! parameters are gathered in f32 (the masters).
 //!
+//! With `offload.param = "nvme"` the rank's shards live in a file (`offload::ParamShards`): a
+//! gather reads the rank's shard from it into the gather buffer, and the optimizer step and
+//! checkpoints reach the shards one unit at a time (ZeRO-Infinity's parameter offload).
+//!
 //! Every element gets the same arithmetic as in DDP (same parameters, the same bitwise
 //! recompute and released-weight matmuls, the same rank-ordered sums, norm and AdamW), so stage 3
 //! is bitwise equal to the other stages at the same world size.
