@@ -195,6 +195,40 @@ fn nvme_tier_without_room_fails_at_start_with_one_line_naming_its_file() {
 }
 
 #[test]
+fn parameter_file_without_room_fails_at_start_with_one_line_naming_it() {
+    // d_model 96: about 450 KiB of parameter shards per rank at stage 3, and 64 or 96 KiB free.
+    for (fs, name) in [
+        (Fs::Tmpfs(64), "small-tmpfs-p"),
+        (Fs::Ext2(96), "small-ext2-p"),
+    ] {
+        let Some(mnt) = mount(fs, name) else { continue };
+        let scratch = Scratch::new(name);
+        let out = train(&[
+            "train.steps=3".into(),
+            "model.d_model=96".into(),
+            "parallel.stage=3".into(),
+            "offload.param=nvme".into(),
+            format!("offload.nvme_path={}", mnt.dir.display()),
+            format!("output.dir={}", scratch.path("out").display()),
+        ])
+        .output()
+        .unwrap();
+        let line = one_line(&out);
+        let file = format!("{}/kiln-", mnt.dir.display());
+        for want in [
+            file.as_str(),
+            ".params",
+            "no space left",
+            "parameters (offload.nvme_path)",
+        ] {
+            assert!(line.contains(want), "{fs:?}: `{want}` not in: {line}");
+        }
+        assert!(mnt.entries().is_empty(), "{fs:?} left {:?}", mnt.entries());
+        assert!(!scratch.path("out").exists(), "{fs:?}: output.dir created");
+    }
+}
+
+#[test]
 fn nvme_state_survives_the_filesystem_filling_up_after_start() {
     let scratch = Scratch::new("fill");
     // 100 micro-batches per step: the filesystem is full long before the first optimizer step
