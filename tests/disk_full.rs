@@ -164,29 +164,24 @@ fn one_line(out: &Output) -> String {
     lines[0].to_string()
 }
 
-#[test]
-fn nvme_tier_without_room_fails_at_start_with_one_line_naming_its_file() {
-    // Stage 0 keeps 120 KiB of state per rank: neither rank's file fits.
-    for (fs, name) in [(Fs::Tmpfs(64), "small-tmpfs"), (Fs::Ext2(96), "small-ext2")] {
-        let Some(mnt) = mount(fs, name) else { continue };
-        let scratch = Scratch::new(name);
-        let out = train(&[
-            "train.steps=3".into(),
-            "parallel.stage=0".into(),
-            "offload.optimizer=nvme".into(),
+/// On a tmpfs and an ext2 image too small for it, a run with `sets` (plus `offload.nvme_path`
+/// there) fails at start with one line naming its file (`kiln-…` with `suffix`) and `wants`,
+/// leaving nothing on the filesystem and no output directory.
+fn refused_at_start_without_room(tag: &str, sets: &[&str], suffix: &str, wants: &[&str]) {
+    for (fs, kind) in [(Fs::Tmpfs(64), "tmpfs"), (Fs::Ext2(96), "ext2")] {
+        let name = format!("small-{kind}-{tag}");
+        let Some(mnt) = mount(fs, &name) else {
+            continue;
+        };
+        let scratch = Scratch::new(&name);
+        let mut all = strings(sets);
+        all.extend([
             format!("offload.nvme_path={}", mnt.dir.display()),
             format!("output.dir={}", scratch.path("out").display()),
-        ])
-        .output()
-        .unwrap();
-        let line = one_line(&out);
+        ]);
+        let line = one_line(&train(&all).output().unwrap());
         let file = format!("{}/kiln-", mnt.dir.display());
-        for want in [
-            file.as_str(),
-            ".optim",
-            "no space left",
-            "offload.nvme_path",
-        ] {
+        for want in [file.as_str(), suffix, "no space left"].iter().chain(wants) {
             assert!(line.contains(want), "{fs:?}: `{want}` not in: {line}");
         }
         assert!(mnt.entries().is_empty(), "{fs:?} left {:?}", mnt.entries());
@@ -195,37 +190,34 @@ fn nvme_tier_without_room_fails_at_start_with_one_line_naming_its_file() {
 }
 
 #[test]
+fn nvme_tier_without_room_fails_at_start_with_one_line_naming_its_file() {
+    // Stage 0 keeps 120 KiB of state per rank: neither rank's file fits.
+    refused_at_start_without_room(
+        "optim",
+        &[
+            "train.steps=3",
+            "parallel.stage=0",
+            "offload.optimizer=nvme",
+        ],
+        ".optim",
+        &["offload.nvme_path"],
+    );
+}
+
+#[test]
 fn parameter_file_without_room_fails_at_start_with_one_line_naming_it() {
     // d_model 96: about 450 KiB of parameter shards per rank at stage 3, and 64 or 96 KiB free.
-    for (fs, name) in [
-        (Fs::Tmpfs(64), "small-tmpfs-p"),
-        (Fs::Ext2(96), "small-ext2-p"),
-    ] {
-        let Some(mnt) = mount(fs, name) else { continue };
-        let scratch = Scratch::new(name);
-        let out = train(&[
-            "train.steps=3".into(),
-            "model.d_model=96".into(),
-            "parallel.stage=3".into(),
-            "offload.param=nvme".into(),
-            format!("offload.nvme_path={}", mnt.dir.display()),
-            format!("output.dir={}", scratch.path("out").display()),
-        ])
-        .output()
-        .unwrap();
-        let line = one_line(&out);
-        let file = format!("{}/kiln-", mnt.dir.display());
-        for want in [
-            file.as_str(),
-            ".params",
-            "no space left",
-            "parameters (offload.nvme_path)",
-        ] {
-            assert!(line.contains(want), "{fs:?}: `{want}` not in: {line}");
-        }
-        assert!(mnt.entries().is_empty(), "{fs:?} left {:?}", mnt.entries());
-        assert!(!scratch.path("out").exists(), "{fs:?}: output.dir created");
-    }
+    refused_at_start_without_room(
+        "params",
+        &[
+            "train.steps=3",
+            "model.d_model=96",
+            "parallel.stage=3",
+            "offload.param=nvme",
+        ],
+        ".params",
+        &["parameters (offload.nvme_path)"],
+    );
 }
 
 #[test]
