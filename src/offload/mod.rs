@@ -220,6 +220,42 @@ pub fn open(
     })
 }
 
+/// Reserves `bytes` of the file at `path` now, so that a full disk fails at start with one line
+/// naming the file and `what` it holds, not in the middle of a step. `file` must be a buffered
+/// descriptor: without fallocate (ext2, NFSv3…) glibc reserves the blocks by writing a byte into
+/// each, which O_DIRECT refuses. Where nothing can reserve blocks the file is only sized: a
+/// sparse file reads as zeros all the same, and a full disk shows at a write instead, as an
+/// error naming the file.
+pub(crate) fn reserve(
+    file: &std::fs::File,
+    path: &std::path::Path,
+    bytes: u64,
+    what: &str,
+) -> Result<()> {
+    use crate::error::KilnError;
+    use std::os::unix::io::AsRawFd;
+    if bytes == 0 {
+        return Ok(());
+    }
+    // SAFETY: a valid open descriptor and in-range lengths.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, bytes as libc::off_t) };
+    match rc {
+        0 => Ok(()),
+        libc::ENOSPC => Err(KilnError::file(
+            path,
+            format!(
+                "no space left for {:.1} MiB of {what} (offload.nvme_path)",
+                bytes as f64 / (1 << 20) as f64
+            ),
+        )),
+        libc::EOPNOTSUPP | libc::EINVAL => file.set_len(bytes).map_err(|e| KilnError::io(path, e)),
+        other => Err(KilnError::io(
+            path,
+            std::io::Error::from_raw_os_error(other),
+        )),
+    }
+}
+
 /// One run of the flat state: shard `shard` of unit `unit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StateSegment {

@@ -17,7 +17,6 @@ use crate::config::OffloadConfig;
 use crate::error::{KilnError, Result};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver};
 
@@ -116,46 +115,18 @@ impl NvmeStore {
         self.len.div_ceil(self.chunk)
     }
 
-    /// Reserves the blocks now, so that a full disk fails at start with the path named, not in
-    /// the middle of a step.
+    /// Reserves the blocks now (`offload::reserve`), through a buffered descriptor when the
+    /// store's own is O_DIRECT.
     fn preallocate(&self, bytes: u64) -> Result<()> {
-        if bytes == 0 {
-            return Ok(());
+        let what = "optimizer state";
+        if !self.direct {
+            return super::reserve(&self.file, &self.path, bytes, what);
         }
-        let fallocate = |file: &File| {
-            // SAFETY: a valid open descriptor and in-range lengths.
-            unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, bytes as libc::off_t) }
-        };
-        let mut rc = fallocate(&self.file);
-        if self.direct && matches!(rc, libc::EOPNOTSUPP | libc::EINVAL) {
-            // Without fallocate (ext2, NFSv3…) glibc reserves the blocks by writing a byte into
-            // each, which O_DIRECT refuses: reserve them through a buffered descriptor.
-            let buffered = OpenOptions::new()
-                .write(true)
-                .open(&self.path)
-                .map_err(|e| cannot(&self.path, e))?;
-            rc = fallocate(&buffered);
-        }
-        match rc {
-            0 => Ok(()),
-            libc::ENOSPC => Err(KilnError::file(
-                &self.path,
-                format!(
-                    "no space left for {:.1} MiB of optimizer state (offload.nvme_path)",
-                    bytes as f64 / (1 << 20) as f64
-                ),
-            )),
-            // Nothing reserves blocks here: a sparse file reads as zeros all the same, and a
-            // full disk shows at a write instead, as an error naming the file.
-            libc::EOPNOTSUPP | libc::EINVAL => self
-                .file
-                .set_len(bytes)
-                .map_err(|e| KilnError::io(&self.path, e)),
-            other => Err(KilnError::io(
-                &self.path,
-                std::io::Error::from_raw_os_error(other),
-            )),
-        }
+        let buffered = OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map_err(|e| cannot(&self.path, e))?;
+        super::reserve(&buffered, &self.path, bytes, what)
     }
 
     /// Some filesystems accept O_DIRECT at open and refuse the transfers.

@@ -156,33 +156,8 @@ impl ShardFile {
             offsets,
             cached: None,
         };
-        shards.reserve(at)?;
+        super::reserve(&shards.file, &shards.path, at, "parameters")?;
         Ok(shards)
-    }
-
-    /// Reserves the file's blocks now, so that a full disk fails at start, naming the file.
-    fn reserve(&self, bytes: u64) -> Result<()> {
-        if bytes == 0 {
-            return Ok(());
-        }
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: a valid open descriptor and in-range lengths.
-        let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, bytes as libc::off_t) };
-        match rc {
-            0 => Ok(()),
-            libc::ENOSPC => Err(KilnError::file(
-                &self.path,
-                format!(
-                    "no space left for {:.1} MiB of parameters (offload.nvme_path)",
-                    bytes as f64 / (1 << 20) as f64
-                ),
-            )),
-            // No reservation here (the filesystem cannot): a full disk shows at a write.
-            _ => self
-                .file
-                .set_len(bytes)
-                .map_err(|e| KilnError::io(&self.path, e)),
-        }
     }
 
     fn read(&self, unit: usize, out: &mut [f32]) -> Result<()> {
