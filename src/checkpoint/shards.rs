@@ -8,7 +8,7 @@
 
 use super::manifest::Manifest;
 use crate::error::{KilnError, Result};
-use crate::offload::{Access, StateFormat};
+use crate::offload::{Access, Lane, StateFormat};
 use crate::strategy::{ParamsHeld, StateView};
 use crate::tensor_file::{StoredDtype, TensorFileReader, TensorFileWriter};
 use std::collections::BTreeMap;
@@ -17,15 +17,6 @@ use std::path::Path;
 
 /// The parameters' tensor kind in a rank file (the optimizer's lanes are the others).
 pub const PARAM: &str = "param";
-
-/// Elements of a lane per element of the flat state: 1, or one scale per block.
-fn lane_grain(format: StateFormat, lane: usize) -> usize {
-    if lane < format.floats + format.quantized {
-        1
-    } else {
-        StateFormat::BLOCK
-    }
-}
 
 fn tensor_name(kind: &str, unit: &str) -> String {
     format!("{kind}.{unit}")
@@ -53,14 +44,14 @@ pub fn write_rank_file(path: &Path, view: StateView<'_>, rank: usize, step: u64)
             StoredDtype::F32,
         ));
     }
-    for (lane, kind) in lanes.iter().enumerate() {
-        let dtype = if (format.floats..format.floats + format.quantized).contains(&lane) {
-            StoredDtype::U8
-        } else {
-            StoredDtype::F32
+    for (lane, kind) in format.lanes().zip(lanes) {
+        let (dtype, grain) = match lane {
+            Lane::Floats => (StoredDtype::F32, 1),
+            Lane::Codes => (StoredDtype::U8, 1),
+            Lane::Scales => (StoredDtype::F32, StateFormat::BLOCK),
         };
         for u in &layout.units {
-            let len = u.padded_len / world / lane_grain(format, lane);
+            let len = u.padded_len / world / grain;
             tensors.push((tensor_name(kind, &u.name), vec![len], dtype));
         }
     }
@@ -87,17 +78,17 @@ pub fn write_rank_file(path: &Path, view: StateView<'_>, rank: usize, step: u64)
             let unit = &layout.units[seg.unit].name;
             let at = seg.start + sub.start - chunk.start..seg.start + sub.end - chunk.start;
             let part = chunk_lanes.slice(at);
-            let name = |lane: usize| tensor_name(lanes[lane], unit);
-            let block = sub.start / StateFormat::BLOCK;
-            for (i, l) in part.floats.iter().enumerate() {
-                writer.write(&name(i), sub.start, l)?;
+            // The chunk's lanes in lane order, as `lane_names` names them.
+            let mut names = lanes.iter().map(|kind| tensor_name(kind, unit));
+            let mut name = || names.next().expect("a name per lane");
+            for l in &part.floats {
+                writer.write(&name(), sub.start, l)?;
             }
-            for (i, l) in part.codes.iter().enumerate() {
-                writer.write_bytes(&name(format.floats + i), sub.start, l)?;
+            for l in &part.codes {
+                writer.write_bytes(&name(), sub.start, l)?;
             }
-            for (i, l) in part.scales.iter().enumerate() {
-                let lane = format.floats + format.quantized + i;
-                writer.write(&name(lane), block, l)?;
+            for l in &part.scales {
+                writer.write(&name(), sub.start / StateFormat::BLOCK, l)?;
             }
         }
         Ok(())

@@ -94,9 +94,18 @@ impl StateFormat {
     /// byte lanes (four codes per word), then their scale lanes. `len` is a multiple of
     /// [`StateFormat::BLOCK`] when there are byte lanes (every `StateLayout`'s is).
     pub fn lane_words(&self, len: usize) -> impl Iterator<Item = usize> {
-        let floats = std::iter::repeat_n(len, self.floats);
-        let codes = std::iter::repeat_n(len.div_ceil(4), self.quantized);
-        let scales = std::iter::repeat_n(len.div_ceil(Self::BLOCK), self.quantized);
+        self.lanes().map(move |lane| match lane {
+            Lane::Floats => len,
+            Lane::Codes => len.div_ceil(4),
+            Lane::Scales => len.div_ceil(Self::BLOCK),
+        })
+    }
+
+    /// What each lane holds, in lane order: the f32 lanes, the byte lanes, their scale lanes.
+    pub fn lanes(&self) -> impl Iterator<Item = Lane> {
+        let floats = std::iter::repeat_n(Lane::Floats, self.floats);
+        let codes = std::iter::repeat_n(Lane::Codes, self.quantized);
+        let scales = std::iter::repeat_n(Lane::Scales, self.quantized);
         floats.chain(codes).chain(scales)
     }
 
@@ -143,6 +152,17 @@ impl StateFormat {
             scales,
         }
     }
+}
+
+/// What one lane of a [`StateFormat`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// One f32 per element.
+    Floats,
+    /// One byte (a code) per element.
+    Codes,
+    /// One f32 per [`StateFormat::BLOCK`] elements.
+    Scales,
 }
 
 /// One chunk of the flat state, lane by lane (a [`StateFormat`]'s): element `i` of the chunk is
