@@ -78,6 +78,18 @@ impl ParamShards {
         }
     }
 
+    /// Unit `unit`'s shard: borrowed where it is in memory, read where it is in a file.
+    pub fn shard(&self, unit: usize) -> Result<std::borrow::Cow<'_, [f32]>> {
+        match self {
+            ParamShards::Resident(s) => Ok(std::borrow::Cow::Borrowed(&s[unit])),
+            ParamShards::File(f) => {
+                let mut own = vec![0.0; f.lens[unit]];
+                f.read(unit, &mut own)?;
+                Ok(std::borrow::Cow::Owned(own))
+            }
+        }
+    }
+
     /// Bytes of shards held in memory at most (a file tier holds one unit's, at times).
     pub fn resident_bytes(&self) -> usize {
         match self {

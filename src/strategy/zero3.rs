@@ -153,9 +153,7 @@ impl Zero3 {
         let layout = &self.layout.units[unit];
         let buf = match self.gather_in {
             Some(h) => {
-                let mut own = vec![0.0f32; layout.padded_len / world];
-                self.shards.read(unit, &mut own)?;
-                let words = h.pack(&own);
+                let words = h.pack(&self.shards.shard(unit)?);
                 let mut buf = vec![0.0f32; world * words.len()];
                 buf[rank * words.len()..(rank + 1) * words.len()].copy_from_slice(&words);
                 buf
